@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from collections import Counter
@@ -29,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from speckv.errors import SpecKVError
 from speckv.paths import cache_dir
@@ -232,3 +230,461 @@ def generate_data(
 
 def default_work_dir(target_name: str, gen: GenConfig) -> Path:
     return cache_dir() / "distill" / f"{target_name}-{gen.key()}"
+
+
+# --- stage 2: the draft ------------------------------------------------------------------------
+
+
+def parse_layers(text: str, num_target_layers: int) -> list[int]:
+    """'0,29' -> [0, 29]; negative indices count from the end; each must exist in the target."""
+    try:
+        layers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SpecKVError(f"--layers must be comma-separated target layer indices, got '{text}'") from None
+    if not layers:
+        raise SpecKVError("--layers names no layer")
+    resolved = [layer + num_target_layers if layer < 0 else layer for layer in layers]
+    bad = [layer for layer in layers if not -num_target_layers <= layer < num_target_layers]
+    if bad:
+        raise SpecKVError(f"--layers {bad}: the target has layers 0..{num_target_layers - 1}")
+    return resolved
+
+
+def build_vocab_map(
+    records: list[dict], size: int, vocab_size: int, always: list[int]
+) -> torch.Tensor | None:
+    """The `size` tokens the target predicts (top-1) most often on its outputs, plus `always` (EOS);
+    sorted ids. None when `size` is 0 or covers the whole vocabulary."""
+    if size <= 0 or size >= vocab_size:
+        return None
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for record in records:
+        counts += torch.bincount(record["top_idx"][:, 0].long(), minlength=vocab_size)
+        counts += torch.bincount(record["response"].long(), minlength=vocab_size)
+    for token in always:
+        counts[token] = counts.max() + 1
+    chosen = counts.topk(size).indices
+    return chosen.sort().values
+
+
+def make_draft(target_model, layers: list[int], vocab_map: torch.Tensor | None):
+    """A Llama with `len(layers)` layers copied from the target, sharing its (frozen) embedding."""
+    from transformers import AutoModelForCausalLM
+
+    config = type(target_model.config).from_dict(target_model.config.to_dict())
+    config.num_hidden_layers = len(layers)
+    config.tie_word_embeddings = False
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in layers]
+    draft = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    target_layers = target_model.model.layers
+    for slot, index in enumerate(layers):
+        draft.model.layers[slot].load_state_dict(target_layers[index].state_dict())
+    draft.model.norm.load_state_dict(target_model.model.norm.state_dict())
+    embedding = target_model.get_input_embeddings().weight.detach().float()
+    draft.model.embed_tokens.weight = torch.nn.Parameter(embedding, requires_grad=False)
+    draft.lm_head.weight = torch.nn.Parameter(embedding, requires_grad=False)
+    draft.train()
+    return draft
+
+
+def trainable_state(draft) -> dict[str, torch.Tensor]:
+    """The draft's own weights: everything but the borrowed embedding and head."""
+    skip = ("model.embed_tokens.weight", "lm_head.weight")
+    return {name: tensor for name, tensor in draft.state_dict().items() if name not in skip}
+
+
+@dataclass
+class Example:
+    ids: torch.Tensor  # prompt + response, long
+    start: int  # index of the position predicting the first response token
+    targets: torch.Tensor  # (T, k) draft-vocabulary indices of the target's top-k, -1 if absent
+    values: torch.Tensor  # (T, k) target logits
+    task: str
+
+
+def make_examples(records: list[dict], lookup: torch.Tensor | None) -> list[Example]:
+    examples = []
+    for record in records:
+        response = record["response"].long()
+        if len(response) == 0:
+            continue
+        # The last response token is never an input: the positions predict response[0..T-1].
+        ids = torch.cat([record["prompt"].long(), response[:-1]])
+        top = record["top_idx"].long()
+        targets = top if lookup is None else lookup[top]
+        examples.append(
+            Example(ids, len(record["prompt"]) - 1, targets, record["top_val"].float(), record["task"])
+        )
+    return examples
+
+
+def batches(examples: list[Example], batch_tokens: int, seed: int) -> list[list[int]]:
+    """Shuffled batches of about `batch_tokens` response positions, of similar total length."""
+    rng = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(examples), generator=rng).tolist()
+    # Sort within windows of 64 examples by length, so a batch pads little.
+    chunks = []
+    for begin in range(0, len(order), 64):
+        window = sorted(order[begin : begin + 64], key=lambda i: len(examples[i].ids))
+        current, count = [], 0
+        for index in window:
+            current.append(index)
+            count += len(examples[index].targets)
+            if count >= batch_tokens:
+                chunks.append(current)
+                current, count = [], 0
+        if current:
+            chunks.append(current)
+    perm = torch.randperm(len(chunks), generator=rng).tolist()
+    return [chunks[i] for i in perm]
+
+
+def draft_logits(draft, head: torch.Tensor, batch: list[Example]) -> tuple[torch.Tensor, list[int]]:
+    """Draft logits (N, V') at the response positions of every example, concatenated."""
+    width = max(len(example.ids) for example in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, example in enumerate(batch):  # right padding: causal attention never sees it
+        ids[row, : len(example.ids)] = example.ids
+    hidden = draft.model(input_ids=ids, use_cache=False).last_hidden_state
+    picked = [hidden[row, ex.start : ex.start + len(ex.targets)] for row, ex in enumerate(batch)]
+    return torch.cat(picked) @ head.T, [len(example.targets) for example in batch]
+
+
+def distill_loss(logits: torch.Tensor, targets: torch.Tensor, values: torch.Tensor, ce_weight: float):
+    """ce_weight * CE(target argmax) + (1 - ce_weight) * CE(target top-k distribution, renormalised
+    over the draft's vocabulary). Positions whose argmax the draft cannot propose skip the hard term."""
+    log_q = torch.log_softmax(logits, dim=-1)
+    present = targets >= 0
+    gathered = log_q.gather(1, targets.clamp(min=0))
+    p = torch.softmax(values.masked_fill(~present, float("-inf")), dim=-1)
+    p = torch.nan_to_num(p)
+    soft = -(p * gathered).sum(-1)
+    hard_mask = present[:, 0]
+    hard = -gathered[:, 0]
+    soft_loss = soft[present.any(-1)].mean() if present.any() else logits.sum() * 0
+    hard_loss = hard[hard_mask].mean() if hard_mask.any() else logits.sum() * 0
+    return ce_weight * hard_loss + (1 - ce_weight) * soft_loss
+
+
+@torch.no_grad()
+def agreement(draft, head: torch.Tensor, examples: list[Example], vocab_map: torch.Tensor | None) -> dict:
+    """Per task: share of positions where the draft's argmax is the target's argmax (teacher-forced)."""
+    was_training = draft.training
+    draft.eval()
+    hits: Counter = Counter()
+    totals: Counter = Counter()
+    for example in examples:
+        logits, _ = draft_logits(draft, head, [example])
+        hits[example.task] += int((logits.argmax(-1) == example.targets[:, 0]).sum())
+        totals[example.task] += len(example.targets)
+    draft.train(was_training)
+    result = {task: hits[task] / totals[task] for task in sorted(totals)}
+    result["overall"] = sum(result[t] for t in totals) / len(totals)  # mean over tasks
+    return result
+
+
+def train_draft(
+    target_model,
+    train_records: list[dict],
+    heldout_records: list[dict],
+    cfg: TrainConfig,
+    run_dir: Path,
+    eos_ids: list[int],
+    progress: bool = True,
+    checkpoint_s: float = 300.0,
+    log=print,
+    stop_after: int | None = None,
+):
+    """Train (or continue training) a draft; returns (draft, vocab_map, history).
+
+    A checkpoint in `run_dir` (written every `checkpoint_s` seconds and after each epoch) is
+    resumed: batch order, learning-rate schedule and optimiser state continue exactly."""
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    vocab_size = target_model.config.vocab_size
+    layers = parse_layers(cfg.layers, target_model.config.num_hidden_layers)
+    vocab_map = build_vocab_map(train_records, cfg.vocab, vocab_size, eos_ids)
+    lookup = None
+    if vocab_map is not None:
+        lookup = torch.full((vocab_size,), -1, dtype=torch.long)
+        lookup[vocab_map] = torch.arange(len(vocab_map))
+    draft = make_draft(target_model, layers, vocab_map)
+    embedding = draft.model.embed_tokens.weight
+    head = embedding if vocab_map is None else embedding[vocab_map]
+    train = make_examples(train_records, lookup)
+    heldout = make_examples(heldout_records, lookup)
+    params = [p for p in draft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    steps_per_epoch = len(batches(train, cfg.batch_tokens, cfg.seed))
+    total_steps = steps_per_epoch * cfg.epochs
+
+    def lr_at(step: int) -> float:
+        if step < cfg.warmup:
+            return cfg.lr * (step + 1) / cfg.warmup
+        progress_ = (step - cfg.warmup) / max(1, total_steps - cfg.warmup)
+        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_))))
+
+    state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "loss_sum": 0.0, "loss_n": 0}
+    checkpoint = run_dir / "checkpoint.pt"
+    if checkpoint.exists():
+        saved = torch.load(checkpoint, weights_only=False)
+        draft.load_state_dict(saved["draft"], strict=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        log(f"resuming from {checkpoint}: epoch {state['epoch'] + 1}, batch {state['batch']}")
+    elif vocab_map is not None:
+        covered = {}
+        for example in heldout:
+            covered.setdefault(example.task, []).append(example.targets[:, 0] >= 0)
+        coverage = {task: float(torch.cat(v).float().mean()) for task, v in covered.items()}
+        log(f"draft vocabulary {len(vocab_map)}: held-out target-argmax coverage {_fmt(coverage)}")
+        before = agreement(draft, head, heldout, vocab_map)
+        log(f"before training: held-out agreement {_fmt(before)}")
+        state["history"].append({"epoch": 0, "agreement": before})
+
+    def save_checkpoint():
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save(
+            {"draft": trainable_state(draft), "optimizer": optimizer.state_dict(), "state": state}, tmp
+        )
+        os.replace(tmp, checkpoint)
+
+    last_save = time.time()
+    while state["epoch"] < cfg.epochs:
+        epoch = state["epoch"]
+        plan = batches(train, cfg.batch_tokens, cfg.seed + epoch)
+        bar = tqdm(
+            total=len(plan),
+            initial=state["batch"],
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="step",
+            disable=not progress,
+            file=sys.stderr,
+        )
+        started = time.time()
+        for index in range(state["batch"], len(plan)):
+            batch = [train[i] for i in plan[index]]
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(state["step"])
+            logits, _ = draft_logits(draft, head, batch)
+            targets = torch.cat([example.targets for example in batch])
+            values = torch.cat([example.values for example in batch])
+            loss = distill_loss(logits, targets, values, cfg.ce_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            state["step"] += 1
+            state["batch"] = index + 1
+            state["loss_sum"] += float(loss.detach())
+            state["loss_n"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{state['loss_sum'] / state['loss_n']:.3f}")
+            if time.time() - last_save > checkpoint_s:
+                save_checkpoint()
+                last_save = time.time()
+            if stop_after is not None and state["step"] >= stop_after:  # tests: an interruption
+                save_checkpoint()
+                bar.close()
+                raise KeyboardInterrupt
+        bar.close()
+        result = agreement(draft, head, heldout, vocab_map)
+        entry = {
+            "epoch": epoch + 1,
+            "loss": state["loss_sum"] / max(1, state["loss_n"]),
+            "agreement": result,
+            "epoch_s": round(time.time() - started, 1),
+        }
+        state["history"].append(entry)
+        log(f"epoch {epoch + 1}: loss {entry['loss']:.4f}, held-out agreement {_fmt(result)}")
+        with (run_dir / "log.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_n=0)
+        save_checkpoint()
+        last_save = time.time()
+    draft.eval()
+    return draft, vocab_map, state["history"]
+
+
+def _fmt(values: dict) -> str:
+    return ", ".join(f"{key} {value:.3f}" for key, value in values.items())
+
+
+# --- stage 3: the draft directory --------------------------------------------------------------
+
+
+def save_draft(draft, vocab_map: torch.Tensor | None, tokenizer, out: Path, manifest: dict) -> None:
+    """Write the directory `speckv.models.load_draft` reads: config, tokenizer, own weights (bf16)."""
+    from safetensors.torch import save_file
+
+    from speckv.models import DRAFT_MANIFEST
+
+    out.mkdir(parents=True, exist_ok=True)
+    draft.config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    weights = {name: t.detach().to(torch.bfloat16).contiguous() for name, t in trainable_state(draft).items()}
+    save_file(weights, out / "draft.safetensors")
+    if vocab_map is not None:
+        save_file({"vocab_map": vocab_map.to(torch.int32).contiguous()}, out / "vocab_map.safetensors")
+    elif (out / "vocab_map.safetensors").exists():
+        (out / "vocab_map.safetensors").unlink()
+    manifest = {
+        **manifest,
+        "weights": "draft.safetensors",
+        "vocab_map": "vocab_map.safetensors" if vocab_map is not None else None,
+    }
+    (out / DRAFT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+@torch.no_grad()
+def loaded_agreement(draft, target, heldout_records: list[dict]) -> dict:
+    """Held-out agreement of a draft as `load_draft` returns it (bf16 weights, restricted head)."""
+    hits: Counter = Counter()
+    totals: Counter = Counter()
+    vocab_map = draft.vocab_map
+    for record in heldout_records:
+        response = record["response"].long()
+        ids = torch.cat([record["prompt"].long(), response[:-1]])[None].to(draft.device)
+        logits = draft.model(input_ids=ids).logits[0, len(record["prompt"]) - 1 :]
+        guess = logits.argmax(-1).cpu()
+        if vocab_map is not None:
+            guess = vocab_map.cpu()[guess]
+        hits[record["task"]] += int((guess == record["top_idx"][:, 0].long()).sum())
+        totals[record["task"]] += len(response)
+    result = {task: hits[task] / totals[task] for task in sorted(totals)}
+    result["overall"] = sum(result[t] for t in totals) / len(totals)
+    return result
+
+
+@torch.no_grad()
+def decode_cost(loaded, prompt_ids: list[int], tokens: int = 64, repeats: int = 3) -> float:
+    """Seconds per decoded token at batch 1 with a KV cache (best of `repeats`)."""
+    from transformers import DynamicCache
+
+    model = loaded.model
+    best = float("inf")
+    for _ in range(repeats):
+        cache = DynamicCache(config=model.config)
+        ids = torch.tensor([prompt_ids], device=loaded.device)
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        start = time.perf_counter()
+        for _ in range(tokens):
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+        best = min(best, (time.perf_counter() - start) / tokens)
+    return best
+
+
+# --- the whole run -----------------------------------------------------------------------------
+
+
+def parse_samples(text: str | None) -> dict:
+    """'code=8,chat=12' over the defaults."""
+    samples = dict(DEFAULT_SAMPLES)
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        task, _, count = part.partition("=")
+        try:
+            samples[task.strip()] = int(count)
+        except ValueError:
+            raise SpecKVError(f"--samples takes task=count pairs, got '{part}'") from None
+    return samples
+
+
+def _given(args, **names) -> dict:
+    """The options the user set (not None), so unset ones take the dataclass defaults."""
+    return {
+        field_: getattr(args, attr) for field_, attr in names.items() if getattr(args, attr, None) is not None
+    }
+
+
+def run(args) -> int:
+    """`speckv distill`: generate (resumable), train (resumable), save, measure."""
+    from speckv.models import load_draft, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = load_model(args.target, "fp32", device="cpu")
+    gen = GenConfig(**_given(args, prompts="prompts", new_tokens="new_tokens", temperature="temperature"))
+    gen.samples = parse_samples(args.samples)
+    cfg = TrainConfig(
+        **_given(
+            args,
+            layers="layers",
+            vocab="vocab",
+            epochs="epochs",
+            batch_tokens="batch_tokens",
+            lr="lr",
+            ce_weight="ce_weight",
+        )
+    )
+    if not 0 <= cfg.ce_weight <= 1:
+        raise SpecKVError(f"--ce-weight must lie in 0..1, got {cfg.ce_weight}")
+    if cfg.epochs < 1 or cfg.batch_tokens < 1 or gen.new_tokens < 1:
+        raise SpecKVError("--epochs, --batch-tokens and --new-tokens must be positive")
+    parse_layers(cfg.layers, target.model.config.num_hidden_layers)
+    work = Path(args.work_dir).expanduser() if args.work_dir else default_work_dir(target.name, gen)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "gen_config.json").write_text(json.dumps(asdict(gen), indent=2) + "\n")
+    out = Path(args.out).expanduser()
+    print(f"speckv distill: work directory {work}", file=sys.stderr)
+
+    started = time.time()
+    heldout = generate_data(target, gen, work, "heldout")
+    train = generate_data(target, gen, work, "train")
+    gen_s = time.time() - started
+    n_tokens = sum(len(r["response"]) for r in train)
+    print(
+        f"data: {len(train)} target continuations of {len({r['id'] for r in train})} train prompts, "
+        f"{n_tokens} response tokens; held-out {len(heldout)} prompts",
+        file=sys.stderr,
+    )
+    run_key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    run_dir = work / f"train-{run_key}"
+    (run_dir).mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr)
+        with (run_dir / "log.txt").open("a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+    started = time.time()
+    draft, vocab_map, history = train_draft(
+        target.model, train, heldout, cfg, run_dir, target.eos_token_ids, log=log
+    )
+    train_s = time.time() - started
+    manifest = {
+        "name": args.name or f"{target.name}-draft",
+        "target": target.name,
+        "layers_from_target": parse_layers(cfg.layers, target.model.config.num_hidden_layers),
+        "draft_vocab": len(vocab_map) if vocab_map is not None else target.model.config.vocab_size,
+        "data": {
+            "prompts": f"{gen.prompts} (train split)",
+            "continuations": len(train),
+            "response_tokens": n_tokens,
+            **{key: value for key, value in asdict(gen).items() if key != "prompts"},
+        },
+        "training": {**asdict(cfg), "history": history},
+        "command": "speckv distill " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None,
+    }
+    save_draft(draft, vocab_map, target.tokenizer, out, manifest)
+    loaded = load_draft(str(out), target)
+    result = loaded_agreement(loaded, target, heldout)
+    prompt = heldout[0]["prompt"].tolist()
+    target_cost = decode_cost(target, prompt)
+    draft_cost = decode_cost(loaded, prompt)
+    manifest["heldout_agreement"] = {key: round(value, 4) for key, value in result.items()}
+    manifest["cost_ratio"] = round(draft_cost / target_cost, 4)
+    manifest["time_s"] = {"data_run": round(gen_s), "train_run": round(train_s)}
+    save_draft(draft, vocab_map, target.tokenizer, out, manifest)
+    log(f"saved {out}: held-out agreement {_fmt(result)}")
+    log(
+        f"decode cost per token (batch 1, fp32): target {target_cost * 1000:.1f} ms, "
+        f"draft {draft_cost * 1000:.1f} ms (ratio {draft_cost / target_cost:.3f})"
+    )
+    return 0
