@@ -1,0 +1,50 @@
+"""γ policies behind one interface (see base.Controller), built from a short spec string."""
+
+from __future__ import annotations
+
+from speckv.controllers.base import GAMMA_LIMIT, Controller, check_gamma
+from speckv.controllers.confidence import ConfidenceController
+from speckv.controllers.fixed import FixedController
+from speckv.controllers.heuristic import HeuristicController
+from speckv.errors import SpecKVError
+
+CONTROLLER_HELP = (
+    "fixed:N | heuristic[:N] (HF schedule from N, default 5) | "
+    "confidence[:TAU] (HF-style adaptive threshold, default 0.4) | confidence-fixed[:TAU]"
+)
+
+
+def make_controller(spec: str, gamma_max: int = 20) -> Controller:
+    """Build a controller from e.g. "fixed:4", "heuristic", "confidence:0.3"."""
+    name, _, arg = spec.partition(":")
+    try:
+        if name == "fixed":
+            return FixedController(_int(arg, spec))
+        if name == "heuristic":
+            return HeuristicController(_int(arg, spec) if arg else 5, gamma_max=max(gamma_max, 1))
+        if name in ("confidence", "confidence-fixed"):
+            threshold = float(arg) if arg else 0.4
+            return ConfidenceController(threshold, gamma_max=gamma_max, adaptive=name == "confidence")
+    except ValueError as error:
+        raise SpecKVError(f"bad controller spec '{spec}': {error}") from error
+    raise SpecKVError(f"unknown controller '{spec}': use {CONTROLLER_HELP}")
+
+
+def _int(text: str, spec: str) -> int:
+    if not text:
+        raise SpecKVError(f"controller '{spec}' needs a number, e.g. fixed:4")
+    try:
+        return int(text)
+    except ValueError:
+        raise SpecKVError(f"controller '{spec}': '{text}' is not an integer") from None
+
+
+__all__ = [
+    "GAMMA_LIMIT",
+    "ConfidenceController",
+    "Controller",
+    "FixedController",
+    "HeuristicController",
+    "check_gamma",
+    "make_controller",
+]

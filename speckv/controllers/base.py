@@ -1,0 +1,49 @@
+"""The interface between the speculative loop and a γ policy.
+
+Per step the engine asks `begin_step()` for the most tokens to draft, then, after each drafted
+token, `continue_drafting(signals)` whether to draft another; after verification it reports the
+step through `end_step(record)`. A policy that only picks γ ignores the per-token call; one that
+only stops early returns a large budget from `begin_step`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+from speckv.errors import SpecKVError
+
+if TYPE_CHECKING:
+    from speckv.engine import StepRecord
+    from speckv.signals import TokenSignals
+
+GAMMA_LIMIT = 64
+
+
+def check_gamma(gamma: int, what: str = "gamma") -> int:
+    if isinstance(gamma, bool) or not isinstance(gamma, int) or not 1 <= gamma <= GAMMA_LIMIT:
+        raise SpecKVError(f"{what} must be an integer from 1 to {GAMMA_LIMIT}, got {gamma!r}")
+    return gamma
+
+
+class Controller(ABC):
+    """A γ policy. Subclasses keep their state small: they run inside the decoding loop."""
+
+    name: str = "controller"
+
+    def reset(self) -> None:
+        """Called before each generation: forget per-sequence state."""
+
+    @abstractmethod
+    def begin_step(self) -> int:
+        """The most tokens to draft in the coming step (1..GAMMA_LIMIT)."""
+
+    def continue_drafting(self, signals: TokenSignals) -> bool:
+        """After each drafted token: draft another one (until the step's budget)?"""
+        return True
+
+    def end_step(self, record: StepRecord) -> None:
+        """After verification: learn from what was accepted."""
+
+    def describe(self) -> str:
+        return self.name

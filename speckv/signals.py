@@ -1,0 +1,27 @@
+"""Per-token draft signals: what the draft's own distribution says about the token it proposed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+_LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSignals:
+    """Signals of one drafted token; `position` counts from 1 within its step."""
+
+    position: int
+    entropy: float  # bits, of the draft's next-token distribution
+    confidence: float  # the distribution's largest probability
+    token_prob: float  # probability of the token actually proposed
+
+
+def signal_tensor(log_probs: torch.Tensor, token_index: int) -> torch.Tensor:
+    """(entropy in bits, confidence, token probability) as one tensor: one device sync to read."""
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum() / _LN2
+    return torch.stack((entropy, probs.max(), probs[token_index]))

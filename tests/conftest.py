@@ -1,0 +1,103 @@
+"""Tiny randomly initialised Llama models and a word-level tokenizer, built here so tests need no download."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from speckv.models import LoadedModel
+
+VOCAB = 64
+EOS_ID = 1
+
+# Tiny models gain nothing from threads, and spinning threads crawl when the CPU is shared.
+torch.set_num_threads(1)
+
+
+def tiny_config(vocab: int = VOCAB, layers: int = 2, hidden: int = 32, eos: int = EOS_ID) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=eos,
+        bos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_model(seed: int, vocab: int = VOCAB, layers: int = 2, head_scale: float = 1.0, eos: int = EOS_ID):
+    """A random Llama; `head_scale` sharpens its next-token distributions (random init is near-uniform)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(vocab, layers, eos=eos)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    return model
+
+
+def perturbed_copy(model: LlamaForCausalLM, seed: int, noise: float) -> LlamaForCausalLM:
+    """A copy of `model` with Gaussian noise on every weight: a draft that often agrees."""
+    copy = LlamaForCausalLM(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in copy.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * noise)
+    return copy
+
+
+def tiny_tokenizer(vocab: int = VOCAB) -> PreTrainedTokenizerFast:
+    words = {"<s>": 0, "</s>": 1} | {f"w{i}": i for i in range(2, vocab)}
+    backend = Tokenizer(models.WordLevel(vocab=words, unk_token="w2"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="w2"
+    )
+
+
+def loaded(model, name: str = "tiny", tokenizer=None) -> LoadedModel:
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer or tiny_tokenizer(model.config.vocab_size),
+        name=name,
+        compression="fp32",
+        device=torch.device("cpu"),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_target() -> LoadedModel:
+    return loaded(tiny_model(seed=0, head_scale=20.0), "target")
+
+
+@pytest.fixture(scope="session")
+def tiny_drafts(tiny_target) -> dict[str, LoadedModel]:
+    """Drafts that agree always, often, and rarely with the target."""
+    target = tiny_target.model
+    return {
+        "identical": loaded(perturbed_copy(target, seed=1, noise=0.0), "identical"),
+        "close": loaded(perturbed_copy(target, seed=2, noise=0.02), "close"),
+        "unrelated": loaded(tiny_model(seed=3, head_scale=20.0), "unrelated"),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory, tiny_target, tiny_drafts) -> dict:
+    """The tiny target and its close draft saved as Hugging Face directories, for CLI tests."""
+    root = tmp_path_factory.mktemp("models")
+    dirs = {}
+    for name, item in (("target", tiny_target), ("draft", tiny_drafts["close"])):
+        item.model.save_pretrained(root / name)
+        item.tokenizer.save_pretrained(root / name)
+        dirs[name] = root / name
+    other = root / "other-vocab"
+    tiny_model(seed=5, vocab=VOCAB + 8).save_pretrained(other)
+    tiny_tokenizer(VOCAB + 8).save_pretrained(other)
+    dirs["other-vocab"] = other
+    return dirs
