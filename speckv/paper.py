@@ -323,10 +323,10 @@ def ci_text(mean: float, low: float, high: float, digits: int = 3) -> str:
 
 
 def pivot_with_ci(
-    summary: pd.DataFrame, index: list[str], columns: str = "policy", value: str = "mean"
+    summary: pd.DataFrame, index: list[str], columns: str = "policy", value: str = "mean", digits: int = 3
 ) -> pd.DataFrame:
     """One row per `index` group, one 'value [ci_low, ci_high]' column per `columns` value, in order."""
-    cells = [ci_text(*v) for v in summary[[value, "ci_low", "ci_high"]].to_numpy()]
+    cells = [ci_text(*v, digits) for v in summary[[value, "ci_low", "ci_high"]].to_numpy()]
     wide = summary.assign(cell=cells).pivot(index=index, columns=columns, values="cell")
     order = (
         pd.MultiIndex.from_frame(summary[index].drop_duplicates())
@@ -1719,10 +1719,10 @@ tokens/step objective; SpecKV-cost maximises predicted tokens / modelled step ti
     replayed_ci = replayed.assign(
         mean=replayed["tokens_per_s"], ci_low=replayed["tps_ci_low"], ci_high=replayed["tps_ci_high"]
     )
-    shown = pivot_with_ci(replayed_ci, ["policy"], "compression").rename(
+    shown = pivot_with_ci(replayed_ci, ["policy"], "compression", digits=1).rename(
         columns=lambda c: c if c == "policy" else f"{c} tok/s"
     )
-    steps_shown = pivot_with_ci(replayed, ["policy"], "compression", "tokens_per_step").rename(
+    steps_shown = pivot_with_ci(replayed, ["policy"], "compression", "tokens_per_step", digits=2).rename(
         columns=lambda c: c if c == "policy" else f"{c} tok/step"
     )
     doc.table("policy_replay", replayed, shown.merge(steps_shown), digits=2)
