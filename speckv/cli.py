@@ -8,6 +8,8 @@ Errors meant for users are raised as `SpecKVError` and printed as one line.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from speckv.errors import SpecKVError
@@ -16,6 +18,7 @@ from speckv.errors import SpecKVError
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except SpecKVError as error:
@@ -24,6 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("speckv: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for our output: no weight-loading bars, no notices about optional kernels."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:  # imported before main() ran (tests, notebooks)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.set_verbosity_error()
 
 
 def build_parser() -> argparse.ArgumentParser:

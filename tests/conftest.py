@@ -23,7 +23,7 @@ def tiny_config(vocab: int = VOCAB, layers: int = 2, hidden: int = 32, eos: int 
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=2 if hidden < 128 else 4,
         max_position_embeddings=512,
         eos_token_id=eos,
         bos_token_id=0,
@@ -32,10 +32,17 @@ def tiny_config(vocab: int = VOCAB, layers: int = 2, hidden: int = 32, eos: int 
     )
 
 
-def tiny_model(seed: int, vocab: int = VOCAB, layers: int = 2, head_scale: float = 1.0, eos: int = EOS_ID):
+def tiny_model(
+    seed: int,
+    vocab: int = VOCAB,
+    layers: int = 2,
+    head_scale: float = 1.0,
+    eos: int = EOS_ID,
+    hidden: int = 32,
+):
     """A random Llama; `head_scale` sharpens its next-token distributions (random init is near-uniform)."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(vocab, layers, eos=eos)).eval()
+    model = LlamaForCausalLM(tiny_config(vocab, layers, hidden, eos)).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(head_scale)
     return model
