@@ -12,7 +12,7 @@ model, because tokens per step ignores what the drafted tokens cost.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -396,41 +396,6 @@ def _time_each_call(function, vectors: np.ndarray, count: int) -> np.ndarray:
     return timings
 
 
-# --------------------------------------------------------------------------------------------
-# Report assembly
-
-
-@dataclass
-class Report:
-    """A Markdown report under construction; tables and figures are written as they are added."""
-
-    out_dir: Path
-    title: str
-    blocks: list[str] = field(default_factory=list)
-
-    def text(self, markdown: str) -> None:
-        self.blocks.append(markdown.strip())
-
-    def table(
-        self, name: str, frame: pd.DataFrame, shown: pd.DataFrame | None = None, digits: int = 3
-    ) -> None:
-        """Write tables/`name`.csv and .md and show `shown` (default: the same frame)."""
-        written = report.write_table(frame, self.out_dir / "tables", name, digits)
-        self.blocks.append(written if shown is None else report.markdown_table(shown, digits))
-
-    def figure(self, path: Path, caption: str) -> None:
-        self.blocks.append(report.figure_markdown(path, caption, self.out_dir) + f"\n\n*{caption}*")
-
-    def write(self) -> Path:
-        path = self.out_dir / "report.md"
-        path.write_text(f"# {self.title}\n\n" + "\n\n".join(self.blocks) + "\n")
-        return path
-
-
-def _figure_path(out_dir: Path, name: str) -> Path:
-    return out_dir / "figures" / f"{name}.png"
-
-
 @dataclass(frozen=True)
 class CommandResult:
     """What a `speckv paper` command produced."""
@@ -508,7 +473,7 @@ def write_reproduce_report(
     out_dir: Path, data: PaperData, run: ProtocolRun, tables: dict[str, pd.DataFrame], seed: int
 ) -> Path:
     """report.md with every table and the figures a reader of the paper expects."""
-    doc = Report(out_dir, "SpecKV paper: reproduction of the offline evaluation")
+    doc = report.MarkdownReport(out_dir, "SpecKV paper: reproduction of the offline evaluation")
     fixed_best = fixed_best_gamma(data.steps)
     doc.text(
         f"""
@@ -543,7 +508,7 @@ exactly, **flaws included**; `speckv paper audit` re-evaluates the same data hon
             "compression",
             "policy",
             "mean",
-            _figure_path(out_dir, "policy_by_compression"),
+            doc.figure_path("policy_by_compression"),
             "Expected tokens per step (paper's score), 95% CI",
             "expected tokens / step",
             "ci_low",
@@ -575,7 +540,7 @@ exactly, **flaws included**; `speckv paper audit` re-evaluates the same data hon
             "compression",
             "gamma",
             "share",
-            _figure_path(out_dir, "speckv_gamma_choice"),
+            doc.figure_path("speckv_gamma_choice"),
             "Share of test steps per γ chosen by SpecKV",
             "share of steps",
         ),
@@ -590,7 +555,7 @@ exactly, **flaws included**; `speckv paper audit` re-evaluates the same data hon
         report.scatter_predicted_actual(
             held_out,
             run.test_rows["acceptance_rate"].to_numpy(),
-            _figure_path(out_dir, "predicted_vs_actual"),
+            doc.figure_path("predicted_vs_actual"),
             "MLP-16, trained on the training split, test rows",
             run.test_rows["compression"],
             "acceptance rate",
@@ -1505,7 +1470,7 @@ def write_audit_report(
     seed: int,
 ) -> Path:
     """report.md: conclusions first, then one section per audited point with its tables."""
-    doc = Report(out_dir, "SpecKV paper: audit of the offline evaluation")
+    doc = report.MarkdownReport(out_dir, "SpecKV paper: audit of the offline evaluation")
     doc.text(
         f"""
 Produced by `speckv paper audit --seed {seed}`. The same released data as `speckv paper reproduce`, evaluated
@@ -1529,7 +1494,7 @@ unless a table says otherwise.
     return doc.write()
 
 
-def _alignment_section(doc: Report, tables) -> None:
+def _alignment_section(doc: report.MarkdownReport, tables) -> None:
     checks = tables["prompt_alignment"]
     complete = _row(checks, check="run matches only its own row in its block, all quantities")
     doc.text(
@@ -1544,7 +1509,7 @@ other run of the same (compression, γ, task), so the recorded order is the only
     doc.table("prompt_alignment", checks, digits=6)
 
 
-def _replay_section(doc: Report, tables) -> None:
+def _replay_section(doc: report.MarkdownReport, tables) -> None:
     doc.text(
         """
 ## Replay: is a step's outcome at another γ identified?
@@ -1557,7 +1522,7 @@ the verification width (numerics), so replayed outcomes there are approximate.
     doc.table("replay_consistency", tables["replay_consistency"])
 
 
-def _scoring_section(doc: Report, tables) -> None:
+def _scoring_section(doc: report.MarkdownReport, tables) -> None:
     observed = tables["fixed_gamma_observed"]
     doc.text(
         f"""
@@ -1616,7 +1581,7 @@ formula and by replay on the test steps logged at γ = 8.
             "policy",
             "measure",
             "value",
-            _figure_path(doc.out_dir, "paper_score_vs_observed"),
+            doc.figure_path("paper_score_vs_observed"),
             "Tokens per step: paper's score vs replayed outcome (test steps logged at γ=8)",
             "tokens / step",
             "low",
@@ -1626,7 +1591,9 @@ formula and by replay on the test steps logged at γ = 8.
     )
 
 
-def _leakage_section(doc: Report, steps: pd.DataFrame, tables, scatter: dict[str, np.ndarray]) -> None:
+def _leakage_section(
+    doc: report.MarkdownReport, steps: pd.DataFrame, tables, scatter: dict[str, np.ndarray]
+) -> None:
     doc.text(
         """
 ## Leakage: signals that exist only after drafting
@@ -1655,7 +1622,7 @@ with the step's acceptance rate, same-step vs previous-step signal:
             report.scatter_predicted_actual(
                 predicted,
                 actual,
-                _figure_path(doc.out_dir, f"predicted_vs_actual_{slug}"),
+                doc.figure_path(f"predicted_vs_actual_{slug}"),
                 f"MLP-16, {name}, out of fold",
                 steps["compression"],
                 "acceptance rate",
@@ -1664,7 +1631,7 @@ with the step's acceptance rate, same-step vs previous-step signal:
         )
 
 
-def _hygiene_section(doc: Report, tables) -> None:
+def _hygiene_section(doc: report.MarkdownReport, tables) -> None:
     doc.text(
         """
 ## Train/test hygiene
@@ -1682,7 +1649,7 @@ without refit (5 folds; bootstrap over steps and over prompts). p is one-sided
     doc.table("train_test_hygiene", hygiene, shown.rename(columns={"gain": "SpecKV − Fixed-4 [95% CI]"}))
 
 
-def _cost_section(doc: Report, tables) -> None:
+def _cost_section(doc: report.MarkdownReport, tables) -> None:
     doc.text(
         """
 ## Cost: tokens per second
@@ -1703,7 +1670,7 @@ tokens; they do not transfer to a cached engine.
     ):
         doc.figure(
             report.line_chart(
-                speed, "gamma", column, "compression", _figure_path(doc.out_dir, name), f"{label} vs γ", label
+                speed, "gamma", column, "compression", doc.figure_path(name), f"{label} vs γ", label
             ),
             f"{label} against γ per compression.",
         )
@@ -1742,7 +1709,7 @@ tokens/step objective; SpecKV-cost maximises predicted tokens / modelled step ti
             "compression",
             "policy",
             "mean",
-            _figure_path(doc.out_dir, "policy_tokens_per_second"),
+            doc.figure_path("policy_tokens_per_second"),
             "Modelled tokens/s by policy (replay of the γ=8 steps), 95% CI",
             "tokens / s",
             "ci_low",

@@ -7,6 +7,7 @@ pyplot, so no display is needed and the caller's pyplot state is left alone. The
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +137,36 @@ def save_figure(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight", metadata=_PNG_METADATA)
     return path
+
+
+@dataclass
+class MarkdownReport:
+    """A report.md under construction: tables (tables/*.csv, *.md) and figures are written as added."""
+
+    out_dir: Path
+    title: str
+    blocks: list[str] = field(default_factory=list)
+
+    def text(self, markdown: str) -> None:
+        self.blocks.append(markdown.strip())
+
+    def table(
+        self, name: str, frame: pd.DataFrame, shown: pd.DataFrame | None = None, digits: int = 3
+    ) -> None:
+        """Write tables/`name`.csv and .md from `frame`; show `shown` (default: `frame`) in the report."""
+        written = write_table(frame, self.out_dir / "tables", name, digits)
+        self.blocks.append(written if shown is None else markdown_table(shown, digits))
+
+    def figure_path(self, name: str) -> Path:
+        """Where this report keeps its figure `name` (PNG)."""
+        return self.out_dir / "figures" / f"{name}.png"
+
+    def figure(self, path: Path, caption: str) -> None:
+        self.blocks.append(figure_markdown(path, caption, self.out_dir) + f"\n\n*{caption}*")
+
+    def write(self) -> Path:
+        """Write report.md and return its path."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / "report.md"
+        path.write_text(f"# {self.title}\n\n" + "\n\n".join(self.blocks) + "\n")
+        return path

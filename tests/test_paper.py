@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from speckv import paper
+from speckv import paper, report
 from speckv.cli import main
 from speckv.errors import SpecKVError
 from speckv.predictor import AcceptancePredictor
@@ -264,3 +264,13 @@ def test_audit_writes_every_section(tmp_path, capsys):
     report_text = (out / "report.md").read_text()
     for heading in ("## Conclusions", "## Scoring", "## Leakage", "## Train/test hygiene", "## Cost"):
         assert heading in report_text
+
+
+def test_markdown_tables_round_floats_blank_missing_values_and_escape_pipes():
+    frame = pd.DataFrame({"name": ["a|b", "c"], "value": [1.23456, np.nan], "count": [3, 4]})
+    assert report.markdown_table(frame, digits=2).splitlines() == [
+        "| name | value | count |",
+        "|---|---|---|",
+        "| a\\|b | 1.23 | 3 |",
+        "| c |  | 4 |",
+    ]
