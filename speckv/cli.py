@@ -260,4 +260,23 @@ def _summary_line(summary: dict, target: str, draft: str | None, controller) -> 
     )
 
 
-_COMMANDS: list = [_add_generate, _add_datasets, _add_distill, _add_paper]
+def _add_demo(sub) -> None:
+    parser = sub.add_parser("demo", help="speculative decoding on the demo pair, with a speed-up table")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="timed passes; the table shows the median")
+    parser.add_argument("--gamma", type=int, default=3, help="γ for the fixed-γ rows (default 3)")
+    parser.add_argument("--compression", default="fp32", help="target compression (default fp32)")
+    parser.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from speckv.controllers import check_gamma
+    from speckv.demo import run_demo
+
+    check_gamma(args.gamma)
+    if args.repeats < 1 or args.max_new_tokens < 1:
+        raise SpecKVError("--repeats and --max-new-tokens must be at least 1")
+    return run_demo(args.max_new_tokens, args.repeats, args.gamma, args.compression)
+
+
+_COMMANDS: list = [_add_demo, _add_generate, _add_datasets, _add_distill, _add_paper]

@@ -1,0 +1,74 @@
+"""Wall-clock comparison on the demo pair: our engine vs transformers, target-only and speculative.
+
+    python benchmarks/engine_speed.py                       # fp32, 128 tokens, 8 prompts, median of 3
+    python benchmarks/engine_speed.py --compression int8 --gammas 2,3,4
+
+Writes its table into benchmarks/RESULTS.md (section `engine_speed-<compression>`), with the
+command line, machine and versions, and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from speckv import datasets
+from speckv.benchmark import Method, compare, default_methods, markdown_table, write_results_section
+from speckv.models import encode_prompt, load_draft, load_model
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compression", default="fp32")
+    parser.add_argument(
+        "--draft", default="demo", help="draft directory, `demo`, or `none` (target-only rows)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--per-task", type=int, default=2, help="held-out prompts per task (4 tasks)")
+    parser.add_argument("--gammas", default="2,3,4,5", help="fixed γ values to compare")
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    args = parser.parse_args()
+
+    for task in datasets.TASKS:
+        datasets.fetch(task, progress=False)
+    items = datasets.load_prompts("mixed", split="heldout", per_task=args.per_task)
+    target = load_model("demo", args.compression, "cpu")
+    draft = None if args.draft == "none" else load_draft(args.draft, target)
+    prompts = [encode_prompt(target.tokenizer, item.text) for item in items]
+    gammas = tuple(int(g) for g in args.gammas.split(","))
+    if draft is None:
+        methods = [Method("target only (speckv)")] + (
+            [] if args.no_hf else [Method("target only (HF generate)", hf=True)]
+        )
+    else:
+        methods = default_methods(gammas, with_hf=not args.no_hf)
+
+    started = time.time()
+    results = compare(target, draft, prompts, methods, args.max_new_tokens, args.repeats)
+    table = markdown_table(results)
+    command = "python benchmarks/engine_speed.py " + " ".join(sys.argv[1:])
+    body = (
+        f"### Demo pair, target {args.compression}, draft {draft.name if draft else 'none'}\n\n"
+        f"`{command.strip()}` — {len(prompts)} held-out prompts ({args.per_task} per task), "
+        f"{args.max_new_tokens} new tokens, greedy, tokens/s = total tokens / total time per pass, "
+        f"median of {args.repeats} passes (each pass listed). Machine: {platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads; torch {torch.__version__}, transformers {transformers.__version__}. "
+        f"Run took {time.time() - started:.0f} s.\n\n{table}\n"
+    )
+    print(body)
+    if not args.no_write:
+        write_results_section(RESULTS, f"engine_speed-{args.compression}", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,231 @@
+"""Side-by-side wall-clock comparison of decoding methods on one model pair.
+
+Every method decodes the same prompts in the same run, interleaved prompt by prompt so that
+machine drift hits all methods alike; each repeat gives one tokens/s per method (total tokens
+over total time) and the table reports the median over repeats. Methods are our engine with
+any controller (or target-only), and Hugging Face `generate`, alone or assisted by the same draft.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from speckv.controllers import make_controller
+from speckv.engine import SpeculativeDecoder
+from speckv.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class Method:
+    """`controller` None with `hf` False is our target-only loop; `hf` uses transformers' generate,
+    with `hf_assistant` kwargs for assisted generation (None: the target alone)."""
+
+    name: str
+    controller: str | None = None
+    hf: bool = False
+    hf_assistant: dict | None = None
+
+
+@dataclass
+class MethodResult:
+    method: Method
+    tokens_per_s: list[float] = field(default_factory=list)  # one per repeat
+    new_tokens: int = 0
+    steps: int = 0
+    accepted: int = 0
+    drafted: int = 0
+    outputs: list[list[int]] = field(default_factory=list)  # first repeat, per prompt
+
+    @property
+    def median_tokens_per_s(self) -> float:
+        return statistics.median(self.tokens_per_s)
+
+    @property
+    def mean_accepted(self) -> float:
+        return self.accepted / self.steps if self.steps else 0.0
+
+
+def default_methods(gammas: tuple[int, ...] = (2, 3, 4, 5), with_hf: bool = True) -> list[Method]:
+    methods = [Method("target only (speckv)")]
+    if with_hf:
+        methods.append(Method("target only (HF generate)", hf=True))
+    methods += [Method(f"speckv fixed γ={g}", controller=f"fixed:{g}") for g in gammas]
+    methods += [
+        Method("speckv heuristic", controller="heuristic"),
+        Method("speckv confidence", controller="confidence"),
+    ]
+    if with_hf:
+        methods += hf_assisted_methods(gammas)
+    return methods
+
+
+def hf_assisted_methods(gammas: tuple[int, ...]) -> list[Method]:
+    """HF assisted generation: its defaults, its heuristic schedule, and constant γ without threshold."""
+    return [
+        Method("HF assisted (defaults)", hf=True, hf_assistant={}),
+        Method(
+            "HF assisted (heuristic)",
+            hf=True,
+            hf_assistant={"num_assistant_tokens": 5, "num_assistant_tokens_schedule": "heuristic"},
+        ),
+    ] + [
+        Method(
+            f"HF assisted (γ={g})",
+            hf=True,
+            hf_assistant={
+                "num_assistant_tokens": g,
+                "num_assistant_tokens_schedule": "constant",
+                "assistant_confidence_threshold": 0.0,
+            },
+        )
+        for g in gammas
+    ]
+
+
+def compare(
+    target: LoadedModel,
+    draft: LoadedModel | None,
+    prompts: list[list[int]],
+    methods: list[Method],
+    max_new_tokens: int,
+    repeats: int = 3,
+    progress: bool = True,
+) -> list[MethodResult]:
+    """Run every method on every prompt `repeats` times; the first pass is preceded by a warm-up."""
+    runners = {m.name: _runner(m, target, draft, max_new_tokens) for m in methods}
+    results = {m.name: MethodResult(m) for m in methods}
+    for runner in runners.values():  # first calls pay one-off costs (allocations, lazy inits)
+        runner(prompts[0][:16])
+    bar = tqdm(
+        total=repeats * len(prompts) * len(methods), desc="benchmark", disable=not progress, leave=False
+    )
+    for repeat in range(repeats):
+        totals = {name: [0, 0.0] for name in runners}
+        for prompt in prompts:
+            for name, runner in runners.items():
+                started = time.perf_counter()
+                tokens, stats = runner(prompt)
+                elapsed = time.perf_counter() - started
+                totals[name][0] += len(tokens)
+                totals[name][1] += elapsed
+                result = results[name]
+                if repeat == 0:
+                    result.outputs.append(tokens)
+                    result.new_tokens += len(tokens)
+                    result.steps += stats.get("steps", 0)
+                    result.accepted += stats.get("accepted", 0)
+                    result.drafted += stats.get("drafted", 0)
+                bar.update()
+        for name, (count, seconds) in totals.items():
+            results[name].tokens_per_s.append(count / seconds)
+    bar.close()
+    return list(results.values())
+
+
+def _runner(
+    method: Method, target: LoadedModel, draft: LoadedModel | None, max_new_tokens: int
+) -> Callable[[list[int]], tuple[list[int], dict]]:
+    if method.hf:
+        assistant = _hf_assistant(draft) if method.hf_assistant is not None else None
+        return lambda prompt: _hf_generate(
+            target, assistant, method.hf_assistant or {}, prompt, max_new_tokens
+        )
+    decoder = SpeculativeDecoder(
+        target,
+        draft if method.controller else None,
+        make_controller(method.controller) if method.controller else None,
+    )
+
+    def run(prompt: list[int]) -> tuple[list[int], dict]:
+        result = decoder.generate(prompt, max_new_tokens)
+        stats = {
+            "steps": len(result.steps),
+            "accepted": sum(s.accepted for s in result.steps),
+            "drafted": sum(s.gamma for s in result.steps),
+        }
+        return result.token_ids, stats
+
+    return run
+
+
+def _hf_generate(
+    target: LoadedModel, assistant, assistant_kwargs: dict, prompt: list[int], max_new_tokens: int
+):
+    input_ids = torch.tensor([prompt], device=target.device)
+    kwargs = {
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "attention_mask": torch.ones_like(input_ids),
+    }
+    if assistant is not None:
+        kwargs["assistant_model"] = assistant
+        kwargs.update(assistant_kwargs)
+    with torch.inference_mode():
+        output = target.model.generate(input_ids, **kwargs)
+    return output[0, len(prompt) :].tolist(), {}
+
+
+class _ScatterHead(torch.nn.Module):
+    """Puts a reduced-vocabulary head's logits on the full vocabulary, for callers that need it."""
+
+    def __init__(self, head: torch.nn.Module, vocab_map: torch.Tensor, vocab_size: int):
+        super().__init__()
+        self.head, self.vocab_map, self.vocab_size = head, vocab_map, vocab_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        reduced = self.head(hidden)
+        full = reduced.new_full((*reduced.shape[:-1], self.vocab_size), torch.finfo(reduced.dtype).min)
+        full[..., self.vocab_map] = reduced
+        return full
+
+
+def _hf_assistant(draft: LoadedModel | None):
+    """The same draft as a model HF's assisted generation accepts (full-vocabulary logits)."""
+    if draft is None:
+        raise ValueError("HF assisted generation needs a draft")
+    if draft.vocab_map is None:
+        return draft.model
+    assistant = copy.copy(draft.model)
+    assistant._modules = dict(draft.model._modules)  # share the layers, not the module table
+    vocab_size = draft.model.config.vocab_size
+    assistant.lm_head = _ScatterHead(draft.model.lm_head, draft.vocab_map, vocab_size)
+    return assistant
+
+
+def markdown_table(results: list[MethodResult], baseline: str = "target only (speckv)") -> str:
+    """Median tokens/s, speed-up over `baseline`, acceptance, and whether output matches the baseline."""
+    reference = next(r for r in results if r.method.name == baseline)
+    lines = [
+        "| method | tokens/s (median) | runs | speed-up | mean accepted / step | acceptance | same output |",
+        "|---|---:|---|---:|---:|---:|---|",
+    ]
+    for r in results:
+        runs = ", ".join(f"{x:.1f}" for x in r.tokens_per_s)
+        accepted = f"{r.mean_accepted:.2f}" if r.steps and r.drafted else "–"
+        acceptance = f"{r.accepted / r.drafted:.1%}" if r.drafted else "–"
+        same = "yes" if r.outputs == reference.outputs else "NO"
+        lines.append(
+            f"| {r.method.name} | {r.median_tokens_per_s:.1f} | {runs} | "
+            f"{r.median_tokens_per_s / reference.median_tokens_per_s:.2f}× | {accepted} | {acceptance} | {same} |"
+        )
+    return "\n".join(lines)
+
+
+def write_results_section(path: Path, name: str, body: str) -> None:
+    """Replace (or append) the section between `<!-- name:start -->` and `<!-- name:end -->`."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{start}\n{body.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
