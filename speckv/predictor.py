@@ -79,9 +79,13 @@ class AcceptancePredictor:
 
     def save(self, path: str | Path) -> None:
         """Write kind, feature names, sklearn version and the exported weights as JSON."""
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    def to_dict(self) -> dict:
+        """The fitted fast-path model as a JSON-ready document (what `save` writes)."""
         if not self._weights:
             raise SpecKVError(f"only fitted {' or '.join(FAST_KINDS)} predictors can be saved")
-        document = {
+        return {
             "format": _FILE_FORMAT,
             "version": _FILE_VERSION,
             "kind": self.kind,
@@ -89,7 +93,6 @@ class AcceptancePredictor:
             "sklearn_version": sklearn.__version__,
             "layers": [{"weights": w.tolist(), "bias": b.tolist()} for w, b in self._weights],
         }
-        Path(path).write_text(json.dumps(document))
 
     @classmethod
     def load(cls, path: str | Path) -> AcceptancePredictor:
@@ -98,8 +101,13 @@ class AcceptancePredictor:
             document = json.loads(Path(path).read_text())
         except (OSError, ValueError) as error:
             raise SpecKVError(f"cannot read predictor file {path}: {error}") from error
+        return cls.from_dict(document, str(path))
+
+    @classmethod
+    def from_dict(cls, document: dict, where: str = "predictor") -> AcceptancePredictor:
+        """A predictor from a `to_dict` document; it predicts through the numpy path."""
         if document.get("format") != _FILE_FORMAT or document.get("version") != _FILE_VERSION:
-            raise SpecKVError(f"{path} is not a version-{_FILE_VERSION} SpecKV predictor file")
+            raise SpecKVError(f"{where} is not a version-{_FILE_VERSION} SpecKV predictor file")
         predictor = cls(document["kind"], document["feature_names"])
         predictor._weights = [
             (np.asarray(layer["weights"], dtype=float), np.asarray(layer["bias"], dtype=float))

@@ -1,0 +1,274 @@
+"""SpecKV: the learned γ controller, in our form and in the paper's.
+
+Ours (`speckv`) predicts, for each drafted token, the probability that the target accepts it given
+that every earlier token of the step was accepted, from decision-time features only: the token's
+own draft signals, what earlier steps of the sequence showed (`SequenceContext`) and the target's
+compression level. After each drafted token it re-plans the step: with the acceptance of tokens
+not yet drafted predicted from the context alone, it drafts on while some longer step has a
+higher expected tokens per second under the calibrated cost model,
+E[tokens](γ) / (γ·t_draft + t_verify(γ + 1) + t_step), E[tokens] = 1 + Σ_i Π_{j≤i} a_j.
+`speckv-step` makes the same choice once per step, before drafting (no per-token stop).
+`speckv-paper` is the paper's objective: γ ∈ {2, 4, 6, 8} maximising predicted tokens per step,
+clip(â)·γ + 1, with the paper's step-level predictor fed the previous step's signals (the
+step's own signals, which the paper used, do not exist when γ is chosen).
+
+Every model is a small MLP or linear layer run by `AcceptancePredictor.predict_fast` (numpy): a
+decision takes microseconds. A controller file (JSON) holds the weights, feature names, the cost
+models per compression level, and the versions it was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from speckv.calibrate import CostModel, costs_from_dict, costs_to_dict
+from speckv.controllers.base import Controller
+from speckv.errors import SpecKVError
+from speckv.predictor import AcceptancePredictor
+
+FILE_FORMAT = "speckv-controller"
+FILE_VERSION = 1
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "speckv-controller.json"
+VARIANTS = ("speckv", "speckv-step", "speckv-paper")
+PAPER_GAMMAS = (2, 4, 6, 8)
+
+CONTEXT_FEATURES = (
+    "first_step",
+    "recent_acceptance",
+    "last_acceptance",
+    "recent_entropy",
+    "prev_mean_draft_entropy",
+    "prev_mean_draft_confidence",
+    "prev_max_draft_entropy",
+    "prev_min_draft_confidence",
+)
+TOKEN_FEATURES = ("entropy", "confidence", "token_prob")
+PAPER_CONTEXT = ("prev_mean_draft_entropy", "prev_mean_draft_confidence", "prev_max_draft_entropy")
+PAPER_CONTEXT += ("prev_min_draft_confidence", "first_step")
+
+
+def compression_features(compressions) -> tuple[str, ...]:
+    return tuple(f"comp_{c}" for c in compressions)
+
+
+def context_features(compressions) -> tuple[str, ...]:
+    return (*CONTEXT_FEATURES, *compression_features(compressions))
+
+
+def token_features(compressions) -> tuple[str, ...]:
+    return (*context_features(compressions), *TOKEN_FEATURES)
+
+
+def paper_features(compressions) -> tuple[str, ...]:
+    return (*PAPER_CONTEXT, *compression_features(compressions), "gamma")
+
+
+class SequenceContext:
+    """What earlier steps of the current sequence showed, as the `CONTEXT_FEATURES` values.
+
+    Acceptance is observed for the drafted tokens up to the first rejection; `recent_*` are
+    exponential moving averages (weight `decay` on the newest observation).
+    """
+
+    def __init__(self, decay: float = 0.3):
+        self.decay = decay
+        self.reset()
+
+    def reset(self) -> None:
+        self.values = [1.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+    def update(self, record) -> None:
+        if record.gamma == 0:
+            return
+        values, decay = self.values, self.decay
+        recent = values[1]
+        for i in range(min(record.accepted + 1, record.gamma)):
+            recent += decay * ((1.0 if i < record.accepted else 0.0) - recent)
+        entropy = values[3]
+        for e in record.draft_entropy:
+            entropy += decay * (e - entropy)
+        entropies, confidences = record.draft_entropy, record.draft_confidence
+        self.values = [
+            0.0,
+            recent,
+            record.accepted / record.gamma,
+            entropy,
+            sum(entropies) / len(entropies),
+            sum(confidences) / len(confidences),
+            max(entropies),
+            min(confidences),
+        ]
+
+
+@dataclass
+class ControllerModels:
+    """Everything a SpecKV controller file holds."""
+
+    compressions: tuple[str, ...]
+    gamma_max: int
+    token_model: AcceptancePredictor
+    prior_model: AcceptancePredictor
+    paper_model: AcceptancePredictor
+    costs: dict[str, CostModel]
+    context_decay: float = 0.3
+    info: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "compressions": list(self.compressions),
+            "gamma_max": self.gamma_max,
+            "context_decay": self.context_decay,
+            "token_model": self.token_model.to_dict(),
+            "prior_model": self.prior_model.to_dict(),
+            "paper_model": self.paper_model.to_dict(),
+            "costs": costs_to_dict(self.costs),
+            "info": self.info,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict()))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ControllerModels:
+        try:
+            document = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise SpecKVError(f"cannot read SpecKV controller {path}: {error}") from error
+        if document.get("format") != FILE_FORMAT or document.get("version") != FILE_VERSION:
+            raise SpecKVError(f"{path} is not a version-{FILE_VERSION} SpecKV controller file")
+        return cls(
+            compressions=tuple(document["compressions"]),
+            gamma_max=int(document["gamma_max"]),
+            token_model=AcceptancePredictor.from_dict(document["token_model"], f"{path} token model"),
+            prior_model=AcceptancePredictor.from_dict(document["prior_model"], f"{path} prior model"),
+            paper_model=AcceptancePredictor.from_dict(document["paper_model"], f"{path} paper model"),
+            costs=costs_from_dict(document["costs"], f"{path} costs"),
+            context_decay=float(document["context_decay"]),
+            info=document.get("info", {}),
+        )
+
+    def one_hot(self, compression: str) -> list[float]:
+        if compression not in self.compressions or compression not in self.costs:
+            raise SpecKVError(
+                f"this SpecKV controller knows compression levels {', '.join(self.compressions)}, "
+                f"not {compression}; profile and train with it"
+            )
+        return [1.0 if c == compression else 0.0 for c in self.compressions]
+
+
+def _clip01(value) -> float:
+    return min(max(float(value), 0.0), 1.0)
+
+
+class SpecKVController(Controller):
+    """Ours: per-token re-planning (`per_token=True`, `speckv`) or one γ per step (`speckv-step`),
+    maximising the predicted tokens per second of the step."""
+
+    def __init__(self, models: ControllerModels, compression: str, gamma_max: int, per_token: bool = True):
+        self.models = models
+        self.per_token = per_token
+        self.name = "speckv" if per_token else "speckv-step"
+        self.gamma_max = min(gamma_max, models.gamma_max, models.costs[compression].gamma_max)
+        self.context = SequenceContext(models.context_decay)
+        one_hot = models.one_hot(compression)
+        self._n_context = len(CONTEXT_FEATURES) + len(one_hot)
+        self._x = np.zeros(self._n_context + len(TOKEN_FEATURES))
+        self._x[len(CONTEXT_FEATURES) : self._n_context] = one_hot
+        self._times = models.costs[compression].step_times()[: self.gamma_max + 1]
+        self._powers = np.arange(1, self.gamma_max + 1)
+        self._gains = np.zeros(self.gamma_max + 1)  # Σ_{m≤k} a^m for tokens not yet drafted
+        self._reached = 1.0  # P(all tokens drafted so far are accepted)
+        self._expected = 1.0  # expected tokens of the step if it stopped drafting now
+
+    def reset(self) -> None:
+        self.context.reset()
+
+    def begin_step(self) -> int:
+        x = self._x
+        x[: len(CONTEXT_FEATURES)] = self.context.values
+        prior = _clip01(self.models.prior_model.predict_fast(x[: self._n_context])[0])
+        self._gains[1:] = np.cumsum(prior**self._powers)
+        self._reached = self._expected = 1.0
+        if self.per_token:
+            return self.gamma_max
+        return int(np.argmax((1.0 + self._gains[1:]) / self._times[1:])) + 1
+
+    def continue_drafting(self, signals) -> bool:
+        if not self.per_token:
+            return True
+        i = signals.position
+        x = self._x
+        x[self._n_context :] = (signals.entropy, signals.confidence, signals.token_prob)
+        self._reached *= _clip01(self.models.token_model.predict_fast(x)[0])
+        self._expected += self._reached
+        if i >= self.gamma_max:
+            return False
+        times = self._times
+        longer = (self._expected + self._reached * self._gains[1 : self.gamma_max - i + 1]) / times[i + 1 :]
+        return float(longer.max()) > self._expected / times[i]
+
+    def end_step(self, record) -> None:
+        self.context.update(record)
+
+
+class SpecKVPaperController(Controller):
+    """The paper's objective: γ ∈ {2, 4, 6, 8} maximising clip(â)·γ + 1 (tokens per step)."""
+
+    name = "speckv-paper"
+
+    def __init__(self, models: ControllerModels, compression: str, gamma_max: int):
+        self.models = models
+        self.gammas = np.asarray([g for g in PAPER_GAMMAS if g <= min(gamma_max, models.gamma_max)], float)
+        if not len(self.gammas):
+            raise SpecKVError("speckv-paper needs gamma_max ≥ 2")
+        self.context = SequenceContext(models.context_decay)
+        width = len(paper_features(models.compressions))
+        self._rows = np.zeros((len(self.gammas), width))
+        self._rows[:, len(PAPER_CONTEXT) : width - 1] = models.one_hot(compression)
+        self._rows[:, -1] = self.gammas
+        self._context_index = [CONTEXT_FEATURES.index(name) for name in PAPER_CONTEXT]
+
+    def reset(self) -> None:
+        self.context.reset()
+
+    def begin_step(self) -> int:
+        values = self.context.values
+        self._rows[:, : len(PAPER_CONTEXT)] = [values[i] for i in self._context_index]
+        predicted = np.clip(self.models.paper_model.predict_fast(self._rows), 0.0, 1.0)
+        return int(self.gammas[int(np.argmax(predicted * self.gammas + 1.0))])
+
+    def end_step(self, record) -> None:
+        self.context.update(record)
+
+
+def make_speckv(spec: str, gamma_max: int, compression: str | None) -> Controller:
+    """`speckv[:PATH][@COMPRESSION]`, likewise speckv-step and speckv-paper; no PATH = the shipped file."""
+    if "@" in spec:
+        spec, _, compression = spec.rpartition("@")
+    name, _, rest = spec.partition(":")
+    if name not in VARIANTS:
+        raise SpecKVError(f"unknown SpecKV variant '{name}': use one of {', '.join(VARIANTS)}")
+    path = Path(rest).expanduser() if rest else SHIPPED
+    if not path.exists():
+        if rest:
+            raise SpecKVError(f"SpecKV controller file not found: {path}")
+        raise SpecKVError(
+            "this installation ships no trained SpecKV controller yet; train one with `speckv train` "
+            "and pass --controller speckv:PATH"
+        )
+    models = ControllerModels.load(path)
+    compression = compression or ("fp32" if "fp32" in models.compressions else models.compressions[0])
+    if name == "speckv-paper":
+        return SpecKVPaperController(models, compression, gamma_max)
+    return SpecKVController(models, compression, gamma_max, per_token=name == "speckv")

@@ -1,0 +1,237 @@
+"""The command-line side of the controller pipeline: profile → calibrate → train → evaluate → report.
+
+Each `run_*` takes the parsed arguments of its `speckv` sub-command (see speckv.cli), loads what
+it needs, calls the library (profiling, calibrate, training, evaluation) and prints a short summary.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from speckv.errors import SpecKVError
+
+
+
+def _split_list(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def _threads(args) -> None:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def _pair_loader(target_source: str, draft_source: str, device: str):
+    from speckv.models import load_draft, load_model
+
+    def load(compression: str):
+        target = load_model(target_source, compression, device)
+        return target, load_draft(draft_source, target)
+
+    return load
+
+
+def _encoded_prompts(args, tokenizer):
+    from speckv.datasets import load_prompts
+    from speckv.models import encode_prompt
+    from speckv.profiling import ProfilePrompt
+
+    tasks = _split_list(getattr(args, "tasks", None)) or None
+    items = load_prompts(args.prompts, split=args.split, tasks=tasks, per_task=args.per_task)
+    if not items:
+        raise SpecKVError(f"no prompts in {args.prompts} (split {args.split})")
+    return [
+        ProfilePrompt(item.id, item.task, tuple(encode_prompt(tokenizer, item.text, raw=args.raw)))
+        for item in items
+    ]
+
+
+def run_profile(args) -> int:
+    from speckv.controllers import check_gamma, make_controller
+    from speckv.models import check_compression, load_tokenizer, resolve_device, resolve_source
+    from speckv.profiling import ProfileSettings, load_steps, run_profile, summary_markdown
+
+    _threads(args)
+    check_gamma(args.gamma_max, "--gamma-max")
+    if args.max_new_tokens < 2:
+        raise SpecKVError("--max-new-tokens must be at least 2")
+    compressions = tuple(_split_list(args.compression))
+    device = resolve_device(args.device)
+    for compression in compressions:
+        check_compression(compression, device)
+    sweep = () if args.sweep == "none" else tuple(_split_list(args.sweep))
+    for spec in sweep:
+        if spec.partition(":")[0] not in ("speckv", "speckv-step", "speckv-paper"):
+            make_controller(spec, gamma_max=args.gamma_max)  # fail now on a bad spec, not hours later
+    tokenizer = load_tokenizer(resolve_source(args.target), args.target)
+    prompts = _encoded_prompts(args, tokenizer)
+    settings = ProfileSettings(
+        target=args.target,
+        draft=args.draft,
+        compressions=compressions,
+        max_new_tokens=args.max_new_tokens,
+        gamma_max=args.gamma_max,
+        sweep=sweep,
+    )
+    counts = run_profile(args.out, settings, prompts, _pair_loader(args.target, args.draft, str(device)))
+    print(f"profile {args.out}: {counts['recorded']} units recorded, {counts['skipped']} already done")
+    steps = load_steps(args.out)
+    if not steps.empty:
+        print(summary_markdown(steps))
+    return 0
+
+
+def run_calibrate(args) -> int:
+    from speckv.calibrate import calibrate, load_costs, save_costs
+    from speckv.models import encode_prompt
+    from speckv.profiling import read_settings
+
+    _threads(args)
+    settings, _ = read_settings(args.profile)
+    compressions = _split_list(args.compression) or list(settings.compressions)
+    out = Path(args.out or Path(args.profile) / "cost.json")
+    costs = load_costs(out) if out.exists() else {}
+    load = _pair_loader(settings.target, settings.draft, args.device)
+    from speckv.datasets import load_prompts
+
+    items = load_prompts(args.prompts, split="all", per_task=args.per_task)
+    for compression in compressions:
+        target, draft = load(compression)
+        prompts = [encode_prompt(target.tokenizer, item.text) for item in items]
+        costs[compression] = calibrate(
+            target, draft, prompts, settings.gamma_max, args.new_tokens, args.repeats
+        )
+        save_costs(costs, out, {"target": settings.target, "draft": settings.draft})
+        cost = costs[compression]
+        verify = ", ".join(f"{1e3 * t:.1f}" for t in cost.t_verify_s)
+        print(
+            f"{compression}: t_draft {1e3 * cost.t_draft_s:.2f} ms, t_verify(1..{cost.gamma_max + 1}) "
+            f"[{verify}] ms, t_step {1e3 * cost.t_step_s:.2f} ms"
+        )
+    print(f"cost model written to {out}")
+    return 0
+
+
+def _traces(profile: str, split: str):
+    from speckv.datasets import split_of
+    from speckv.profiling import load_traces
+
+    traces = load_traces(profile)
+    chosen = [t for t in traces if split == "all" or split_of(t.prompt_id) == split]
+    if not chosen:
+        raise SpecKVError(f"{profile} has no replay data of {split} prompts")
+    return chosen
+
+
+def _costs(args):
+    from speckv.calibrate import load_costs
+
+    path = Path(args.costs or Path(args.profile) / "cost.json")
+    if not path.exists():
+        raise SpecKVError(f"no cost model at {path}; run `speckv calibrate --profile {args.profile}`")
+    return load_costs(path)
+
+
+def run_train(args) -> int:
+    from speckv.predictor import KINDS
+    from speckv.training import train_controller
+
+    traces = _traces(args.profile, args.split)
+    compare_kinds = tuple(_split_list(args.compare))
+    unknown = [k for k in compare_kinds if k not in KINDS]
+    if unknown:
+        raise SpecKVError(f"unknown predictor kinds {unknown}; choose from {', '.join(KINDS)}")
+    from speckv.profiling import read_settings
+
+    settings, _ = read_settings(args.profile)
+    result = train_controller(
+        traces,
+        _costs(args),
+        kind=args.kind,
+        compare_kinds=compare_kinds,
+        info={"pair": settings.pair, "profile": str(args.profile), "split": args.split},
+    )
+    path = result.models.save(args.out)
+    from speckv.report import markdown_table
+
+    print(markdown_table(result.metrics, digits=4))
+    print(
+        f"controller written to {path} ({path.stat().st_size / 1024:.0f} KiB); use --controller speckv:{path}"
+    )
+    return 0
+
+
+def run_evaluate(args) -> int:
+    import pandas as pd
+
+    from speckv.controllers.speckv import ControllerModels
+    from speckv.evaluation import live_evaluation, policy_specs, replay_policies, summarise
+    from speckv.profiling import read_settings
+    from speckv.report import markdown_table
+
+    _threads(args)
+    settings, profile_prompts = read_settings(args.profile)
+    prompt_ids = {p["id"]: p["token_ids"] for p in profile_prompts}
+    traces = _traces(args.profile, args.split)
+    costs = _costs(args)
+    controller_info = ControllerModels.load(args.controller).info if args.controller else {}
+    gamma_max = min(t.gamma_max for t in traces)
+    specs = policy_specs(gamma_max, args.controller)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = replay_policies(traces, costs, specs)
+    results.to_parquet(out / "replay.parquet", index=False)
+    meta = {
+        "profile": str(args.profile),
+        "pair": settings.pair,
+        "max_new_tokens": settings.max_new_tokens,
+        "gamma_max": gamma_max,
+        "split": args.split,
+        "controller": args.controller,
+        "controller_info": controller_info,
+    }
+    (out / "evaluate.json").write_text(json.dumps(meta, indent=1))
+    summary = summarise(results, ["compression"])
+    print(
+        markdown_table(
+            summary[["compression", "policy", "tokens_per_step", "tokens_per_s", "speedup", "oracle_share"]]
+        )
+    )
+    if args.live:
+        load = _pair_loader(settings.target, settings.draft, args.device)
+        frames = []
+        for compression in _split_list(args.live_compression) or list(settings.compressions):
+            chosen = [t for t in traces if t.compression == compression][: args.live_prompts]
+            if not chosen:
+                continue
+            target, draft = load(compression)
+            prompts = [list(prompt_ids[t.prompt_id]) for t in chosen]
+            frames.append(
+                live_evaluation(
+                    target,
+                    draft,
+                    chosen,
+                    prompts,
+                    specs,
+                    costs[compression],
+                    args.repeats,
+                    tuple(int(g) for g in _split_list(args.hf_gammas)),
+                )
+            )
+        live = pd.concat(frames, ignore_index=True)
+        live.to_csv(out / "live.csv", index=False)
+        print(markdown_table(live))
+    print(f"evaluation written to {out}; `speckv report --eval {out}` writes the report", file=sys.stderr)
+    return 0
+
+
+def run_report(args) -> int:
+    from speckv.evaluation import write_report
+
+    path = write_report(args.eval, args.out or Path(args.eval) / "report")
+    print(f"report written to {path}")
+    return 0

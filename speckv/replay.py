@@ -1,0 +1,297 @@
+"""Exact offline replay of γ policies on recorded greedy traces, and the oracle bound (design §4).
+
+Greedy speculative decoding emits the target's own greedy continuation y whatever the policy, so
+one recording per prompt scores every policy exactly. A `Trace` holds y, the draft's teacher-forced
+prediction at every position (its token and signals), and, at every position where that
+prediction is wrong, the draft's free-running continuation after its wrong token. A step starting
+at t whose draft matches y for L(t) consecutive tokens accepts min(L(t), γ) of γ drafted tokens;
+the signals of drafted tokens 1..L(t)+1 are the teacher-forced ones, later ones the free-running
+ones. `replay` drives a real `Controller` through exactly the calls the engine makes, so adaptive
+and stopping policies replay exactly too, and charges each step the calibrated cost model.
+
+`oracle` is the best γ per step in hindsight: every prompt yields the same tokens under every
+policy, so the highest tokens/s is the lowest total time, a shortest path over positions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from speckv.calibrate import CostModel
+from speckv.controllers import Controller
+from speckv.engine import StepRecord
+from speckv.errors import SpecKVError
+from speckv.signals import TokenSignals
+
+Signals = tuple[float, float, float]  # entropy (bits), confidence, token probability
+
+
+@dataclass
+class Trace:
+    """The replay data of one prompt at one compression level (design §4).
+
+    Position t is the t-th generated token: `tokens[t]` is the target's, `draft_tokens[t]` and
+    `signals[t]` the draft's teacher-forced prediction for it. `free[t]`, only where the
+    prediction is wrong, lists the draft's next tokens (token, signals) after its wrong token,
+    up to gamma_max − 1 of them, cut after an end-of-sequence token.
+    """
+
+    prompt_id: str
+    task: str
+    compression: str
+    prompt_len: int
+    max_new_tokens: int
+    gamma_max: int
+    eos_ids: tuple[int, ...]
+    tokens: list[int]
+    draft_tokens: list[int]
+    signals: list[Signals]
+    free: dict[int, list[tuple[int, Signals]]] = field(default_factory=dict)
+    pair: str = ""
+
+    def __post_init__(self):
+        n = len(self.tokens)
+        if len(self.draft_tokens) != n or len(self.signals) != n:
+            raise SpecKVError(f"trace {self.prompt_id}: tokens, draft tokens and signals differ in length")
+        self.run_length = run_lengths(np.asarray(self.tokens) == np.asarray(self.draft_tokens))
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+
+def run_lengths(match: np.ndarray) -> np.ndarray:
+    """L(t): how many consecutive positions from t on the draft predicts correctly."""
+    lengths = np.zeros(len(match) + 1, dtype=np.int64)
+    for t in range(len(match) - 1, -1, -1):
+        lengths[t] = lengths[t + 1] + 1 if match[t] else 0
+    return lengths[:-1]
+
+
+@dataclass
+class PolicyRun:
+    """One policy on one trace: what it emitted, in how many steps, at what modelled cost."""
+
+    tokens: int
+    steps: int
+    drafted: int
+    accepted: int
+    time_s: float
+    gammas: list[int]
+    records: list[StepRecord] = field(default_factory=list)
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.tokens / self.steps
+
+
+def replay(
+    trace: Trace, controller: Controller, cost: CostModel | None = None, keep_records: bool = False
+) -> PolicyRun:
+    """Run `controller` on `trace` as the engine would (greedy); time from `cost` (NaN without)."""
+    step_times = cost.step_times() if cost is not None else None
+    eos = frozenset(trace.eos_ids)
+    n = trace.n_tokens
+    controller.reset()
+    t = step = drafted_total = accepted_total = 0
+    seconds = 0.0
+    gammas, records = [], []
+    while t < n:
+        budget = min(controller.begin_step(), trace.max_new_tokens - t - 1)
+        if budget > trace.gamma_max:
+            raise SpecKVError(
+                f"policy {controller.describe()} drafts {budget} tokens; the profile recorded at most "
+                f"{trace.gamma_max} (profile with a larger --gamma-max)"
+            )
+        record = StepRecord(step=step, gamma_budget=budget, gamma=0, accepted=0, tokens_produced=0)
+        run = int(trace.run_length[t])
+        drafted = 0
+        for position in range(1, budget + 1):
+            token, signals = _drafted_token(trace, t, run, position)
+            record.draft_entropy.append(signals[0])
+            record.draft_confidence.append(signals[1])
+            record.draft_token_prob.append(signals[2])
+            drafted = position
+            if token in eos or position == budget:
+                break
+            if not controller.continue_drafting(TokenSignals(position, *signals)):
+                break
+        accepted = min(run, drafted)
+        produced = min(accepted + 1, n - t)
+        record.gamma, record.accepted, record.tokens_produced = drafted, accepted, produced
+        if step_times is not None:
+            record.draft_time_s = drafted * cost.t_draft_s
+            record.verify_time_s = step_times[drafted] - record.draft_time_s
+            seconds += step_times[drafted]
+        controller.end_step(record)
+        gammas.append(drafted)
+        drafted_total += drafted
+        accepted_total += accepted
+        if keep_records:
+            records.append(record)
+        t += produced
+        step += 1
+    if cost is None:
+        seconds = float("nan")
+    else:
+        seconds += cost.prefill_time(trace.prompt_len, speculative=True)
+    return PolicyRun(n, step, drafted_total, accepted_total, seconds, gammas, records)
+
+
+def _drafted_token(trace: Trace, t: int, run: int, position: int) -> tuple[int, Signals]:
+    """The draft's `position`-th token (from 1) of a step starting at t, and its signals."""
+    if position <= run + 1:  # its context is still the target's: the teacher-forced prediction
+        index = t + position - 1
+        if index >= trace.n_tokens:
+            raise SpecKVError(f"trace {trace.prompt_id} ends before position {index}")
+        return trace.draft_tokens[index], trace.signals[index]
+    continuation = trace.free.get(t + run, [])
+    offset = position - run - 2
+    if offset >= len(continuation):
+        raise SpecKVError(f"trace {trace.prompt_id} has no free-running token {offset} at {t + run}")
+    return continuation[offset]
+
+
+def target_only(trace: Trace, cost: CostModel | None = None) -> PolicyRun:
+    """Decoding with the target alone: one token per step, no draft, no draft prefill."""
+    n = trace.n_tokens
+    seconds = float("nan")
+    if cost is not None:
+        seconds = n * cost.step_times()[0] + cost.prefill_time(trace.prompt_len, speculative=False)
+    return PolicyRun(n, n, 0, 0, seconds, [0] * n)
+
+
+def oracle(trace: Trace, step_times: Sequence[float] | np.ndarray, prefill_s: float = 0.0) -> PolicyRun:
+    """The γ sequence minimising Σ step_times[γ] over the trace (best γ per step in hindsight).
+
+    With step_times = ones this maximises tokens per step; with a cost model's step times it
+    maximises tokens per second. T(t) = min over γ of step_times[γ] + T(t + produced(t, γ)), where
+    produced = min(min(L(t), γ) + 1, N − t) and γ ≤ min(gamma_max, max_new_tokens − t − 1), the
+    budgets the engine allows. Any policy's steps are among these choices, so none is faster.
+    """
+    step_times = np.asarray(step_times, dtype=float)
+    n = trace.n_tokens
+    gamma_cap = min(trace.gamma_max, len(step_times) - 1)
+    best = np.zeros(n + 1)
+    choice = np.zeros(n, dtype=np.int64)
+    for t in range(n - 1, -1, -1):
+        gammas = np.arange(min(gamma_cap, trace.max_new_tokens - t - 1) + 1)
+        produced = np.minimum(np.minimum(trace.run_length[t], gammas) + 1, n - t)
+        totals = step_times[gammas] + best[t + produced]
+        choice[t] = int(np.argmin(totals))
+        best[t] = totals[choice[t]]
+    gammas, t, accepted = [], 0, 0
+    while t < n:
+        gamma = int(choice[t])
+        gammas.append(gamma)
+        accepted += min(int(trace.run_length[t]), gamma)
+        t += min(min(int(trace.run_length[t]), gamma) + 1, n - t)
+    return PolicyRun(n, len(gammas), sum(gammas), accepted, float(best[0]) + prefill_s, gammas)
+
+
+def cost_oracle(trace: Trace, cost: CostModel) -> PolicyRun:
+    """The oracle for modelled tokens/s, its time including the prompt's prefill."""
+    return oracle(trace, cost.step_times(), cost.prefill_time(trace.prompt_len, speculative=True))
+
+
+# --- storage: one row per generated position --------------------------------------------------
+
+TRACE_COLUMNS = (
+    "pair",
+    "compression",
+    "task",
+    "prompt_id",
+    "prompt_len",
+    "max_new_tokens",
+    "gamma_max",
+    "eos_ids",
+    "position",
+    "token",
+    "draft_token",
+    "match",
+    "entropy",
+    "confidence",
+    "token_prob",
+    "free_tokens",
+    "free_entropy",
+    "free_confidence",
+    "free_token_prob",
+)
+
+
+def trace_to_frame(trace: Trace) -> pd.DataFrame:
+    """Per-position rows (the design's per-position signals), free continuations as list columns."""
+    n = trace.n_tokens
+    signals = np.asarray(trace.signals, dtype=float).reshape(n, 3)
+    free = [trace.free.get(t, []) for t in range(n)]
+    return pd.DataFrame(
+        {
+            "pair": trace.pair,
+            "compression": trace.compression,
+            "task": trace.task,
+            "prompt_id": trace.prompt_id,
+            "prompt_len": trace.prompt_len,
+            "max_new_tokens": trace.max_new_tokens,
+            "gamma_max": trace.gamma_max,
+            "eos_ids": [list(trace.eos_ids)] * n,
+            "position": np.arange(n),
+            "token": trace.tokens,
+            "draft_token": trace.draft_tokens,
+            "match": np.asarray(trace.tokens) == np.asarray(trace.draft_tokens),
+            "entropy": signals[:, 0],
+            "confidence": signals[:, 1],
+            "token_prob": signals[:, 2],
+            "free_tokens": [[token for token, _ in items] for items in free],
+            "free_entropy": [[s[0] for _, s in items] for items in free],
+            "free_confidence": [[s[1] for _, s in items] for items in free],
+            "free_token_prob": [[s[2] for _, s in items] for items in free],
+        },
+        columns=list(TRACE_COLUMNS),
+    )
+
+
+def traces_from_frame(frame: pd.DataFrame) -> list[Trace]:
+    """The traces stored in per-position rows, one per (compression, prompt), in row order."""
+    missing = [column for column in TRACE_COLUMNS if column not in frame.columns]
+    if missing:
+        raise SpecKVError(f"replay data lacks columns: {', '.join(missing)}")
+    traces = []
+    for _, rows in frame.groupby(["compression", "prompt_id"], sort=False):
+        rows = rows.sort_values("position")
+        first = rows.iloc[0]
+        signals = list(zip(rows["entropy"], rows["confidence"], rows["token_prob"], strict=True))
+        free = {}
+        for position, tokens, entropy, confidence, prob in zip(
+            rows["position"],
+            rows["free_tokens"],
+            rows["free_entropy"],
+            rows["free_confidence"],
+            rows["free_token_prob"],
+            strict=True,
+        ):
+            if len(tokens):
+                free[int(position)] = [
+                    (int(token), (float(e), float(c), float(p)))
+                    for token, e, c, p in zip(tokens, entropy, confidence, prob, strict=True)
+                ]
+        traces.append(
+            Trace(
+                prompt_id=str(first["prompt_id"]),
+                task=str(first["task"]),
+                compression=str(first["compression"]),
+                prompt_len=int(first["prompt_len"]),
+                max_new_tokens=int(first["max_new_tokens"]),
+                gamma_max=int(first["gamma_max"]),
+                eos_ids=tuple(int(i) for i in first["eos_ids"]),
+                tokens=[int(x) for x in rows["token"]],
+                draft_tokens=[int(x) for x in rows["draft_token"]],
+                signals=[(float(e), float(c), float(p)) for e, c, p in signals],
+                free=free,
+                pair=str(first["pair"]),
+            )
+        )
+    return traces

@@ -1,0 +1,149 @@
+"""Replay and the oracle on hand-made traces, with the numbers worked out by hand in comments."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from speckv.calibrate import CostModel
+from speckv.controllers import Controller, FixedController, make_controller
+from speckv.errors import SpecKVError
+from speckv.replay import Trace, oracle, replay, run_lengths, target_only, trace_to_frame, traces_from_frame
+
+# t_draft 1, t_verify(k) = 9 + k: a step drafting γ tokens costs 10 + 2γ (no bookkeeping, no prefill).
+COST = CostModel("fp32", t_draft_s=1.0, t_verify_s=[10.0, 11.0, 12.0, 13.0])
+
+
+def signals(i: int) -> tuple[float, float, float]:
+    return (float(i), 0.1 * i, 0.1 * i)
+
+
+def hand_trace(free=None, eos=()) -> Trace:
+    """y = 10..15; the draft is wrong only at position 2 (99): L = [2, 1, 0, 3, 2, 1]."""
+    return Trace(
+        prompt_id="p",
+        task="code",
+        compression="fp32",
+        prompt_len=4,
+        max_new_tokens=6,
+        gamma_max=3,
+        eos_ids=eos,
+        tokens=[10, 11, 12, 13, 14, 15],
+        draft_tokens=[10, 11, 99, 13, 14, 15],
+        signals=[signals(i) for i in range(6)],
+        free=free if free is not None else {2: [(20, (7.0, 0.7, 0.7)), (21, (8.0, 0.8, 0.8))]},
+    )
+
+
+class Scripted(Controller):
+    """Budgets from a list; logs every per-token call."""
+
+    def __init__(self, budgets):
+        self.budgets, self.seen = list(budgets), []
+
+    def begin_step(self) -> int:
+        return self.budgets.pop(0)
+
+    def continue_drafting(self, token_signals) -> bool:
+        self.seen.append(token_signals)
+        return True
+
+
+def test_run_lengths():
+    assert run_lengths(np.array([1, 1, 0, 1, 1, 1], bool)).tolist() == [2, 1, 0, 3, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("gamma", "gammas", "accepted", "seconds"),
+    [
+        # t=0: accept 1, emit 2; t=2: L=0, emit 1; t=3: accept 1, emit 2; t=5: budget 6-5-1 = 0.
+        (1, [1, 1, 1, 0], 2, 12 + 12 + 12 + 10),
+        # t=0: accept 2, emit 3; t=3: budget min(2, 2), accept 2, emit 3.
+        (2, [2, 2], 4, 14 + 14),
+        # t=0: drafts 3 (the third is the wrong 99), accepts 2; t=3: budget capped at 2.
+        (3, [3, 2], 4, 16 + 14),
+    ],
+)
+def test_fixed_gamma_by_hand(gamma, gammas, accepted, seconds):
+    run = replay(hand_trace(), FixedController(gamma), COST)
+    assert run.gammas == gammas
+    assert run.accepted == accepted
+    assert run.tokens == 6 and run.steps == len(gammas)
+    assert run.time_s == pytest.approx(seconds)
+
+
+def test_signals_past_a_mismatch_are_the_free_running_ones():
+    controller = Scripted([1, 3, 3])
+    run = replay(hand_trace(), controller, COST, keep_records=True)
+    # Step 2 starts at t=2 (L=0): the wrong token 99 (teacher-forced signals of position 2), then the
+    # draft's own continuation 20, 21; the engine asks after tokens 1 and 2, not after the last.
+    second = run.records[1]
+    assert second.gamma == 3 and second.accepted == 0 and second.tokens_produced == 1
+    assert second.draft_entropy == [2.0, 7.0, 8.0]
+    # (step 1 drafted one token: no call; step 3 at t=3 is capped at 2 tokens: one call)
+    assert [(s.position, s.entropy) for s in controller.seen] == [(1, 2.0), (2, 7.0), (1, 3.0)]
+
+
+def test_drafting_stops_at_an_end_of_sequence_token():
+    trace = hand_trace(free={2: [(1, (7.0, 0.7, 0.7))]}, eos=(1,))
+    run = replay(trace, Scripted([1, 3, 3]), COST)
+    assert run.gammas[1] == 2  # 99, then EOS: the draft stops there
+
+
+def test_policy_beyond_the_recorded_gamma_max_is_an_error():
+    with pytest.raises(SpecKVError, match="at most 3"):
+        replay(hand_trace(), FixedController(5), COST)
+
+
+def test_oracle_by_hand():
+    # T(5)=10; T(4)=12 (γ=1); T(3)=14 (γ=2); T(2)=24 (γ=0); T(1)=26; T(0)=min(36, 36, 28, 30)=28 (γ=2).
+    best = oracle(hand_trace(), COST.step_times())
+    assert best.time_s == pytest.approx(28.0)
+    assert best.gammas == [2, 2]
+    # Tokens per step: at most two steps are needed (3 + 3 tokens), the fewest possible.
+    assert oracle(hand_trace(), np.ones(4)).steps == 2
+    assert target_only(hand_trace(), COST).time_s == pytest.approx(60.0)
+
+
+def brute_force(trace: Trace, step_times: np.ndarray) -> float:
+    """The fastest sequence of per-step γ, by trying them all."""
+    best = np.inf
+    for choices in itertools.product(range(trace.gamma_max + 1), repeat=trace.n_tokens):
+        t, total = 0, 0.0
+        for gamma in choices:
+            if t >= trace.n_tokens:
+                break
+            gamma = min(gamma, trace.max_new_tokens - t - 1)
+            total += step_times[gamma]
+            t += min(min(int(trace.run_length[t]), gamma) + 1, trace.n_tokens - t)
+        best = min(best, total)
+    return best
+
+
+def random_trace(seed: int, n: int = 7, gamma_max: int = 3) -> Trace:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(10, 20, n).tolist()
+    draft = [t if rng.random() < 0.6 else 99 for t in tokens]
+    free = {m: [(50 + k, signals(k)) for k in range(gamma_max - 1)] for m in range(n) if draft[m] == 99}
+    return Trace("r", "chat", "fp32", 3, n, gamma_max, (), tokens, draft, [signals(i) for i in range(n)], free)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_oracle_matches_brute_force_and_beats_every_policy(seed):
+    trace = random_trace(seed)
+    times = np.array([10.0, 12.5, 13.0, 17.0])  # deliberately not linear in γ
+    cost = CostModel("fp32", 0.0, (times - 0.0).tolist())
+    best = oracle(trace, times)
+    assert best.time_s == pytest.approx(brute_force(trace, times))
+    for spec in ["fixed:1", "fixed:2", "fixed:3", "heuristic:1", "confidence:0.3"]:
+        assert replay(trace, make_controller(spec, gamma_max=3), cost).time_s >= best.time_s - 1e-9
+
+
+def test_trace_survives_its_storage_format():
+    trace = hand_trace()
+    (back,) = traces_from_frame(trace_to_frame(trace))
+    assert back.tokens == trace.tokens and back.draft_tokens == trace.draft_tokens
+    assert back.signals == trace.signals and back.free == trace.free
+    assert back.run_length.tolist() == trace.run_length.tolist()
