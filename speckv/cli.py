@@ -279,4 +279,105 @@ def _run_demo(args) -> int:
     return run_demo(args.max_new_tokens, args.repeats, args.gamma, args.compression)
 
 
-_COMMANDS: list = [_add_demo, _add_generate, _add_datasets, _add_distill, _add_paper]
+def _add_profile(sub) -> None:
+    parser = sub.add_parser(
+        "profile",
+        help="record replay data and live step records over prompts × compression levels (resumable)",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="profile directory (rerun to resume)")
+    parser.add_argument("--target", default="demo", help="target model (default demo)")
+    parser.add_argument("--draft", default="demo", help="draft model (default demo: the shipped draft)")
+    parser.add_argument("--compression", default="fp32", help="comma-separated levels, e.g. fp32,int8,nf4")
+    parser.add_argument("--prompts", default="mixed", help="prompt set or JSONL file (default mixed)")
+    parser.add_argument("--split", default="all", choices=("train", "heldout", "all"))
+    parser.add_argument("--tasks", help="comma-separated tasks to keep (default all)")
+    parser.add_argument("--per-task", type=int, help="at most this many prompts per task")
+    parser.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--gamma-max", type=int, default=8, help="largest γ replay can score (default 8)")
+    parser.add_argument(
+        "--sweep",
+        default="fixed:2,fixed:4,fixed:6,fixed:8",
+        help="controllers run live per prompt for step records, comma-separated, or none",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.set_defaults(func=_run_pipeline("run_profile"))
+
+
+def _add_calibrate(sub) -> None:
+    parser = sub.add_parser(
+        "calibrate", help="measure the cost model (t_draft, t_verify(k)) per compression on this machine"
+    )
+    parser.add_argument("--profile", required=True, metavar="DIR", help="profile whose models to time")
+    parser.add_argument("--compression", help="comma-separated levels (default: the profile's)")
+    parser.add_argument("--out", help="cost model JSON (default DIR/cost.json; levels are merged in)")
+    parser.add_argument("--prompts", default="paper", help="prompts to time on (default paper)")
+    parser.add_argument("--per-task", type=int, default=1, help="prompts per task (default 1)")
+    parser.add_argument("--new-tokens", type=int, default=48, help="tokens per timed run (default 48)")
+    parser.add_argument("--repeats", type=int, default=2, help="passes over prompts × γ (default 2)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (use the live runs' setting)")
+    parser.set_defaults(func=_run_pipeline("run_calibrate"))
+
+
+def _add_train(sub) -> None:
+    parser = sub.add_parser("train", help="fit the SpecKV controller on a profile's training prompts")
+    parser.add_argument("--profile", required=True, metavar="DIR")
+    parser.add_argument("--out", required=True, metavar="PATH", help="controller JSON to write")
+    parser.add_argument("--costs", help="cost model JSON (default DIR/cost.json)")
+    parser.add_argument("--kind", default="mlp16", choices=("mlp16", "linear"), help="live predictor")
+    parser.add_argument(
+        "--compare", default="linear,gbm", help="predictor kinds also scored on validation prompts"
+    )
+    parser.add_argument("--split", default="train", choices=("train", "all"))
+    parser.set_defaults(func=_run_pipeline("run_train"))
+
+
+def _add_evaluate(sub) -> None:
+    parser = sub.add_parser(
+        "evaluate", help="score every γ policy by exact replay (and live runs) on held-out prompts"
+    )
+    parser.add_argument("--profile", required=True, metavar="DIR")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where results go")
+    parser.add_argument("--controller", metavar="PATH", help="trained SpecKV controller JSON")
+    parser.add_argument("--costs", help="cost model JSON (default DIR/cost.json)")
+    parser.add_argument("--split", default="heldout", choices=("train", "heldout", "all"))
+    parser.add_argument("--live", action="store_true", help="also decode live and compare to the model")
+    parser.add_argument("--live-prompts", type=int, default=8, help="prompts per compression, live")
+    parser.add_argument("--live-compression", help="levels to run live (default: all profiled)")
+    parser.add_argument("--repeats", type=int, default=3, help="live passes (median reported)")
+    parser.add_argument("--hf-gammas", default="2,3,4,5,6", help="constant γ of HF assisted rows")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.set_defaults(func=_run_pipeline("run_evaluate"))
+
+
+def _add_report(sub) -> None:
+    parser = sub.add_parser("report", help="write report.md (tables, figures) from `speckv evaluate` output")
+    parser.add_argument("--eval", required=True, metavar="DIR", help="an evaluate --out directory")
+    parser.add_argument("--out", metavar="DIR", help="report folder (default DIR/report)")
+    parser.set_defaults(func=_run_pipeline("run_report"))
+
+
+def _run_pipeline(name: str):
+    def run(args) -> int:
+        from speckv import pipeline
+
+        return getattr(pipeline, name)(args)
+
+    return run
+
+
+_COMMANDS: list = [
+    _add_demo,
+    _add_generate,
+    _add_datasets,
+    _add_distill,
+    _add_paper,
+    _add_profile,
+    _add_calibrate,
+    _add_train,
+    _add_evaluate,
+    _add_report,
+]

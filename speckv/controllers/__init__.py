@@ -10,13 +10,21 @@ from speckv.errors import SpecKVError
 
 CONTROLLER_HELP = (
     "fixed:N | heuristic[:N] (HF schedule from N, default 5) | "
-    "confidence[:TAU] (HF-style adaptive threshold, default 0.4) | confidence-fixed[:TAU]"
+    "confidence[:TAU] (HF-style adaptive threshold, default 0.4) | confidence-fixed[:TAU] | "
+    "speckv[:PATH][@LEVEL] | speckv-step[:PATH] | speckv-paper[:PATH] (learned; no PATH: the shipped one)"
 )
 
 
-def make_controller(spec: str, gamma_max: int = 20) -> Controller:
-    """Build a controller from e.g. "fixed:4", "heuristic", "confidence:0.3"."""
+def make_controller(spec: str, gamma_max: int = 20, compression: str | None = None) -> Controller:
+    """Build a controller from e.g. "fixed:4", "heuristic", "confidence:0.3", "speckv:ctrl.json@int8".
+
+    `compression` tells a learned controller the target's compression level (an "@LEVEL" suffix
+    of the spec wins; default fp32)."""
     name, _, arg = spec.partition(":")
+    if name.partition("@")[0] in ("speckv", "speckv-step", "speckv-paper"):
+        from speckv.controllers.speckv import make_speckv  # loads numpy models: only when asked for
+
+        return make_speckv(spec, max(gamma_max, 1), compression)
     try:
         if name == "fixed":
             return FixedController(_int(arg, spec))
