@@ -15,7 +15,6 @@ import torch
 from speckv.errors import SpecKVError
 
 
-
 def _split_list(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 

@@ -194,8 +194,11 @@ def oracle(trace: Trace, step_times: Sequence[float] | np.ndarray, prefill_s: fl
 
 
 def cost_oracle(trace: Trace, cost: CostModel) -> PolicyRun:
-    """The oracle for modelled tokens/s, its time including the prompt's prefill."""
-    return oracle(trace, cost.step_times(), cost.prefill_time(trace.prompt_len, speculative=True))
+    """The oracle for modelled tokens/s, prefill included; it may also skip the draft altogether
+    (target-only decoding does not pay the draft's prefill)."""
+    best = oracle(trace, cost.step_times(), cost.prefill_time(trace.prompt_len, speculative=True))
+    alone = target_only(trace, cost)
+    return alone if alone.time_s < best.time_s else best
 
 
 # --- storage: one row per generated position --------------------------------------------------

@@ -127,7 +127,9 @@ def random_trace(seed: int, n: int = 7, gamma_max: int = 3) -> Trace:
     tokens = rng.integers(10, 20, n).tolist()
     draft = [t if rng.random() < 0.6 else 99 for t in tokens]
     free = {m: [(50 + k, signals(k)) for k in range(gamma_max - 1)] for m in range(n) if draft[m] == 99}
-    return Trace("r", "chat", "fp32", 3, n, gamma_max, (), tokens, draft, [signals(i) for i in range(n)], free)
+    return Trace(
+        "r", "chat", "fp32", 3, n, gamma_max, (), tokens, draft, [signals(i) for i in range(n)], free
+    )
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -179,9 +179,9 @@ class SpecKVController(Controller):
         self.models = models
         self.per_token = per_token
         self.name = "speckv" if per_token else "speckv-step"
+        one_hot = models.one_hot(compression)
         self.gamma_max = min(gamma_max, models.gamma_max, models.costs[compression].gamma_max)
         self.context = SequenceContext(models.context_decay)
-        one_hot = models.one_hot(compression)
         self._n_context = len(CONTEXT_FEATURES) + len(one_hot)
         self._x = np.zeros(self._n_context + len(TOKEN_FEATURES))
         self._x[len(CONTEXT_FEATURES) : self._n_context] = one_hot

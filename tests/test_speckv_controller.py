@@ -1,0 +1,159 @@
+"""The SpecKV controller: decisions worked out by hand, training, save/load, lossless in the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import loaded, perturbed_copy
+
+from speckv.calibrate import CostModel
+from speckv.controllers import make_controller
+from speckv.controllers.speckv import (
+    ControllerModels,
+    SpecKVController,
+    SpecKVPaperController,
+    context_features,
+    paper_features,
+    token_features,
+)
+from speckv.engine import SpeculativeDecoder, StepRecord
+from speckv.errors import SpecKVError
+from speckv.predictor import AcceptancePredictor
+from speckv.profiling import record_trace
+from speckv.replay import replay
+from speckv.signals import TokenSignals
+from speckv.training import train_controller, training_rows
+
+LEVELS = ("fp32", "int8")
+# A step drafting γ tokens costs 10 + γ: flat verification, one unit per drafted token.
+FLAT = CostModel("fp32", t_draft_s=1.0, t_verify_s=[10.0] * 9)
+PROMPTS = [[7, 3, 9, 11, 2], [5], list(range(2, 20)), [4, 4, 8], [30, 31, 2, 9], [12, 40, 41, 6]]
+
+
+def constant(value: float, features, gamma_slope: float = 0.0) -> AcceptancePredictor:
+    """A linear predictor returning `value` (+ slope·γ when `gamma` is a feature)."""
+    weights = np.zeros((len(features), 1))
+    if gamma_slope:
+        weights[list(features).index("gamma"), 0] = gamma_slope
+    document = AcceptancePredictor("linear", features)
+    document._weights = [(weights, np.array([value]))]
+    return document
+
+
+def hand_models(accept: float = 0.5, paper_slope: float = -0.09) -> ControllerModels:
+    return ControllerModels(
+        compressions=LEVELS,
+        gamma_max=8,
+        token_model=constant(accept, token_features(LEVELS)),
+        prior_model=constant(accept, context_features(LEVELS)),
+        paper_model=constant(1.0, paper_features(LEVELS), paper_slope),
+        costs={"fp32": FLAT, "int8": dataclasses.replace(FLAT, compression="int8", t_draft_s=100.0)},
+    )
+
+
+def test_step_choice_by_hand():
+    # a = 0.5: E(γ) = 2 − 0.5^γ; E/time = 1.5/11, 1.75/12, 1.875/13 … → γ = 2 is best.
+    controller = SpecKVController(hand_models(), "fp32", gamma_max=8, per_token=False)
+    assert controller.begin_step() == 2
+    # At int8 a drafted token costs 100: drafting at all only pays for the minimum of one token.
+    assert SpecKVController(hand_models(), "int8", gamma_max=8, per_token=False).begin_step() == 1
+
+
+def test_per_token_stop_by_hand():
+    controller = SpecKVController(hand_models(), "fp32", gamma_max=8)
+    assert controller.begin_step() == 8  # a budget only: it decides token by token
+    # After token 1: P = 0.5, E = 1.5; stopping gives 1.5/11 < one more, (1.5 + 0.25)/12.
+    assert controller.continue_drafting(TokenSignals(1, 1.0, 0.5, 0.5))
+    # After token 2: E = 1.75; 1.75/12 beats (1.75 + 0.125)/13 and every longer step.
+    assert not controller.continue_drafting(TokenSignals(2, 1.0, 0.5, 0.5))
+
+
+def test_paper_variant_maximises_tokens_per_step():
+    # â(γ) = 1 − 0.09γ: scores 2.64, 3.56, 3.76, 3.24 for γ = 2, 4, 6, 8.
+    assert SpecKVPaperController(hand_models(), "fp32", gamma_max=8).begin_step() == 6
+
+
+def test_sequence_context_tracks_acceptance():
+    controller = SpecKVController(hand_models(), "fp32", gamma_max=8)
+    record = StepRecord(0, 4, 4, 2, 3, [1.0, 2.0, 3.0, 4.0], [0.9, 0.8, 0.7, 0.6], [0.9, 0.8, 0.7, 0.6])
+    controller.end_step(record)
+    first, recent, last, *_, max_entropy, min_confidence = controller.context.values
+    # Observed: accepted, accepted, rejected (token 4 is never judged). EMA 0.3 from 0.5.
+    assert first == 0.0 and last == 0.5 and max_entropy == 4.0 and min_confidence == 0.6
+    assert recent == pytest.approx(((0.5 + 0.3 * 0.5) * 0.7 + 0.3) * 0.7)
+    controller.reset()
+    assert controller.context.values[0] == 1.0
+
+
+def test_spec_parsing_and_errors(tmp_path):
+    path = hand_models().save(tmp_path / "ctrl.json")
+    controller = make_controller(f"speckv-step:{path}@int8")
+    assert isinstance(controller, SpecKVController) and controller.begin_step() == 1
+    assert make_controller(f"speckv-step:{path}", compression="fp32").begin_step() == 2
+    assert isinstance(make_controller(f"speckv-paper:{path}"), SpecKVPaperController)
+    with pytest.raises(SpecKVError, match="not nf4"):
+        make_controller(f"speckv:{path}@nf4")
+    with pytest.raises(SpecKVError, match="not found"):
+        make_controller(f"speckv:{tmp_path / 'missing.json'}")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SpecKVError, match="not a version-1"):
+        make_controller(f"speckv:{tmp_path / 'bad.json'}")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_target, tmp_path_factory):
+    draft = loaded(perturbed_copy(tiny_target.model, seed=2, noise=0.004), "mixed")
+    traces = []
+    for level in LEVELS:  # the same model under two names: the level is only a feature here
+        for i, prompt in enumerate(PROMPTS):
+            trace = record_trace(tiny_target, draft, prompt, 32, 8, eos_token_ids=())
+            trace.prompt_id, trace.task, trace.compression = f"chat/{i}", "chat", level
+            traces.append(trace)
+    costs = {level: dataclasses.replace(FLAT, compression=level, t_draft_s=0.5) for level in LEVELS}
+    result = train_controller(traces, costs, kind="mlp16", compare_kinds=("linear",))
+    path = result.models.save(tmp_path_factory.mktemp("ctrl") / "speckv.json")
+    return draft, traces, result, path
+
+
+def test_training_rows_follow_the_replayed_steps(trained):
+    _, traces, _, _ = trained
+    tokens, steps = training_rows(traces[:1], LEVELS, gammas=(4,))
+    run = replay(traces[0], make_controller("fixed:4"), keep_records=True)
+    judged = [r for r in run.records if r.gamma]
+    assert len(steps) == len(judged)
+    assert len(tokens) == sum(min(r.accepted + 1, r.gamma) for r in judged)
+    assert tokens["accepted"].sum() == sum(r.accepted for r in judged)
+    assert (tokens["comp_fp32"] == 1).all()
+
+
+def test_training_reports_every_kind_and_saves_a_small_file(trained):
+    _, _, result, path = trained
+    assert list(result.metrics["kind"]) == ["mlp16", "linear"]
+    assert result.metrics["auc"].between(0, 1).all()
+    assert path.stat().st_size < 64 * 1024
+    info = ControllerModels.load(path).info
+    assert info["token_rows"] > 0 and info["calibration"]
+
+
+@pytest.mark.parametrize("variant", ["speckv", "speckv-step", "speckv-paper"])
+def test_loaded_controller_decides_alike_and_stays_lossless(tiny_target, trained, variant):
+    draft, traces, result, path = trained
+    spec = f"{variant}:{path}"
+    original = (
+        SpecKVPaperController(result.models, "fp32", 8)
+        if variant == "speckv-paper"
+        else SpecKVController(result.models, "fp32", 8, per_token=variant == "speckv")
+    )
+    for trace in traces[:3]:
+        assert replay(trace, original).gammas == replay(trace, make_controller(spec)).gammas
+    decoder = SpeculativeDecoder(tiny_target, draft, make_controller(spec), eos_token_ids=())
+    target_only = SpeculativeDecoder(tiny_target, eos_token_ids=())
+    for prompt, trace in zip(PROMPTS[:3], traces[:3], strict=True):
+        live = decoder.generate(prompt, 32)
+        assert live.token_ids == target_only.generate(prompt, 32).token_ids
+        replayed = replay(trace, make_controller(spec), keep_records=True)
+        assert [(s.gamma, s.accepted) for s in live.steps] == [
+            (s.gamma, s.accepted) for s in replayed.records
+        ]
