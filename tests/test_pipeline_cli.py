@@ -75,7 +75,7 @@ def test_pipeline_end_to_end(capsys, tmp_path, tiny_model_dirs):
     assert code == 0 and "0 units recorded, 9 already done" in out
 
     code, _, err = run(capsys, "train", "--profile", profile, "--out", tmp_path / "ctrl.json")
-    assert code == 2 and "speckv calibrate" in err and "\n" == err[-1] and err.count("\n") == 1
+    assert code == 2 and "speckv calibrate" in err and err[-1] == "\n" and err.count("\n") == 1
 
     code, out, err = run(
         capsys,
