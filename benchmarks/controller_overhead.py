@@ -59,6 +59,7 @@ def stand_in_models() -> ControllerModels:
         prior_model=fitted("mlp16", context_features(levels)),
         paper_model=fitted("mlp16", paper_features(levels)),
         costs={level: cost for level in levels},
+        rates={level: 20.0 for level in levels},
         info={"stand_in": True},
     )
 

@@ -84,10 +84,6 @@ class PolicyRun:
     gammas: list[int]
     records: list[StepRecord] = field(default_factory=list)
 
-    @property
-    def tokens_per_step(self) -> float:
-        return self.tokens / self.steps
-
 
 def replay(
     trace: Trace, controller: Controller, cost: CostModel | None = None, keep_records: bool = False
@@ -125,7 +121,7 @@ def replay(
         record.gamma, record.accepted, record.tokens_produced = drafted, accepted, produced
         if step_times is not None:
             record.draft_time_s = drafted * cost.t_draft_s
-            record.verify_time_s = step_times[drafted] - record.draft_time_s
+            record.verify_time_s = cost.t_verify_s[drafted]
             seconds += step_times[drafted]
         controller.end_step(record)
         gammas.append(drafted)

@@ -28,6 +28,7 @@ from speckv.controllers.speckv import (
     TOKEN_FEATURES,
     ControllerModels,
     SequenceContext,
+    SpecKVController,
     compression_features,
     context_features,
     paper_features,
@@ -162,6 +163,7 @@ def train_controller(
             steps, steps["acceptance_rate"]
         ),
         costs={c: costs[c] for c in compressions},
+        rates={},
         context_decay=decay,
         info={
             **(info or {}),
@@ -173,7 +175,38 @@ def train_controller(
             "calibration": calibration.to_dict("records"),
         },
     )
+    models.info["rates"] = fit_rates(models, traces)
     return TrainResult(models, pd.DataFrame(records))
+
+
+def fit_rates(models: ControllerModels, traces: list[Trace], iterations: int = 6) -> dict[str, dict]:
+    """Fit λ per compression level by Dinkelbach iteration on the training traces.
+
+    Start from the best fixed γ's modelled tokens/s; set λ to the rate the controller then
+    achieves, until it stops moving; keep the λ whose controller was fastest. Sets
+    `models.rates` and returns, per level, the starting and the achieved rates.
+    """
+    report = {}
+    for level in models.compressions:
+        group = [t for t in traces if t.compression == level]
+        cost = models.costs[level]
+        fixed = max(_throughput(group, FixedController(g), cost) for g in range(1, models.gamma_max + 1))
+        rate, achieved = fixed, {}
+        for _ in range(iterations):
+            models.rates[level] = rate
+            achieved[rate] = _throughput(group, SpecKVController(models, level, models.gamma_max), cost)
+            if abs(achieved[rate] - rate) <= 1e-3 * rate:
+                break
+            rate = achieved[rate]
+        models.rates[level] = max(achieved, key=achieved.get)
+        report[level] = {"best_fixed": fixed, "rate": models.rates[level], "achieved": max(achieved.values())}
+    return report
+
+
+def _throughput(traces: list[Trace], controller: Controller, cost: CostModel) -> float:
+    """Modelled tokens/s of a policy over traces (one controller across them, as live)."""
+    runs = [replay(trace, controller, cost) for trace in traces]
+    return sum(r.tokens for r in runs) / sum(r.time_s for r in runs)
 
 
 def _scores(kind: str, actual: np.ndarray, predicted: np.ndarray, seconds: float, rows: int) -> dict:

@@ -50,11 +50,12 @@ def hand_models(accept: float = 0.5, paper_slope: float = -0.09) -> ControllerMo
         prior_model=constant(accept, context_features(LEVELS)),
         paper_model=constant(1.0, paper_features(LEVELS), paper_slope),
         costs={"fp32": FLAT, "int8": dataclasses.replace(FLAT, compression="int8", t_draft_s=100.0)},
+        rates={"fp32": 0.14, "int8": 0.14},
     )
 
 
 def test_step_choice_by_hand():
-    # a = 0.5: E(γ) = 2 − 0.5^γ; E/time = 1.5/11, 1.75/12, 1.875/13 … → γ = 2 is best.
+    # a = 0.5, λ = 0.14: E(γ) − λ·time = 1.5 − 1.54, 1.75 − 1.68, 1.875 − 1.82, 1.9375 − 1.96 … → γ = 2.
     controller = SpecKVController(hand_models(), "fp32", gamma_max=8, per_token=False)
     assert controller.begin_step() == 2
     # At int8 a drafted token costs 100: drafting at all only pays for the minimum of one token.
@@ -64,9 +65,9 @@ def test_step_choice_by_hand():
 def test_per_token_stop_by_hand():
     controller = SpecKVController(hand_models(), "fp32", gamma_max=8)
     assert controller.begin_step() == 8  # a budget only: it decides token by token
-    # After token 1: P = 0.5, E = 1.5; stopping gives 1.5/11 < one more, (1.5 + 0.25)/12.
+    # After token 1: P = 0.5; one more token adds 0.5·0.5 = 0.25 expected tokens for λ·1 = 0.14.
     assert controller.continue_drafting(TokenSignals(1, 1.0, 0.5, 0.5))
-    # After token 2: E = 1.75; 1.75/12 beats (1.75 + 0.125)/13 and every longer step.
+    # After token 2: P = 0.25; one more adds 0.125 < 0.14, two more 0.1875 < 0.28, …: stop.
     assert not controller.continue_drafting(TokenSignals(2, 1.0, 0.5, 0.5))
 
 
@@ -133,8 +134,12 @@ def test_training_reports_every_kind_and_saves_a_small_file(trained):
     assert list(result.metrics["kind"]) == ["mlp16", "linear"]
     assert result.metrics["auc"].between(0, 1).all()
     assert path.stat().st_size < 64 * 1024
-    info = ControllerModels.load(path).info
-    assert info["token_rows"] > 0 and info["calibration"]
+    models = ControllerModels.load(path)
+    assert models.info["token_rows"] > 0 and models.info["calibration"]
+    for level in LEVELS:  # λ is the rate the controller reaches on training prompts
+        fitted = models.info["rates"][level]
+        assert models.rates[level] == fitted["rate"] > 0
+        assert fitted["achieved"] >= 0.95 * fitted["best_fixed"]
 
 
 @pytest.mark.parametrize("variant", ["speckv", "speckv-step", "speckv-paper"])

@@ -5,8 +5,9 @@ that every earlier token of the step was accepted, from decision-time features o
 own draft signals, what earlier steps of the sequence showed (`SequenceContext`) and the target's
 compression level. After each drafted token it re-plans the step: with the acceptance of tokens
 not yet drafted predicted from the context alone, it drafts on while some longer step has a
-higher expected tokens per second under the calibrated cost model,
-E[tokens](γ) / (γ·t_draft + t_verify(γ + 1) + t_step), E[tokens] = 1 + Σ_i Π_{j≤i} a_j.
+larger E[tokens](γ) − λ·time(γ), where E[tokens] = 1 + Σ_i Π_{j≤i} a_j, time(γ) = γ·t_draft +
+t_verify(γ + 1) + t_step from the calibrated cost model, and λ the tokens per second the
+controller achieves (fitted on training prompts): this maximises long-run tokens per second.
 `speckv-step` makes the same choice once per step, before drafting (no per-token stop).
 `speckv-paper` is the paper's objective: γ ∈ {2, 4, 6, 8} maximising predicted tokens per step,
 clip(â)·γ + 1, with the paper's step-level predictor fed the previous step's signals (the
@@ -114,6 +115,7 @@ class ControllerModels:
     prior_model: AcceptancePredictor
     paper_model: AcceptancePredictor
     costs: dict[str, CostModel]
+    rates: dict[str, float]  # λ per compression level: the tokens/s a drafted token must beat
     context_decay: float = 0.3
     info: dict = field(default_factory=dict)
 
@@ -128,6 +130,7 @@ class ControllerModels:
             "prior_model": self.prior_model.to_dict(),
             "paper_model": self.paper_model.to_dict(),
             "costs": costs_to_dict(self.costs),
+            "rates": self.rates,
             "info": self.info,
         }
 
@@ -154,12 +157,17 @@ class ControllerModels:
             prior_model=AcceptancePredictor.from_dict(document["prior_model"], f"{path} prior model"),
             paper_model=AcceptancePredictor.from_dict(document["paper_model"], f"{path} paper model"),
             costs=costs_from_dict(document["costs"], f"{path} costs"),
+            rates={level: float(rate) for level, rate in document["rates"].items()},
             context_decay=float(document["context_decay"]),
             info=document.get("info", {}),
         )
 
     def one_hot(self, compression: str) -> list[float]:
-        if compression not in self.compressions or compression not in self.costs:
+        if (
+            compression not in self.compressions
+            or compression not in self.costs
+            or compression not in self.rates
+        ):
             raise SpecKVError(
                 f"this SpecKV controller knows compression levels {', '.join(self.compressions)}, "
                 f"not {compression}; profile and train with it"
@@ -172,8 +180,11 @@ def _clip01(value) -> float:
 
 
 class SpecKVController(Controller):
-    """Ours: per-token re-planning (`per_token=True`, `speckv`) or one γ per step (`speckv-step`),
-    maximising the predicted tokens per second of the step."""
+    """Ours: per-token re-planning (`per_token=True`, `speckv`) or one γ per step (`speckv-step`).
+
+    Long-run tokens per second is a ratio of sums over steps; a policy maximises it when every
+    step maximises E[tokens] − λ·time with λ the rate achieved (Dinkelbach). λ per compression
+    level is fitted on the training prompts (`speckv.training.fit_rates`)."""
 
     def __init__(self, models: ControllerModels, compression: str, gamma_max: int, per_token: bool = True):
         self.models = models
@@ -185,11 +196,13 @@ class SpecKVController(Controller):
         self._n_context = len(CONTEXT_FEATURES) + len(one_hot)
         self._x = np.zeros(self._n_context + len(TOKEN_FEATURES))
         self._x[len(CONTEXT_FEATURES) : self._n_context] = one_hot
-        self._times = models.costs[compression].step_times()[: self.gamma_max + 1]
+        # λ·step time: the tokens a step of each length must yield to pay for its time
+        self._charges = (
+            models.rates[compression] * models.costs[compression].step_times()[: self.gamma_max + 1]
+        )
         self._powers = np.arange(1, self.gamma_max + 1)
         self._gains = np.zeros(self.gamma_max + 1)  # Σ_{m≤k} a^m for tokens not yet drafted
         self._reached = 1.0  # P(all tokens drafted so far are accepted)
-        self._expected = 1.0  # expected tokens of the step if it stopped drafting now
 
     def reset(self) -> None:
         self.context.reset()
@@ -199,10 +212,10 @@ class SpecKVController(Controller):
         x[: len(CONTEXT_FEATURES)] = self.context.values
         prior = _clip01(self.models.prior_model.predict_fast(x[: self._n_context])[0])
         self._gains[1:] = np.cumsum(prior**self._powers)
-        self._reached = self._expected = 1.0
+        self._reached = 1.0
         if self.per_token:
             return self.gamma_max
-        return int(np.argmax((1.0 + self._gains[1:]) / self._times[1:])) + 1
+        return int(np.argmax(self._gains[1:] - self._charges[1:])) + 1
 
     def continue_drafting(self, signals) -> bool:
         if not self.per_token:
@@ -211,12 +224,12 @@ class SpecKVController(Controller):
         x = self._x
         x[self._n_context :] = (signals.entropy, signals.confidence, signals.token_prob)
         self._reached *= _clip01(self.models.token_model.predict_fast(x)[0])
-        self._expected += self._reached
         if i >= self.gamma_max:
             return False
-        times = self._times
-        longer = (self._expected + self._reached * self._gains[1 : self.gamma_max - i + 1]) / times[i + 1 :]
-        return float(longer.max()) > self._expected / times[i]
+        # Drafting k more tokens adds reached·Σ_{m≤k} a^m expected tokens for λ·(T(i+k) − T(i)).
+        charges = self._charges
+        extra = self._reached * self._gains[1 : self.gamma_max - i + 1] - (charges[i + 1 :] - charges[i])
+        return float(extra.max()) > 0.0
 
     def end_step(self, record) -> None:
         self.context.update(record)
