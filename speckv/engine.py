@@ -223,9 +223,7 @@ class SpeculativeDecoder:
         """Logits (keep, V) of the last `keep` positions after feeding `feed` through the cache."""
         input_ids = torch.tensor([feed], device=loaded.device)
         with torch.inference_mode():
-            out = loaded.model(
-                input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=keep
-            )
+            out = loaded.model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=keep)
         return out.logits[0]
 
     def _full_vocab(self, probs: torch.Tensor, vocab_map: torch.Tensor | None) -> torch.Tensor:

@@ -108,9 +108,7 @@ def test_cache_rollback_matches_fresh_forward(tiny_target, tiny_drafts):
         ):
             assert cache.get_seq_length() == length <= len(tokens) - 1
             with torch.no_grad():
-                cached = model(torch.tensor([tokens[length:]]), cache=copy.deepcopy(cache)).logits[
-                    0, -1
-                ]
+                cached = model(torch.tensor([tokens[length:]]), cache=copy.deepcopy(cache)).logits[0, -1]
                 fresh = model(torch.tensor([tokens])).logits[0, -1]
             torch.testing.assert_close(cached, fresh, rtol=1e-4, atol=1e-4)
     assert rejections >= 3
