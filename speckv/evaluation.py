@@ -232,7 +232,7 @@ def live_evaluation(
                 "modelled_tokens_per_s": modelled,
                 "model_error_pct": 100 * (modelled / measured - 1),
                 "acceptance": result.accepted / result.drafted if result.drafted else np.nan,
-                "mean_accepted": result.mean_accepted,
+                "mean_accepted": result.mean_accepted if result.drafted else np.nan,
                 "same_output": result.outputs == reference,
                 "prompts": len(prompts),
                 "repeats": repeats,
@@ -336,7 +336,35 @@ def write_report(eval_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Pa
             "same policy on the same prompts; `same_output`: identical to target-only (lossless)."
         )
         doc.table("live", live)
+        doc.text(
+            "Per level: SpecKV (ours) against the fastest fixed γ and the fastest HF assisted configuration, live."
+        )
+        doc.table("live_verdict", live_verdict(live))
     return doc.write()
+
+
+def live_verdict(live: pd.DataFrame) -> pd.DataFrame:
+    """Per compression: ours vs the best live fixed γ and the best HF assisted row; cost-model error."""
+    records = []
+    for compression, part in live.groupby("compression", sort=False):
+        rate = part.set_index("method")["measured_tokens_per_s"]
+        fixed = rate[rate.index.str.startswith("fixed:")]
+        hf = rate[rate.index.str.startswith("HF assisted")]
+        ours = rate.get(LABELS["speckv"], np.nan)
+        records.append(
+            {
+                "compression": compression,
+                "speckv_tokens_per_s": ours,
+                "best_fixed": fixed.idxmax() if len(fixed) else "",
+                "vs_best_fixed": ours / fixed.max() if len(fixed) else np.nan,
+                "best_hf": hf.idxmax() if len(hf) else "",
+                "vs_best_hf": ours / hf.max() if len(hf) else np.nan,
+                "all_lossless": bool(part["same_output"].all()),
+                "mean_abs_model_error_pct": part["model_error_pct"].abs().mean(),
+                "max_abs_model_error_pct": part["model_error_pct"].abs().max(),
+            }
+        )
+    return pd.DataFrame(records)
 
 
 def _shown(summary: pd.DataFrame, by: list[str]) -> pd.DataFrame:

@@ -137,6 +137,8 @@ def test_pipeline_end_to_end(capsys, tmp_path, tiny_model_dirs):
     assert code == 0, err
     report = (evaluation / "report" / "report.md").read_text()
     assert "## Replay: every policy per compression level" in report and "## Live runs" in report
+    verdict = pd.read_csv(evaluation / "report" / "tables" / "live_verdict.csv")
+    assert verdict["all_lossless"].all() and verdict["vs_best_hf"].notna().all()
     assert (evaluation / "report" / "figures" / "policy_tokens_per_s.png").exists()
 
 
