@@ -34,9 +34,9 @@ from speckv.paths import cache_dir
 
 # --- settings ----------------------------------------------------------------------------------
 
-DEFAULT_SAMPLES = {"code": 6, "math": 8, "chat": 12, "summarization": 2, "other": 4}
+DEFAULT_SAMPLES = {"code": 6, "math": 6, "chat": 12, "summarization": 2, "other": 4}
 # Train prompts used per task (file order); summarization has many long prompts, so fewer are used.
-DEFAULT_MAX_PROMPTS = {"summarization": 384}
+DEFAULT_MAX_PROMPTS = {"summarization": 192}
 
 
 @dataclass
@@ -59,11 +59,11 @@ class GenConfig:
 
 @dataclass
 class TrainConfig:
-    layers: str = "0,29"  # target layers that initialise the draft's layers (their count = depth)
+    layers: str = "0,1"  # target layers that initialise the draft's layers (their count = depth)
     vocab: int = 8192  # draft output vocabulary (most frequent tokens); 0 = the full vocabulary
     epochs: int = 8
-    batch_tokens: int = 2048  # response tokens per optimiser step (about)
-    lr: float = 1e-3
+    batch_tokens: int = 1024  # response tokens per optimiser step (about)
+    lr: float = 3e-3
     weight_decay: float = 0.0
     warmup: int = 50
     ce_weight: float = 0.5  # loss = ce_weight * CE(target argmax) + (1 - ce_weight) * soft CE(top-k)
