@@ -88,7 +88,7 @@ def training_rows(
                     token_rows.append((*ids, *context, *one_hot, *signals, float(i < record.accepted)))
                 paper_context = [context[CONTEXT_FEATURES.index(name)] for name in PAPER_CONTEXT]
                 step_rows.append(
-                    (*ids, *paper_context, *one_hot, float(gamma), record.accepted / record.gamma)
+                    (*ids, *paper_context, *one_hot, float(record.gamma), record.accepted / record.gamma)
                 )
     id_columns = ["prompt_id", "task", "compression"]
     tokens = pd.DataFrame(

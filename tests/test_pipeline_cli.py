@@ -87,7 +87,7 @@ def test_pipeline_end_to_end(capsys, tmp_path, tiny_model_dirs):
         "--per-task",
         2,
         "--new-tokens",
-        8,
+        10,
         "--repeats",
         1,
     )
