@@ -115,7 +115,9 @@ def calibrate(
     if not prompts:
         raise SpecKVError("calibration needs at least one prompt")
     if new_tokens < 2 * gamma_max + 2:  # so that a second step can still draft γ_max tokens
-        raise SpecKVError(f"calibrate with at least {2 * gamma_max + 2} new tokens per run (γ_max {gamma_max})")
+        raise SpecKVError(
+            f"calibrate with at least {2 * gamma_max + 2} new tokens per run (γ_max {gamma_max})"
+        )
     decoders = [SpeculativeDecoder(target, eos_token_ids=())] + [
         SpeculativeDecoder(target, draft, FixedController(gamma), eos_token_ids=())
         for gamma in range(1, gamma_max + 1)
