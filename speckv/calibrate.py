@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.isotonic import IsotonicRegression
 from tqdm import tqdm
 
 from speckv.controllers import FixedController
@@ -151,7 +152,13 @@ def cost_model_from_runs(
     missing = [k for k, times in verify.items() if not times]
     if missing or not draft_per_token:
         raise SpecKVError(f"calibration runs have no steps verifying {missing} tokens; use more new tokens")
-    t_verify = [statistics.median(verify[k]) for k in range(1, gamma_max + 2)]
+    # A target pass over more tokens never takes less time: medians that dip are noise, so they are
+    # pooled with their neighbours (isotonic regression weighted by sample counts).
+    t_verify = IsotonicRegression().fit_transform(
+        np.arange(1, gamma_max + 2),
+        [statistics.median(verify[k]) for k in range(1, gamma_max + 2)],
+        sample_weight=[len(verify[k]) for k in range(1, gamma_max + 2)],
+    )
     t_draft = statistics.median(draft_per_token)
     for prompt_len, result in runs:
         first = result.steps[0]
@@ -161,7 +168,7 @@ def cost_model_from_runs(
     return CostModel(
         compression=compression,
         t_draft_s=t_draft,
-        t_verify_s=t_verify,
+        t_verify_s=[float(t) for t in t_verify],
         t_step_s=max(statistics.median(step_overhead), 0.0),
         target_prefill_s_per_token=statistics.median(target_prefill),
         draft_prefill_s_per_token=statistics.median(draft_prefill) if draft_prefill else 0.0,
