@@ -129,7 +129,8 @@ def summarise(results: pd.DataFrame, by: list[str], seed: int = 0) -> pd.DataFra
             records.append(
                 {
                     **dict(zip(by, keys, strict=True)),
-                    "policy": policy if policy != BEST_FIXED else f"{BEST_FIXED}: {best_fixed.iloc[0]}",
+                    "policy": policy,
+                    "chosen": best_fixed.iloc[0] if policy == BEST_FIXED else "",
                     "prompts": len(part),
                     "tokens_per_step": part["tokens"].sum() / part["steps"].sum(),
                     "mean_gamma": part["drafted"].sum() / part["steps"].sum(),
@@ -310,10 +311,7 @@ def write_report(eval_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Pa
     )
     doc.figure(
         grouped_bars(
-            overall[
-                overall["policy"].isin([*LABELS.values(), "heuristic", "confidence"])
-                | overall["policy"].str.startswith(BEST_FIXED)
-            ],
+            overall[overall["policy"].isin([*LABELS.values(), "heuristic", "confidence", BEST_FIXED])],
             "compression",
             "policy",
             "oracle_share",
@@ -374,7 +372,17 @@ def _shown(summary: pd.DataFrame, by: list[str]) -> pd.DataFrame:
             for r, lo, hi in zip(summary["tokens_per_s"], summary["ci_low"], summary["ci_high"], strict=True)
         ]
     )
-    return shown[[*by, "policy", "tokens_per_step", "mean_gamma", "tokens_per_s", "speedup", "oracle_share"]]
+    columns = [
+        *by,
+        "policy",
+        "chosen",
+        "tokens_per_step",
+        "mean_gamma",
+        "tokens_per_s",
+        "speedup",
+        "oracle_share",
+    ]
+    return shown[columns]
 
 
 def _gamma_over_time(doc: MarkdownReport, results: pd.DataFrame) -> None:

@@ -197,7 +197,17 @@ def run_evaluate(args) -> int:
     summary = summarise(results, ["compression"])
     print(
         markdown_table(
-            summary[["compression", "policy", "tokens_per_step", "tokens_per_s", "speedup", "oracle_share"]]
+            summary[
+                [
+                    "compression",
+                    "policy",
+                    "chosen",
+                    "tokens_per_step",
+                    "tokens_per_s",
+                    "speedup",
+                    "oracle_share",
+                ]
+            ]
         )
     )
     if args.live:
