@@ -233,6 +233,7 @@ def live_steps(
     ):
         frame[name] = [how(values) if len(values) else np.nan for values in frame[column]]
     ids = {
+        "run": f"{settings.pair}/{target.compression}/{spec}/{prompt.id}",
         "pair": settings.pair,
         "compression": target.compression,
         "task": prompt.task,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -162,3 +163,24 @@ def test_loaded_controller_decides_alike_and_stays_lossless(tiny_target, trained
         assert [(s.gamma, s.accepted) for s in live.steps] == [
             (s.gamma, s.accepted) for s in replayed.records
         ]
+
+
+def test_generate_cli_with_a_trained_controller(capsys, tiny_model_dirs, trained):
+    from speckv.cli import main
+
+    path = trained[3]
+    common = [
+        "generate",
+        "--target",
+        str(tiny_model_dirs["target"]),
+        "--prompt",
+        "w5 w6 w7",
+        "--raw",
+        "--json",
+    ]
+    assert main([*common, "--draft", str(tiny_model_dirs["draft"]), "--controller", f"speckv:{path}"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["config"]["controller"] == "speckv"
+    assert {"tokens_per_s", "mean_gamma", "acceptance_rate"} <= set(record["summary"])
+    assert main([*common, "--no-draft"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == record["token_ids"]
