@@ -24,6 +24,7 @@ from tqdm import tqdm
 from speckv.controllers import FixedController
 from speckv.engine import GenerationResult, SpeculativeDecoder
 from speckv.errors import SpecKVError
+from speckv.files import atomic_write_text
 from speckv.models import LoadedModel
 
 _FILE_FORMAT = "speckv-cost-model"
@@ -62,11 +63,7 @@ class CostModel:
 
 def save_costs(models: dict[str, CostModel], path: str | Path, meta: dict | None = None) -> None:
     document = costs_to_dict(models, {**environment(), **(meta or {})})
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=1))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(document, indent=1))
 
 
 def load_costs(path: str | Path) -> dict[str, CostModel]:

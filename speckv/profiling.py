@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from speckv.controllers import make_controller
 from speckv.engine import SpeculativeDecoder
 from speckv.errors import SpecKVError
+from speckv.files import atomic_write, atomic_write_text
 from speckv.models import LoadedModel
 from speckv.replay import Trace, trace_to_frame, traces_from_frame
 from speckv.report import markdown_table
@@ -85,8 +86,7 @@ def write_settings(out_dir: Path, settings: ProfileSettings, prompts: list[Profi
         document["prompts"] = old["prompts"] + [p for p in document["prompts"] if p["id"] not in known]
         compressions = list(dict.fromkeys([*old["settings"]["compressions"], *settings.compressions]))
         document["settings"]["compressions"] = compressions
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(document, indent=1))
+    atomic_write_text(path, json.dumps(document, indent=1))
 
 
 def read_settings(profile_dir: str | Path) -> tuple[ProfileSettings, list[dict]]:
@@ -150,10 +150,11 @@ def record_unit(
             target, draft, list(prompt.token_ids), settings.max_new_tokens, settings.gamma_max
         )
         trace.prompt_id, trace.task, trace.pair = prompt.id, prompt.task, settings.pair
-        _atomic_parquet(trace_to_frame(trace), replay_path)
+        atomic_write(replay_path, lambda tmp: trace_to_frame(trace).to_parquet(tmp, index=False))
     if settings.sweep and not steps_path.exists():
         frames = [live_steps(target, draft, prompt, spec, settings) for spec in settings.sweep]
-        _atomic_parquet(pd.concat(frames, ignore_index=True), steps_path)
+        steps = pd.concat(frames, ignore_index=True)
+        atomic_write(steps_path, lambda tmp: steps.to_parquet(tmp, index=False))
 
 
 def record_trace(
@@ -293,16 +294,3 @@ def summary_table(steps: pd.DataFrame) -> pd.DataFrame:
 
 def summary_markdown(steps: pd.DataFrame) -> str:
     return markdown_table(summary_table(steps), digits=3)
-
-
-def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_parquet(tmp, index=False)
-    tmp.replace(path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -29,6 +29,7 @@ import numpy as np
 from speckv.calibrate import CostModel, costs_from_dict, costs_to_dict
 from speckv.controllers.base import Controller
 from speckv.errors import SpecKVError
+from speckv.files import atomic_write_text
 from speckv.predictor import AcceptancePredictor
 
 FILE_FORMAT = "speckv-controller"
@@ -135,12 +136,7 @@ class ControllerModels:
         }
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        tmp.replace(path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict()))
 
     @classmethod
     def load(cls, path: str | Path) -> ControllerModels:
