@@ -101,6 +101,45 @@ def replay_policies(
     return pd.DataFrame(rows)
 
 
+def replay_consistency(traces: list[Trace], steps: pd.DataFrame, gamma_max: int) -> pd.DataFrame:
+    """Per compression × controller of the profile's live sweep: how many live runs the replay
+    reproduces step for step (γ drafted, accepted, tokens emitted). Each live run had a fresh
+    controller, so each replay gets one too."""
+    if steps.empty:
+        return pd.DataFrame()
+    by_unit = {
+        key: part for key, part in steps.groupby(["compression", "prompt_id", "controller"], sort=False)
+    }
+    counts: dict[tuple[str, str], list[int]] = {}
+    for trace in traces:
+        for spec in steps["controller"].unique():
+            live = by_unit.get((trace.compression, trace.prompt_id, spec))
+            if live is None:
+                continue
+            live = live.sort_values("step")
+            controller = make_controller(spec, gamma_max=gamma_max, compression=trace.compression)
+            replayed = replay(trace, controller, keep_records=True).records
+            same = list(zip(live["gamma"], live["accepted"], live["tokens_produced"], strict=True)) == [
+                (r.gamma, r.accepted, r.tokens_produced) for r in replayed
+            ]
+            tally = counts.setdefault((trace.compression, spec), [0, 0, 0])
+            tally[0] += 1
+            tally[1] += same
+            tally[2] += len(live)
+    return pd.DataFrame(
+        [
+            {
+                "compression": level,
+                "controller": spec,
+                "live_runs": runs,
+                "replayed_exactly": same,
+                "steps": n,
+            }
+            for (level, spec), (runs, same, n) in counts.items()
+        ]
+    )
+
+
 def with_best_fixed(results: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Add, per group, the rows of the fixed γ with the highest modelled tokens/s in that group."""
     fixed = results[results["policy"].str.startswith("fixed:")]
@@ -324,6 +363,13 @@ def write_report(eval_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Pa
     by_task = summarise(results, ["compression", "task"], seed)
     doc.text("## Replay per task × compression")
     doc.table("replay_by_task", by_task, _shown(by_task, ["compression", "task"]))
+    consistency_path = eval_dir / "consistency.csv"
+    if consistency_path.exists():
+        doc.text(
+            "## Replay against live runs\n\nThe profile's live step records replayed: runs whose every "
+            "step (γ drafted, accepted, tokens emitted) the replay reproduces."
+        )
+        doc.table("replay_consistency", pd.read_csv(consistency_path))
     _gamma_over_time(doc, results)
     _predictor_section(doc, meta)
     live_path = eval_dir / "live.csv"

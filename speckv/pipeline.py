@@ -168,8 +168,14 @@ def run_evaluate(args) -> int:
     import pandas as pd
 
     from speckv.controllers.speckv import ControllerModels
-    from speckv.evaluation import live_evaluation, policy_specs, replay_policies, summarise
-    from speckv.profiling import read_settings
+    from speckv.evaluation import (
+        live_evaluation,
+        policy_specs,
+        replay_consistency,
+        replay_policies,
+        summarise,
+    )
+    from speckv.profiling import load_steps, read_settings
     from speckv.report import markdown_table
 
     _threads(args)
@@ -194,6 +200,10 @@ def run_evaluate(args) -> int:
         "controller_info": controller_info,
     }
     (out / "evaluate.json").write_text(json.dumps(meta, indent=1))
+    consistency = replay_consistency(traces, load_steps(args.profile), gamma_max)
+    if not consistency.empty:
+        consistency.to_csv(out / "consistency.csv", index=False)
+        print(markdown_table(consistency))
     summary = summarise(results, ["compression"])
     print(
         markdown_table(

@@ -129,6 +129,9 @@ def test_pipeline_end_to_end(capsys, tmp_path, tiny_model_dirs):
         .all()
         .all()
     )
+    consistency = pd.read_csv(evaluation / "consistency.csv")
+    assert set(consistency["controller"]) == {"fixed:2", "heuristic"}
+    assert (consistency["replayed_exactly"] == consistency["live_runs"]).all()
     live = pd.read_csv(evaluation / "live.csv")
     assert live["same_output"].all()
     assert live.loc[live["method"] == "SpecKV (ours)", "modelled_tokens_per_s"].notna().all()
