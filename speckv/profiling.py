@@ -82,7 +82,14 @@ def write_settings(out_dir: Path, settings: ProfileSettings, prompts: list[Profi
             raise SpecKVError(
                 f"{out_dir} was profiled with other settings ({', '.join(changed)}); use a new --out"
             )
-        known = {p["id"] for p in old["prompts"]}
+        known = {p["id"]: p["token_ids"] for p in old["prompts"]}
+        changed_prompts = [
+            p["id"] for p in document["prompts"] if known.get(p["id"], p["token_ids"]) != p["token_ids"]
+        ]
+        if changed_prompts:
+            raise SpecKVError(
+                f"prompt {changed_prompts[0]} encodes differently from the profile's (--raw?); use a new --out"
+            )
         document["prompts"] = old["prompts"] + [p for p in document["prompts"] if p["id"] not in known]
         compressions = list(dict.fromkeys([*old["settings"]["compressions"], *settings.compressions]))
         document["settings"]["compressions"] = compressions

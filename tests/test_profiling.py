@@ -125,6 +125,9 @@ def test_profile_resumes_without_loss_or_duplicates(tmp_path, tiny_target, mixed
     other = ProfileSettings("tiny", "mixed", ("fp32",), 16, 4, ())
     with pytest.raises(SpecKVError, match="max_new_tokens"):
         run_profile(tmp_path, other, prompts, load_pair, progress=False)
+    reencoded = [ProfilePrompt("chat/0", "chat", (9, 9, 9))]
+    with pytest.raises(SpecKVError, match="encodes differently"):
+        run_profile(tmp_path, settings, reencoded, load_pair, progress=False)
 
 
 def test_calibrated_cost_model_from_engine_runs(tiny_target, mixed_draft):
