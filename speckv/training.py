@@ -36,10 +36,11 @@ from speckv.controllers.speckv import (
 )
 from speckv.errors import SpecKVError
 from speckv.predictor import FAST_KINDS, KINDS, AcceptancePredictor
-from speckv.replay import Trace, replay
+from speckv.replay import Trace, replay, target_only
 
 TRAINING_GAMMAS = (2, 4, 6, 8)
 VALIDATION_FRACTION = 0.2
+PROBE_CANDIDATES = (4, 8, 16, 32, 64)
 
 
 class _Recorder(Controller):
@@ -175,14 +176,27 @@ def train_controller(
             "calibration": calibration.to_dict("records"),
         },
     )
-    models.info["rates"] = fit_rates(models, traces)
+    fit_probing(models, traces)
     return TrainResult(models, pd.DataFrame(records))
+
+
+def fit_probing(models: ControllerModels, traces: list[Trace]) -> None:
+    """Choose how often to probe while drafting does not pay, fitting λ for each candidate; keep
+    the candidate whose controller is fastest relative to the best baseline, on average over levels."""
+    best = None
+    for probe_every in PROBE_CANDIDATES:
+        models.probe_every = probe_every
+        rates = fit_rates(models, traces)
+        score = np.mean([r["achieved"] / max(r["best_fixed"], r["target_only"]) for r in rates.values()])
+        if best is None or score > best[0]:
+            best = (score, probe_every, dict(models.rates), rates)
+    _, models.probe_every, models.rates, models.info["rates"] = best
 
 
 def fit_rates(models: ControllerModels, traces: list[Trace], iterations: int = 6) -> dict[str, dict]:
     """Fit λ per compression level by Dinkelbach iteration on the training traces.
 
-    Start from the best fixed γ's modelled tokens/s; set λ to the rate the controller then
+    Start from the better of the best fixed γ's and target-only modelled tokens/s; set λ to the rate the controller then
     achieves, until it stops moving; keep the λ whose controller was fastest. Sets
     `models.rates` and returns, per level, the starting and the achieved rates.
     """
@@ -191,7 +205,8 @@ def fit_rates(models: ControllerModels, traces: list[Trace], iterations: int = 6
         group = [t for t in traces if t.compression == level]
         cost = models.costs[level]
         fixed = max(_throughput(group, FixedController(g), cost) for g in range(1, models.gamma_max + 1))
-        rate, achieved = fixed, {}
+        alone = sum(t.n_tokens for t in group) / sum(target_only(t, cost).time_s for t in group)
+        rate, achieved = max(fixed, alone), {}
         for _ in range(iterations):
             models.rates[level] = rate
             achieved[rate] = _throughput(group, SpecKVController(models, level, models.gamma_max), cost)
@@ -199,7 +214,12 @@ def fit_rates(models: ControllerModels, traces: list[Trace], iterations: int = 6
                 break
             rate = achieved[rate]
         models.rates[level] = max(achieved, key=achieved.get)
-        report[level] = {"best_fixed": fixed, "rate": models.rates[level], "achieved": max(achieved.values())}
+        report[level] = {
+            "target_only": alone,
+            "best_fixed": fixed,
+            "rate": models.rates[level],
+            "achieved": max(achieved.values()),
+        }
     return report
 
 

@@ -59,8 +59,11 @@ def test_step_choice_by_hand():
     # a = 0.5, λ = 0.14: E(γ) − λ·time = 1.5 − 1.54, 1.75 − 1.68, 1.875 − 1.82, 1.9375 − 1.96 … → γ = 2.
     controller = SpecKVController(hand_models(), "fp32", gamma_max=8, per_token=False)
     assert controller.begin_step() == 2
-    # At int8 a drafted token costs 100: drafting at all only pays for the minimum of one token.
-    assert SpecKVController(hand_models(), "int8", gamma_max=8, per_token=False).begin_step() == 1
+    # At int8 a drafted token costs 100: no drafting pays, so steps are plain target steps, with a
+    # one-token probe after 8 of them in a row (nothing is observed without drafting).
+    for per_token in (False, True):
+        controller = SpecKVController(hand_models(), "int8", gamma_max=8, per_token=per_token)
+        assert [controller.begin_step() for _ in range(9)] == [0] * 7 + [1, 0]
 
 
 def test_per_token_stop_by_hand():
@@ -92,7 +95,7 @@ def test_sequence_context_tracks_acceptance():
 def test_spec_parsing_and_errors(tmp_path):
     path = hand_models().save(tmp_path / "ctrl.json")
     controller = make_controller(f"speckv-step:{path}@int8")
-    assert isinstance(controller, SpecKVController) and controller.begin_step() == 1
+    assert isinstance(controller, SpecKVController) and controller.begin_step() == 0
     assert make_controller(f"speckv-step:{path}", compression="fp32").begin_step() == 2
     assert isinstance(make_controller(f"speckv-paper:{path}"), SpecKVPaperController)
     with pytest.raises(SpecKVError, match="not nf4"):
@@ -140,7 +143,7 @@ def test_training_reports_every_kind_and_saves_a_small_file(trained):
     for level in LEVELS:  # λ is the rate the controller reaches on training prompts
         fitted = models.info["rates"][level]
         assert models.rates[level] == fitted["rate"] > 0
-        assert fitted["achieved"] >= 0.95 * fitted["best_fixed"]
+        assert fitted["achieved"] >= 0.95 * max(fitted["best_fixed"], fitted["target_only"])
 
 
 @pytest.mark.parametrize("variant", ["speckv", "speckv-step", "speckv-paper"])

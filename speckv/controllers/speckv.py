@@ -118,6 +118,7 @@ class ControllerModels:
     costs: dict[str, CostModel]
     rates: dict[str, float]  # λ per compression level: the tokens/s a drafted token must beat
     context_decay: float = 0.3
+    probe_every: int = 8  # after this many steps without drafting, draft one token to look again
     info: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -132,6 +133,7 @@ class ControllerModels:
             "paper_model": self.paper_model.to_dict(),
             "costs": costs_to_dict(self.costs),
             "rates": self.rates,
+            "probe_every": self.probe_every,
             "info": self.info,
         }
 
@@ -155,6 +157,7 @@ class ControllerModels:
             costs=costs_from_dict(document["costs"], f"{path} costs"),
             rates={level: float(rate) for level, rate in document["rates"].items()},
             context_decay=float(document["context_decay"]),
+            probe_every=int(document.get("probe_every", 8)),
             info=document.get("info", {}),
         )
 
@@ -180,7 +183,11 @@ class SpecKVController(Controller):
 
     Long-run tokens per second is a ratio of sums over steps; a policy maximises it when every
     step maximises E[tokens] − λ·time with λ the rate achieved (Dinkelbach). λ per compression
-    level is fitted on the training prompts (`speckv.training.fit_rates`)."""
+    level is fitted on the training prompts (`speckv.training.fit_rates`).
+
+    When no drafting pays (predicted), `begin_step` returns 0: the step is a plain target step,
+    which the engine supports. Nothing is observed in such a step, so after `probe_every` of them
+    in a row the controller drafts one token to look again."""
 
     def __init__(self, models: ControllerModels, compression: str, gamma_max: int, per_token: bool = True):
         self.models = models
@@ -199,9 +206,11 @@ class SpecKVController(Controller):
         self._powers = np.arange(1, self.gamma_max + 1)
         self._gains = np.zeros(self.gamma_max + 1)  # Σ_{m≤k} a^m for tokens not yet drafted
         self._reached = 1.0  # P(all tokens drafted so far are accepted)
+        self._idle = 0  # steps in a row without drafting
 
     def reset(self) -> None:
         self.context.reset()
+        self._idle = 0
 
     def begin_step(self) -> int:
         x = self._x
@@ -209,9 +218,16 @@ class SpecKVController(Controller):
         prior = _clip01(self.models.prior_model.predict_fast(x[: self._n_context])[0])
         self._gains[1:] = np.cumsum(prior**self._powers)
         self._reached = 1.0
-        if self.per_token:
-            return self.gamma_max
-        return int(np.argmax(self._gains[1:] - self._charges[1:])) + 1
+        # Value of drafting γ tokens over not drafting: expected extra tokens − λ·extra time.
+        best = int(np.argmax(self._gains - self._charges))
+        if best == 0:
+            self._idle += 1
+            if self._idle < self.models.probe_every:
+                return 0
+            self._idle = 0
+            return 1  # the probe: one token
+        self._idle = 0
+        return self.gamma_max if self.per_token else best
 
     def continue_drafting(self, signals) -> bool:
         if not self.per_token:
