@@ -141,7 +141,7 @@ def _runner(
     decoder = SpeculativeDecoder(
         target,
         draft if method.controller else None,
-        make_controller(method.controller) if method.controller else None,
+        make_controller(method.controller, compression=target.compression) if method.controller else None,
     )
 
     def run(prompt: list[int]) -> tuple[list[int], dict]:

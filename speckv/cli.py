@@ -199,7 +199,11 @@ def _run_generate(args) -> int:
     check_gamma(args.gamma_max, "--gamma-max")
     controller = None
     if draft_source:
-        controller = make_controller(args.controller or f"fixed:{args.gamma or 4}", gamma_max=args.gamma_max)
+        controller = make_controller(
+            args.controller or f"fixed:{args.gamma or 4}",
+            gamma_max=args.gamma_max,
+            compression=args.compression,
+        )
     items = _prompt_items(args)
     sampling = SamplingConfig(args.temperature, args.top_p, args.seed)
 
