@@ -35,7 +35,6 @@ from speckv.report import markdown_table
 from speckv.signals import signal_tensor
 
 SETTINGS_FILE = "profile.json"
-PAPER_SIGNALS = ("mean_draft_entropy", "mean_draft_confidence", "max_draft_entropy", "min_draft_confidence")
 
 
 @dataclass(frozen=True)
