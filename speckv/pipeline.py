@@ -86,6 +86,7 @@ def run_profile(args) -> int:
 
 def run_calibrate(args) -> int:
     from speckv.calibrate import calibrate, load_costs, save_costs
+    from speckv.datasets import load_prompts
     from speckv.models import encode_prompt
     from speckv.profiling import read_settings
 
@@ -95,8 +96,6 @@ def run_calibrate(args) -> int:
     out = Path(args.out or Path(args.profile) / "cost.json")
     costs = load_costs(out) if out.exists() else {}
     load = _pair_loader(settings.target, settings.draft, args.device)
-    from speckv.datasets import load_prompts
-
     items = load_prompts(args.prompts, split="all", per_task=args.per_task)
     for compression in compressions:
         target, draft = load(compression)
@@ -137,6 +136,8 @@ def _costs(args):
 
 def run_train(args) -> int:
     from speckv.predictor import KINDS
+    from speckv.profiling import read_settings
+    from speckv.report import markdown_table
     from speckv.training import train_controller
 
     traces = _traces(args.profile, args.split)
@@ -144,8 +145,6 @@ def run_train(args) -> int:
     unknown = [k for k in compare_kinds if k not in KINDS]
     if unknown:
         raise SpecKVError(f"unknown predictor kinds {unknown}; choose from {', '.join(KINDS)}")
-    from speckv.profiling import read_settings
-
     settings, _ = read_settings(args.profile)
     result = train_controller(
         traces,
@@ -155,8 +154,6 @@ def run_train(args) -> int:
         info={"pair": settings.pair, "profile": str(args.profile), "split": args.split},
     )
     path = result.models.save(args.out)
-    from speckv.report import markdown_table
-
     print(markdown_table(result.metrics, digits=4))
     print(
         f"controller written to {path} ({path.stat().st_size / 1024:.0f} KiB); use --controller speckv:{path}"
