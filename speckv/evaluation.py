@@ -220,12 +220,9 @@ def _rate(part: pd.DataFrame) -> float:
 # --- live -------------------------------------------------------------------------------------
 
 
-def live_methods(specs: list[str], compression: str, hf_gammas: tuple[int, ...]) -> list[Method]:
-    """Our engine with each policy (learned ones told the compression), target-only and HF assisted."""
-    methods = [Method(TARGET_ONLY)]
-    for spec in specs:
-        learned = spec.partition(":")[0] in OURS
-        methods.append(Method(policy_name(spec), controller=f"{spec}@{compression}" if learned else spec))
+def live_methods(specs: list[str], hf_gammas: tuple[int, ...]) -> list[Method]:
+    """Our engine with each policy, target-only, and HF assisted generation with the same draft."""
+    methods = [Method(TARGET_ONLY)] + [Method(policy_name(spec), controller=spec) for spec in specs]
     return methods + hf_assisted_methods(hf_gammas)
 
 
@@ -244,7 +241,7 @@ def live_evaluation(
     max_new = {t.max_new_tokens for t in traces}
     if len(max_new) != 1:
         raise SpecKVError("the traces were recorded with different max_new_tokens")
-    methods = live_methods(specs, target.compression, hf_gammas)
+    methods = live_methods(specs, hf_gammas)
     results = compare(target, draft, prompts, methods, max_new.pop(), repeats, progress)
     reference = results[0].outputs
     gamma_max = min(t.gamma_max for t in traces)
@@ -258,7 +255,9 @@ def live_evaluation(
             if method.controller is None:
                 runs = [target_only(trace, cost) for trace in traces]
             else:
-                controller = make_controller(method.controller, gamma_max=gamma_max)
+                controller = make_controller(
+                    method.controller, gamma_max=gamma_max, compression=cost.compression
+                )
                 runs = [replay(trace, controller, cost) for trace in traces]
             modelled = sum(r.tokens for r in runs) / sum(r.time_s for r in runs)
         measured = result.median_tokens_per_s
