@@ -662,7 +662,10 @@ def run(args) -> int:
         f"{n_tokens} response tokens; held-out {len(heldout)} prompts",
         file=sys.stderr,
     )
-    run_key = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    # The epoch count is not part of the key: rerunning with another --epochs continues the same
+    # run (the cosine schedule is stretched or shortened from the current step on).
+    settings = {key: value for key, value in asdict(cfg).items() if key != "epochs"}
+    run_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     run_dir = work / f"train-{run_key}"
     (run_dir).mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
