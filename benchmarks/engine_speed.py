@@ -19,7 +19,7 @@ import torch
 import transformers
 
 from speckv import datasets
-from speckv.benchmark import Method, compare, default_methods, markdown_table, write_results_section
+from speckv.benchmark import Method, compare, default_methods, speedup_table, write_results_section
 from speckv.models import encode_prompt, load_draft, load_model
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -37,7 +37,10 @@ def main() -> None:
     parser.add_argument("--gammas", default="2,3,4,5", help="fixed γ values to compare")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     for task in datasets.TASKS:
         datasets.fetch(task, progress=False)
@@ -55,7 +58,7 @@ def main() -> None:
 
     started = time.time()
     results = compare(target, draft, prompts, methods, args.max_new_tokens, args.repeats)
-    table = markdown_table(results)
+    table = speedup_table(results)
     command = "python benchmarks/engine_speed.py " + " ".join(sys.argv[1:])
     body = (
         f"### Demo pair, target {args.compression}, draft {draft.name if draft else 'none'}\n\n"
@@ -67,7 +70,9 @@ def main() -> None:
     )
     print(body)
     if not args.no_write:
-        write_results_section(RESULTS, f"engine_speed-{args.compression}", body)
+        write_results_section(
+            RESULTS, f"engine_speed-{args.compression}-{'draft' if draft else 'no-draft'}", body
+        )
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ def _hf_assistant(draft: LoadedModel | None):
     return assistant
 
 
-def markdown_table(results: list[MethodResult], baseline: str = "target only (speckv)") -> str:
+def speedup_table(results: list[MethodResult], baseline: str = "target only (speckv)") -> str:
     """Median tokens/s, speed-up over `baseline`, acceptance, and whether output matches the baseline."""
     reference = next(r for r in results if r.method.name == baseline)
     lines = [

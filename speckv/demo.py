@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from speckv.benchmark import Method, compare, hf_assisted_methods, markdown_table
+from speckv.benchmark import Method, compare, hf_assisted_methods, speedup_table
 from speckv.datasets import load_prompts
 from speckv.models import encode_prompt, load_draft, load_model
 
@@ -45,5 +45,5 @@ def run_demo(max_new_tokens: int = 64, repeats: int = 1, gamma: int = 3, compres
         f"\nTarget {target.name} ({compression}), draft {draft.name}; {platform.processor() or platform.machine()}, "
         f"{threads} torch threads. Speed-up is against our target-only loop in the same run.\n"
     )
-    print(markdown_table(results))
+    print(speedup_table(results))
     return 0
