@@ -93,7 +93,7 @@ def _add_distill(sub) -> None:
     )
     parser.add_argument("--layers", help="target layers that initialise the draft's layers (default 0,1)")
     parser.add_argument("--vocab", type=int, help="draft output vocabulary size, 0 = full (default 8192)")
-    parser.add_argument("--epochs", type=int, help="training epochs (default in docs/draft.md)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default 6)")
     parser.add_argument("--batch-tokens", type=int, help="response tokens per optimiser step")
     parser.add_argument("--lr", type=float, help="peak learning rate (cosine schedule)")
     parser.add_argument("--ce-weight", type=float, help="weight of the hard (argmax) term of the loss, 0..1")

@@ -61,7 +61,7 @@ class GenConfig:
 class TrainConfig:
     layers: str = "0,1"  # target layers that initialise the draft's layers (their count = depth)
     vocab: int = 8192  # draft output vocabulary (most frequent tokens); 0 = the full vocabulary
-    epochs: int = 8
+    epochs: int = 6
     batch_tokens: int = 1024  # response tokens per optimiser step (about)
     lr: float = 3e-3
     weight_decay: float = 0.0
