@@ -38,7 +38,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--per-task", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     levels = args.levels.split(",")
     if levels[0] != "fp32":
         levels = ["fp32", *[level for level in levels if level != "fp32"]]
