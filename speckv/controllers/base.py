@@ -36,7 +36,7 @@ class Controller(ABC):
 
     @abstractmethod
     def begin_step(self) -> int:
-        """The most tokens to draft in the coming step (1..GAMMA_LIMIT)."""
+        """The most tokens to draft in the coming step (0..GAMMA_LIMIT; 0 = a plain target step)."""
 
     def continue_drafting(self, signals: TokenSignals) -> bool:
         """After each drafted token: draft another one (until the step's budget)?"""
