@@ -98,9 +98,11 @@ def compare(
     max_new_tokens: int,
     repeats: int = 3,
     progress: bool = True,
+    gamma_max: int = 20,
 ) -> list[MethodResult]:
-    """Run every method on every prompt `repeats` times; the first pass is preceded by a warm-up."""
-    runners = {m.name: _runner(m, target, draft, max_new_tokens) for m in methods}
+    """Run every method on every prompt `repeats` times; the first pass is preceded by a warm-up.
+    `gamma_max` caps the budget of our adaptive controllers."""
+    runners = {m.name: _runner(m, target, draft, max_new_tokens, gamma_max) for m in methods}
     results = {m.name: MethodResult(m) for m in methods}
     for runner in runners.values():  # first calls pay one-off costs (allocations, lazy inits)
         runner(prompts[0][:16])
@@ -131,7 +133,7 @@ def compare(
 
 
 def _runner(
-    method: Method, target: LoadedModel, draft: LoadedModel | None, max_new_tokens: int
+    method: Method, target: LoadedModel, draft: LoadedModel | None, max_new_tokens: int, gamma_max: int
 ) -> Callable[[list[int]], tuple[list[int], dict]]:
     if method.hf:
         assistant = _hf_assistant(draft) if method.hf_assistant is not None else None
@@ -141,7 +143,11 @@ def _runner(
     decoder = SpeculativeDecoder(
         target,
         draft if method.controller else None,
-        make_controller(method.controller, compression=target.compression) if method.controller else None,
+        (
+            make_controller(method.controller, gamma_max=gamma_max, compression=target.compression)
+            if method.controller
+            else None
+        ),
     )
 
     def run(prompt: list[int]) -> tuple[list[int], dict]:

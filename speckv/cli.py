@@ -12,7 +12,10 @@ import logging
 import os
 import sys
 
+from speckv.datasets import SPLITS
 from speckv.errors import SpecKVError
+
+SPLIT_HELP = "train / heldout (by prompt id hash); dev / test halve heldout; all"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +61,7 @@ def _add_datasets(sub) -> None:
     fetch.add_argument("name", help="code, math, chat, summarization, paper, or all")
     show = actions.add_parser("show", help="print the items of a set or of a JSONL prompt file")
     show.add_argument("name", help="a set name, mixed, or a path to a JSONL file")
-    show.add_argument("--split", default="all", choices=("train", "heldout", "all"))
+    show.add_argument("--split", default="all", choices=SPLITS, help=SPLIT_HELP)
     show.add_argument("--limit", type=int, default=5, help="how many items to print (default 5)")
     parser.set_defaults(func=_run_datasets)
 
@@ -165,7 +168,7 @@ def _add_generate(sub) -> None:
     source = prompts.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompts", help="a prompt set name (see `speckv datasets list`) or a JSONL file")
-    prompts.add_argument("--split", default="heldout", choices=("train", "heldout", "all"))
+    prompts.add_argument("--split", default="heldout", choices=SPLITS, help=SPLIT_HELP)
     prompts.add_argument("--limit", type=int, help="at most this many prompts per task from --prompts")
     prompts.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
     decoding = parser.add_argument_group("decoding")
@@ -293,7 +296,7 @@ def _add_profile(sub) -> None:
     parser.add_argument("--draft", default="demo", help="draft model (default demo: the shipped draft)")
     parser.add_argument("--compression", default="fp32", help="comma-separated levels, e.g. fp32,int8,nf4")
     parser.add_argument("--prompts", default="mixed", help="prompt set or JSONL file (default mixed)")
-    parser.add_argument("--split", default="all", choices=("train", "heldout", "all"))
+    parser.add_argument("--split", default="all", choices=SPLITS, help=SPLIT_HELP)
     parser.add_argument("--tasks", help="comma-separated tasks to keep (default all)")
     parser.add_argument("--per-task", type=int, help="at most this many prompts per task")
     parser.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
@@ -334,7 +337,12 @@ def _add_train(sub) -> None:
     parser.add_argument(
         "--compare", default="linear,gbm", help="predictor kinds also scored on validation prompts"
     )
-    parser.add_argument("--split", default="train", choices=("train", "all"))
+    parser.add_argument(
+        "--split",
+        default="dev",
+        choices=SPLITS,
+        help="prompts to fit on (default dev: the demo draft was distilled on train)",
+    )
     parser.set_defaults(func=_run_pipeline("run_train"))
 
 
@@ -346,7 +354,7 @@ def _add_evaluate(sub) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="where results go")
     parser.add_argument("--controller", metavar="PATH", help="trained SpecKV controller JSON")
     parser.add_argument("--costs", help="cost model JSON (default DIR/cost.json)")
-    parser.add_argument("--split", default="heldout", choices=("train", "heldout", "all"))
+    parser.add_argument("--split", default="test", choices=SPLITS, help="prompts to score (default test)")
     parser.add_argument("--live", action="store_true", help="also decode live and compare to the model")
     parser.add_argument("--live-prompts", type=int, default=8, help="prompts per compression, live")
     parser.add_argument("--live-compression", help="levels to run live (default: all profiled)")

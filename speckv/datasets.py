@@ -24,7 +24,7 @@ from speckv.wheels import fetch_wheel
 
 TASKS = ("code", "math", "chat", "summarization")
 ITEM_TASKS = (*TASKS, "other")
-SPLITS = ("train", "heldout", "all")
+SPLITS = ("train", "heldout", "dev", "test", "all")
 SETS = (*TASKS, "paper")
 MIXED = "mixed"
 
@@ -59,6 +59,20 @@ def split_of(item_id: str) -> str:
         return "heldout"
     fraction = int.from_bytes(hashlib.sha256(item_id.encode("utf-8")).digest()[:8], "big") / 2**64
     return "heldout" if fraction < HELDOUT_FRACTION else "train"
+
+
+def in_split(item_id: str, split: str) -> bool:
+    """Whether an item belongs to `split`. `dev` and `test` halve the held-out prompts (a second,
+    independent hash): a model distilled on the train split has seen those prompts, so anything
+    fitted to that model's behaviour (the SpecKV controller) trains on `dev` and is scored on `test`."""
+    if split == "all":
+        return True
+    if split in ("train", "heldout"):
+        return split_of(item_id) == split
+    if split_of(item_id) != "heldout":
+        return False
+    digest = hashlib.sha256(f"dev-test/{item_id}".encode()).digest()[:8]
+    return ("dev" if int.from_bytes(digest, "big") / 2**64 < 0.5 else "test") == split
 
 
 def truncate_words(text: str, budget: int) -> str:
@@ -281,7 +295,7 @@ def load_prompts(
                 "or a path to a JSONL file"
             )
 
-    items = [item for item in items if split == "all" or split_of(item.id) == split]
+    items = [item for item in items if in_split(item.id, split)]
     if tasks is not None:
         items = [item for item in items if item.task in tasks]
     if per_task is not None:

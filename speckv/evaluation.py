@@ -38,7 +38,6 @@ LABELS = {
     "speckv-paper": "SpecKV (paper objective)",
 }
 RESAMPLES = 5000
-UNCAPPED = ("heuristic", "confidence", "confidence-fixed")
 
 
 def policy_specs(gamma_max: int, controller: str | None) -> list[str]:
@@ -242,16 +241,14 @@ def live_evaluation(
     if len(max_new) != 1:
         raise SpecKVError("the traces were recorded with different max_new_tokens")
     methods = live_methods(specs, hf_gammas)
-    results = compare(target, draft, prompts, methods, max_new.pop(), repeats, progress)
-    reference = results[0].outputs
+    # Adaptive policies are capped at the profile's γ_max, so replay can follow every live run.
     gamma_max = min(t.gamma_max for t in traces)
+    results = compare(target, draft, prompts, methods, max_new.pop(), repeats, progress, gamma_max)
+    reference = results[0].outputs
     rows = []
     for method, result in zip(methods, results, strict=True):
         modelled = np.nan
-        # benchmark.compare builds adaptive baselines with their default budget cap (20), which
-        # the profile's replay data (γ ≤ gamma_max) cannot follow: no modelled figure for them.
-        uncapped = (method.controller or "").partition(":")[0] in UNCAPPED
-        if not method.hf and not uncapped:
+        if not method.hf:
             if method.controller is None:
                 runs = [target_only(trace, cost) for trace in traces]
             else:

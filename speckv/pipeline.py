@@ -115,11 +115,11 @@ def run_calibrate(args) -> int:
 
 
 def _traces(profile: str, split: str):
-    from speckv.datasets import split_of
+    from speckv.datasets import in_split
     from speckv.profiling import load_traces
 
     traces = load_traces(profile)
-    chosen = [t for t in traces if split == "all" or split_of(t.prompt_id) == split]
+    chosen = [t for t in traces if in_split(t.prompt_id, split)]
     if not chosen:
         raise SpecKVError(f"{profile} has no replay data of {split} prompts")
     return chosen

@@ -15,7 +15,7 @@ import pytest
 
 from speckv import datasets, wheels
 from speckv.cli import main
-from speckv.datasets import PromptItem, fetch, load_prompts, split_of, truncate_words
+from speckv.datasets import PromptItem, fetch, in_split, load_prompts, split_of, truncate_words
 from speckv.errors import SpecKVError
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -46,6 +46,23 @@ def test_split_is_deterministic_and_about_a_quarter_heldout():
     assert split_of("code/HumanEval-0") == "train"
     assert split_of("code/fixture-1") == "heldout"
     assert split_of("paper/code-1") == "heldout"
+
+
+def test_dev_and_test_halve_the_heldout_prompts():
+    ids = [f"set/item-{i}" for i in range(20_000)]
+    heldout = [i for i in ids if split_of(i) == "heldout"]
+    dev = [i for i in ids if in_split(i, "dev")]
+    test = [i for i in ids if in_split(i, "test")]
+    assert sorted(dev + test) == sorted(heldout)  # disjoint, and nothing from train
+    assert 0.47 < len(dev) / len(heldout) < 0.53
+    assert all(in_split(i, "all") for i in ids[:100])
+    assert [i.id for i in load_prompts("paper", split="dev")] == [
+        i.id for i in load_prompts("paper") if in_split(i.id, "dev")
+    ]
+    # Pinned: the shipped controller was fitted on dev; moving items would leak test into it.
+    assert [in_split(f"paper/chat-{n}", "dev") for n in range(1, 6)] == [False, True, True, False, False]
+    with pytest.raises(SpecKVError, match="unknown split"):
+        load_prompts("paper", split="validation")
 
 
 def test_paper_set_is_twenty_heldout_prompts_five_per_task():
@@ -146,7 +163,7 @@ def test_non_utf8_file_is_rejected(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"source": "paper", "split": "test"}, "unknown split 'test'; use one of train, heldout, all"),
+        ({"source": "paper", "split": "valid"}, "unknown split 'valid'; use one of train, heldout, dev, test, all"),
         (
             {"source": "gsm8k"},
             "unknown prompt set 'gsm8k'; use one of code, math, chat, summarization, paper, mixed",
