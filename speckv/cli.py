@@ -356,7 +356,12 @@ def _add_evaluate(sub) -> None:
     parser.add_argument("--costs", help="cost model JSON (default DIR/cost.json)")
     parser.add_argument("--split", default="test", choices=SPLITS, help="prompts to score (default test)")
     parser.add_argument("--live", action="store_true", help="also decode live and compare to the model")
-    parser.add_argument("--live-prompts", type=int, default=8, help="prompts per compression, live")
+    parser.add_argument(
+        "--live-per-task", type=int, default=2, help="prompts per task and compression, live (default 2)"
+    )
+    parser.add_argument(
+        "--live-fixed", help="γ values of the live fixed-γ rows, e.g. 1,2,3,4 (default 1..γ_max)"
+    )
     parser.add_argument("--live-compression", help="levels to run live (default: all profiled)")
     parser.add_argument("--repeats", type=int, default=3, help="live passes (median reported)")
     parser.add_argument("--hf-gammas", default="2,3,4,5,6", help="constant γ of HF assisted rows")

@@ -125,6 +125,15 @@ def _traces(profile: str, split: str):
     return chosen
 
 
+def _per_task(traces: list, count: int) -> list:
+    """The first `count` traces of each task, tasks interleaved (balanced live runs)."""
+    by_task: dict[str, list] = {}
+    for trace in traces:
+        by_task.setdefault(trace.task, []).append(trace)
+    rounds = [[rows[i] for rows in by_task.values() if i < len(rows)] for i in range(count)]
+    return [trace for chosen in rounds for trace in chosen]
+
+
 def _costs(args):
     from speckv.calibrate import load_costs
 
@@ -183,6 +192,8 @@ def run_evaluate(args) -> int:
     controller_info = ControllerModels.load(args.controller).info if args.controller else {}
     gamma_max = min(t.gamma_max for t in traces)
     specs = policy_specs(gamma_max, args.controller)
+    live_fixed = {f"fixed:{int(g)}" for g in _split_list(getattr(args, "live_fixed", None))}
+    live_specs = [s for s in specs if not live_fixed or not s.startswith("fixed:") or s in live_fixed]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = replay_policies(traces, costs, specs)
@@ -221,7 +232,7 @@ def run_evaluate(args) -> int:
         load = _pair_loader(settings.target, settings.draft, args.device)
         frames = []
         for compression in _split_list(args.live_compression) or list(settings.compressions):
-            chosen = [t for t in traces if t.compression == compression][: args.live_prompts]
+            chosen = _per_task([t for t in traces if t.compression == compression], args.live_per_task)
             if not chosen:
                 continue
             target, draft = load(compression)
@@ -232,7 +243,7 @@ def run_evaluate(args) -> int:
                     draft,
                     chosen,
                     prompts,
-                    specs,
+                    live_specs,
                     costs[compression],
                     args.repeats,
                     tuple(int(g) for g in _split_list(args.hf_gammas)),

@@ -115,8 +115,10 @@ def test_pipeline_end_to_end(capsys, tmp_path, tiny_model_dirs):
         "--out",
         evaluation,
         "--live",
-        "--live-prompts",
+        "--live-per-task",
         2,
+        "--live-fixed",
+        "1,2",
         "--repeats",
         1,
         "--hf-gammas",
@@ -139,6 +141,8 @@ def test_pipeline_end_to_end(capsys, tmp_path, tiny_model_dirs):
     assert (consistency["replayed_exactly"] == consistency["live_runs"]).all()
     live = pd.read_csv(evaluation / "live.csv")
     assert live["same_output"].all()
+    assert set(live.loc[live["method"].str.startswith("fixed"), "method"]) == {"fixed:1", "fixed:2"}
+    assert (live["prompts"] == 2).all()  # 2 per task, one task
     ours = live[live["engine"] == "speckv"]
     assert ours["modelled_tokens_per_s"].notna().all()  # adaptive baselines too: capped at γ_max
 
