@@ -88,6 +88,10 @@ def _add_distill(sub) -> None:
     )
     parser.add_argument("--prompts", help="prompt set whose train split is used (default mixed)")
     parser.add_argument(
+        "--extra",
+        help="extra train prompts, comma-separated: stdlib-code, template-chat, summarization-rest",
+    )
+    parser.add_argument(
         "--samples", help="continuations per prompt by task, e.g. code=8,chat=12 (sample 0 greedy)"
     )
     parser.add_argument("--new-tokens", type=int, help="tokens per target continuation (default 128)")

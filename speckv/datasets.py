@@ -57,6 +57,8 @@ def split_of(item_id: str) -> str:
     on which other items are loaded, or on the machine."""
     if item_id.startswith("paper/"):
         return "heldout"
+    if item_id.startswith("extra/"):  # made for training only (speckv.distill_prompts)
+        return "train"
     fraction = int.from_bytes(hashlib.sha256(item_id.encode("utf-8")).digest()[:8], "big") / 2**64
     return "heldout" if fraction < HELDOUT_FRACTION else "train"
 

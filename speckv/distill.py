@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from speckv.distill_prompts import EXTRA_SETS
 from speckv.errors import SpecKVError
 from speckv.paths import cache_dir
 
@@ -37,6 +38,9 @@ from speckv.paths import cache_dir
 DEFAULT_SAMPLES = {"code": 6, "math": 6, "chat": 12, "summarization": 2, "other": 4}
 # Train prompts used per task (file order); summarization has many long prompts, so fewer are used.
 DEFAULT_MAX_PROMPTS = {"summarization": 192}
+# Extra prompts (more distinct prompts, fewer samples each): the draft overfits the benchmark's few.
+DEFAULT_EXTRA_LIMITS = {"stdlib-code": 600, "template-chat": 800, "summarization-rest": 555}
+DEFAULT_EXTRA_SAMPLES = {"code": 2, "chat": 2, "summarization": 1}
 
 
 @dataclass
@@ -52,9 +56,16 @@ class GenConfig:
     heldout_per_task: int = 4
     max_prompt_tokens: int = 768
     seed: int = 0
+    extra: str = ""  # extra train prompt sets (speckv.distill_prompts), comma-separated
+    extra_limits: dict = field(default_factory=lambda: dict(DEFAULT_EXTRA_LIMITS))  # prompts per set
+    extra_samples: dict = field(default_factory=lambda: dict(DEFAULT_EXTRA_SAMPLES))  # per task
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        fields = asdict(self)
+        if not self.extra:  # a run without extra prompts keeps the key it had before they existed
+            for name in ("extra", "extra_limits", "extra_samples"):
+                fields.pop(name)
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
 @dataclass
@@ -103,15 +114,23 @@ def plan_jobs(tokenizer, gen: GenConfig, split: str, batch_rows: int) -> list[Jo
             if taken[item.task] <= gen.max_prompts.get(item.task, len(items)):
                 kept.append(item)
         items = kept
-    for item in items:
+    groups = [(item, item.task) for item in items]
+    if split != "heldout" and gen.extra:
+        from speckv.distill_prompts import extra_prompts
+
+        used = gen.max_prompts.get("summarization", len(items))
+        # Their own job names ("extra-<task>"), so the benchmark prompts' batches stay as they were.
+        groups += [(item, f"extra-{item.task}") for item in extra_prompts(gen.extra, gen.extra_limits, used)]
+    for item, group in groups:
         ids = encode_prompt(tokenizer, item.text)
         if len(ids) > gen.max_prompt_tokens:  # keep the chat template's tail: cut the middle
             half = gen.max_prompt_tokens // 2
             ids = ids[:half] + ids[-half:]
-        by_task.setdefault(item.task, []).append((item.id, item.task, ids))
+        by_task.setdefault(group, []).append((item.id, item.task, ids))
     jobs = []
     for task, rows in sorted(by_task.items()):
-        samples = 1 if split == "heldout" else max(1, int(gen.samples.get(task, 1)))
+        per_task = gen.extra_samples if task.startswith("extra-") else gen.samples
+        samples = 1 if split == "heldout" else max(1, int(per_task.get(task.removeprefix("extra-"), 1)))
         rows.sort(key=lambda row: (len(row[2]), row[0]))
         per_batch = max(1, batch_rows // samples)
         for start in range(0, len(rows), per_batch):
@@ -628,8 +647,13 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     target = load_model(args.target, "fp32", device="cpu")
-    gen = GenConfig(**_given(args, prompts="prompts", new_tokens="new_tokens", temperature="temperature"))
+    gen = GenConfig(
+        **_given(args, prompts="prompts", new_tokens="new_tokens", temperature="temperature", extra="extra")
+    )
     gen.samples = parse_samples(args.samples)
+    unknown = [name for name in gen.extra.split(",") if name.strip() and name.strip() not in EXTRA_SETS]
+    if unknown:
+        raise SpecKVError(f"unknown extra prompt set {unknown[0]!r}; use {', '.join(EXTRA_SETS)}")
     cfg = TrainConfig(
         **_given(
             args,

@@ -1,0 +1,62 @@
+"""Extra distillation prompts: offline, deterministic, train-only, and kept apart from the benchmark's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from speckv import distill
+from speckv.datasets import split_of
+from speckv.distill_prompts import extra_prompts, stdlib_code_prompts, template_chat_prompts
+from speckv.errors import SpecKVError
+
+
+def test_stdlib_code_prompts_are_humaneval_style_and_deterministic():
+    items = stdlib_code_prompts(40)
+    assert len(items) == 40 and items == stdlib_code_prompts(40)
+    assert len({item.id for item in items}) == 40
+    for item in items:
+        assert item.task == "code" and item.id.startswith("extra/code/")
+        assert item.text.startswith("def ") and item.text.count('"""') == 2
+        compile(item.text + "    pass\n", item.id, "exec")  # a valid function header + docstring
+        assert split_of(item.id) == "train"
+
+
+def test_template_chat_prompts_are_distinct_requests():
+    items = template_chat_prompts(50)
+    assert len({item.text for item in items}) == 50
+    assert all(item.task == "chat" and "{" not in item.text for item in items)
+    assert all(split_of(item.id) == "train" for item in items)
+    with pytest.raises(SpecKVError, match="unknown extra prompt set"):
+        extra_prompts("template-chat,poetry", {}, 0)
+
+
+def test_default_data_key_is_unchanged_by_the_extra_option():
+    # The shipped draft's data lives under this key; adding options must not orphan it.
+    assert distill.GenConfig().key() == "801dc542c4"
+    assert distill.GenConfig(extra="template-chat").key() != "801dc542c4"
+
+
+def test_extra_prompts_get_their_own_jobs(tmp_path):
+    from tests.test_distill import _tokenizer
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        "\n".join(json.dumps({"id": f"p{i}", "task": "chat", "prompt": f"w{i} w{i + 1}"}) for i in range(6))
+    )
+    plain = distill.GenConfig(prompts=str(prompts), samples={"chat": 2})
+    extra = distill.GenConfig(
+        prompts=str(prompts),
+        samples={"chat": 2},
+        extra="template-chat",
+        extra_limits={"template-chat": 5},
+        extra_samples={"chat": 3},
+    )
+    tokenizer = _tokenizer()
+    base_jobs = distill.plan_jobs(tokenizer, plain, "train", batch_rows=8)
+    jobs = distill.plan_jobs(tokenizer, extra, "train", batch_rows=8)
+    assert [(j.name, j.items) for j in jobs if j in base_jobs] == [(j.name, j.items) for j in base_jobs]
+    added = [j for j in jobs if j.name.startswith("train-extra-chat-")]
+    assert sum(len(j.items) for j in added) == 5 and {j.samples for j in added} == {3}
+    assert len(jobs) == len(base_jobs) + len(added)
