@@ -24,15 +24,15 @@ def test_cost_model_by_hand():
         (10, run([(2, 0.005, 0.045), (2, 0.004, 0.013), (2, 0.004, 0.013)])),  # k=3: 0.013
     ]
     cost = cost_model_from_runs("fp32", runs, gamma_max=2)
-    # k=3's median dips below k=2's: noise, pooled to their weighted mean 0.014.
-    assert cost.t_verify_s == pytest.approx([0.011, 0.014, 0.014])
+    # k=3's median dips below k=2's: kept, as CPUs do have such dips (kernel switches).
+    assert cost.t_verify_s == pytest.approx([0.011, 0.015, 0.013])
     assert cost.t_draft_s == pytest.approx(0.002)
     assert cost.t_step_s == pytest.approx(0.001)
     # Step 0 reads the 10-token prompt: (0.050 − 0.011) / 10 etc., median over the three runs.
-    assert cost.target_prefill_s_per_token == pytest.approx((0.045 - 0.014) / 10)
+    assert cost.target_prefill_s_per_token == pytest.approx((0.045 - 0.013) / 10)
     assert cost.draft_prefill_s_per_token == pytest.approx(((0.003 - 0.002) / 10 + (0.005 - 0.004) / 10) / 2)
-    assert cost.step_times().tolist() == pytest.approx([0.012, 0.017, 0.019])
-    assert cost.prefill_time(10, speculative=False) == pytest.approx(0.031)
+    assert cost.step_times().tolist() == pytest.approx([0.012, 0.018, 0.018])
+    assert cost.prefill_time(10, speculative=False) == pytest.approx(0.032)
 
 
 def test_cost_file_round_trip(tmp_path):

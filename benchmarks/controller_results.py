@@ -1,0 +1,70 @@
+"""Copy the key tables of a `speckv evaluate` run into benchmarks/RESULTS.md.
+
+    python benchmarks/controller_results.py --eval runs/demo/eval [--command "how it was made"]
+
+Writes section `controller-<pair>`: replay per compression level (every policy, modelled
+tokens/s with 95% bootstrap CIs, share of the oracle's gain), SpecKV vs the best fixed γ in
+hindsight (paired over prompts), per task, and the live runs (measured vs modelled tokens/s).
+The tables are read from `speckv report`'s CSVs, which it (re)writes first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from speckv.benchmark import write_results_section
+from speckv.evaluation import write_report
+from speckv.report import markdown_table
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+REPLAY_COLUMNS = [
+    "compression", "policy", "chosen", "tokens_per_step", "mean_gamma", "acceptance",
+    "tokens_per_s", "ci_low", "ci_high", "speedup", "oracle_share",
+]  # fmt: skip
+LIVE_COLUMNS = [
+    "compression", "method", "measured_tokens_per_s", "modelled_tokens_per_s", "model_error_pct",
+    "acceptance", "same_output",
+]  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--eval", required=True, help="a `speckv evaluate --out` directory")
+    parser.add_argument("--command", action="append", default=[], help="command lines that made it")
+    args = parser.parse_args()
+    eval_dir = Path(args.eval)
+    report = write_report(eval_dir, eval_dir / "report")
+    tables = report.parent / "tables"
+    meta = json.loads((eval_dir / "evaluate.json").read_text())
+    replay = pd.read_csv(tables / "replay_by_compression.csv")
+    parts = [
+        f"### SpecKV controller, {meta['pair']}: replay and live",
+        "Made by:\n\n```\n" + "\n".join(args.command or ["(see docs/controller.md)"]) + "\n```",
+        f"Split `{meta['split']}` of the profile (prompts the draft and the controller never saw), "
+        f"{meta['max_new_tokens']} new tokens, γ ≤ {meta['gamma_max']}, greedy. Modelled tokens/s: "
+        "exact replay charged with the calibrated cost model; CI: 95% bootstrap over prompts; "
+        "oracle share: (policy − target only) / (oracle − target only).",
+        "#### Replay per compression level",
+        markdown_table(replay[[c for c in REPLAY_COLUMNS if c in replay.columns]], digits=3),
+        "#### SpecKV vs the best fixed γ in hindsight (paired over prompts, tokens/s)",
+        markdown_table(pd.read_csv(tables / "speckv_vs_best_fixed.csv"), digits=3),
+    ]
+    if (tables / "live.csv").exists():
+        live = pd.read_csv(tables / "live.csv")
+        parts += [
+            "#### Live runs (wall clock, median of repeats)",
+            markdown_table(live[[c for c in LIVE_COLUMNS if c in live.columns]], digits=2),
+            markdown_table(pd.read_csv(tables / "live_verdict.csv"), digits=3),
+        ]
+    write_results_section(RESULTS, f"controller-{meta['pair']}", "\n\n".join(parts))
+    print(f"wrote section controller-{meta['pair']} of {RESULTS}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
