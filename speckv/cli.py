@@ -323,6 +323,9 @@ def _add_calibrate(sub) -> None:
     parser.add_argument("--profile", required=True, metavar="DIR", help="profile whose models to time")
     parser.add_argument("--compression", help="comma-separated levels (default: the profile's)")
     parser.add_argument("--out", help="cost model JSON (default DIR/cost.json; levels are merged in)")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="FILE", help="only merge the levels of these cost files into --out"
+    )
     parser.add_argument("--prompts", default="paper", help="prompts to time on (default paper)")
     parser.add_argument("--per-task", type=int, default=1, help="prompts per task (default 1)")
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens per timed run (default 48)")

@@ -95,6 +95,12 @@ def run_calibrate(args) -> int:
     compressions = _split_list(args.compression) or list(settings.compressions)
     out = Path(args.out or Path(args.profile) / "cost.json")
     costs = load_costs(out) if out.exists() else {}
+    if args.merge:  # levels timed elsewhere (e.g. in parallel, one process per core): no timing here
+        for path in args.merge:
+            costs.update(load_costs(path))
+        save_costs(costs, out, {"target": settings.target, "draft": settings.draft})
+        print(f"{out}: levels {', '.join(costs)}")
+        return 0
     load = _pair_loader(settings.target, settings.draft, args.device)
     items = load_prompts(args.prompts, split="all", per_task=args.per_task)
     for compression in compressions:

@@ -98,6 +98,22 @@ def test_pipeline_end_to_end(capsys, tmp_path, tiny_model_dirs):
     )
     assert code == 0, err
     assert "fp32: t_draft" in out and (profile / "cost.json").exists()
+    # --merge adds the levels of another cost file (timed elsewhere) without timing anything.
+    from speckv.calibrate import load_costs, save_costs
+
+    costs = load_costs(profile / "cost.json")
+    save_costs({"int8": costs["fp32"]}, tmp_path / "other.json")
+    code, out, err = run(
+        capsys,
+        "calibrate",
+        "--profile",
+        profile,
+        "--out",
+        tmp_path / "merged.json",
+        "--merge",
+        tmp_path / "other.json",
+    )
+    assert code == 0 and set(load_costs(tmp_path / "merged.json")) == {"int8"}, err
 
     controller = tmp_path / "ctrl.json"
     code, out, err = run(capsys, "train", "--profile", profile, "--out", controller, "--compare", "linear")
