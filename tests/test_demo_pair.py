@@ -10,6 +10,7 @@ import pytest
 
 from speckv.cli import main
 from speckv.controllers import make_controller
+from speckv.controllers.speckv import SHIPPED, ControllerModels
 from speckv.engine import SpeculativeDecoder
 from speckv.errors import SpecKVError
 from speckv.models import DEMO_DRAFT_DIR, demo_target_dir, encode_prompt, load_draft, load_model
@@ -49,6 +50,21 @@ def test_generate_demo_json(capsys, demo_pair):
     output = json.loads(capsys.readouterr().out)
     assert output["summary"]["new_tokens"] == len(output["token_ids"]) <= 12
     assert output["config"]["draft"] and output["steps"][0]["gamma"] >= 1
+
+
+def test_generate_demo_with_the_shipped_controller(capsys, demo_pair):
+    target, _ = demo_pair
+    argv = ["generate", "--demo", "--prompt", "def add(a, b):", "--raw", "--max-new-tokens", "16", "--json"]
+    assert main([*argv, "--no-draft"]) == 0
+    expected = json.loads(capsys.readouterr().out)["token_ids"]
+    assert main([*argv, "--controller", "speckv"]) == 0
+    output = json.loads(capsys.readouterr().out)
+    assert output["token_ids"] == expected  # lossless whatever γ the controller picks
+    summary = output["summary"]
+    assert {"tokens_per_s", "mean_gamma", "acceptance_rate"} <= set(summary)
+    assert 0 <= summary["mean_gamma"] <= 8
+    models = ControllerModels.load(SHIPPED)
+    assert set(models.compressions) == {"fp32", "int8", "nf4"}
 
 
 def test_cli_has_no_traceback_for_bad_demo_input():
