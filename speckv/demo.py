@@ -18,6 +18,7 @@ def demo_methods(gamma: int) -> list[Method]:
         Method(f"speckv fixed γ={gamma}", controller=f"fixed:{gamma}"),
         Method("speckv heuristic", controller="heuristic"),
         Method("speckv confidence", controller="confidence"),
+        Method("speckv SpecKV (learned, shipped)", controller="speckv"),
         *hf_assisted_methods((gamma,))[:2],
     ]
 
