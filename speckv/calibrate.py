@@ -141,8 +141,8 @@ def cost_model_from_runs(
     for _, result in runs:
         for step in result.steps[1:]:
             verify[step.gamma + 1].append(step.verify_time_s)
-            if step.gamma:
-                draft_per_token.append(step.draft_time_s / step.gamma)
+            if step.drafted:
+                draft_per_token.append(step.draft_time_s / step.drafted)
         inside = sum(s.draft_time_s + s.verify_time_s + s.controller_time_s for s in result.steps)
         step_overhead.append((result.total_time_s - inside) / len(result.steps))
     missing = [k for k, times in verify.items() if not times]
@@ -155,8 +155,8 @@ def cost_model_from_runs(
     for prompt_len, result in runs:
         first = result.steps[0]
         target_prefill.append(max(first.verify_time_s - t_verify[first.gamma], 0.0) / prompt_len)
-        if first.gamma:
-            draft_prefill.append(max(first.draft_time_s - first.gamma * t_draft, 0.0) / prompt_len)
+        if first.drafted:
+            draft_prefill.append(max(first.draft_time_s - first.drafted * t_draft, 0.0) / prompt_len)
     return CostModel(
         compression=compression,
         t_draft_s=t_draft,

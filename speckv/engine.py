@@ -25,7 +25,8 @@ from speckv.signals import TokenSignals, signal_tensor
 
 @dataclass
 class StepRecord:
-    """One verification step. `gamma` counts tokens actually drafted (≤ the budget)."""
+    """One verification step. `gamma` counts the drafted tokens the target verified; `drafted` all
+    tokens drafted (≤ the budget; more than gamma when the controller verified only a prefix)."""
 
     step: int
     gamma_budget: int
@@ -38,6 +39,7 @@ class StepRecord:
     draft_time_s: float = 0.0
     verify_time_s: float = 0.0
     controller_time_s: float = 0.0
+    drafted: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -125,6 +127,14 @@ class SpeculativeDecoder:
             record.controller_time_s = time.perf_counter() - started
 
             drafted, draft_probs = self._draft(tokens, budget, record, generator)
+            record.drafted = len(drafted)
+            if drafted and self.sampling.greedy:
+                asked = time.perf_counter()
+                keep = self.controller.verify_count(record)
+                if not 0 <= keep <= len(drafted):
+                    raise SpecKVError(f"{self.controller.describe()} asked to verify {keep} of {len(drafted)} tokens")
+                drafted = drafted[:keep]
+                record.controller_time_s += time.perf_counter() - asked
             verify_start = time.perf_counter()
             accepted, next_token = self._verify(tokens, drafted, draft_probs, generator)
             new_tokens = drafted[:accepted] + [next_token]

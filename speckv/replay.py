@@ -116,16 +116,18 @@ def replay(
                 break
             if not controller.continue_drafting(TokenSignals(position, *signals)):
                 break
-        accepted = min(run, drafted)
+        record.drafted = drafted
+        verified = controller.verify_count(record) if drafted else 0
+        accepted = min(run, verified)
         produced = min(accepted + 1, n - t)
-        record.gamma, record.accepted, record.tokens_produced = drafted, accepted, produced
+        record.gamma, record.accepted, record.tokens_produced = verified, accepted, produced
         if step_times is not None:
             record.draft_time_s = drafted * cost.t_draft_s
-            record.verify_time_s = cost.t_verify_s[drafted]
-            seconds += step_times[drafted]
+            record.verify_time_s = cost.t_verify_s[verified]
+            seconds += step_times[verified] + (drafted - verified) * cost.t_draft_s
         controller.end_step(record)
-        gammas.append(drafted)
-        drafted_total += drafted
+        gammas.append(verified)
+        drafted_total += verified
         accepted_total += accepted
         if keep_records:
             records.append(record)

@@ -40,7 +40,8 @@ from speckv.replay import Trace, replay, target_only
 
 TRAINING_GAMMAS = (2, 4, 6, 8)
 VALIDATION_FRACTION = 0.2
-PROBE_CANDIDATES = (4, 8, 16, 32, 64)
+# 1 = look at one drafted token every step (a cheap peek: verify_count can drop it)
+PROBE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 
 
 class _Recorder(Controller):

@@ -7,6 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from speckv.controllers.base import Controller
 from speckv.models import LoadedModel
 
 VOCAB = 64
@@ -108,3 +109,21 @@ def tiny_model_dirs(tmp_path_factory, tiny_target, tiny_drafts) -> dict:
     tiny_tokenizer(VOCAB + 8).save_pretrained(other)
     dirs["other-vocab"] = other
     return dirs
+
+
+class PrefixController(Controller):
+    """Drafts `budget` tokens a step and has the target verify only the leading ones whose
+    confidence is at least `threshold` (0 verifies all; above 1, none)."""
+
+    name = "prefix"
+
+    def __init__(self, budget: int, threshold: float):
+        self.budget, self.threshold, self.asked = budget, threshold, 0
+
+    def begin_step(self) -> int:
+        return self.budget
+
+    def verify_count(self, record) -> int:
+        self.asked += 1
+        confident = [c >= self.threshold for c in record.draft_confidence]
+        return confident.index(False) if False in confident else len(confident)

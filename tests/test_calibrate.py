@@ -11,7 +11,8 @@ from speckv.engine import GenerationResult, StepRecord
 def run(steps: list[tuple[int, float, float]], overhead: float = 0.001) -> GenerationResult:
     """(γ, draft s, verify s) per step; the loop's own time is `overhead` per step."""
     records = [
-        StepRecord(i, g, g, 0, 1, draft_time_s=d, verify_time_s=v) for i, (g, d, v) in enumerate(steps)
+        StepRecord(i, g, g, 0, 1, drafted=g, draft_time_s=d, verify_time_s=v)
+        for i, (g, d, v) in enumerate(steps)
     ]
     total = sum(d + v for _, d, v in steps) + overhead * len(steps)
     return GenerationResult([0] * 10, [0] * len(steps), records, total, "length")

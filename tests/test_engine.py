@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import loaded, tiny_model
+from conftest import PrefixController, loaded, tiny_model
 from scipy.stats import chisquare
 
 from speckv.controllers import make_controller
@@ -45,6 +45,29 @@ def test_greedy_speculative_equals_target_greedy(tiny_target, tiny_drafts, draft
         for step in result.steps:
             assert 0 <= step.accepted <= step.gamma <= step.gamma_budget
             assert len(step.draft_entropy) == step.gamma
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.6, 1.5])
+def test_verifying_a_prefix_of_the_drafts_stays_lossless(tiny_target, tiny_drafts, threshold):
+    controller = PrefixController(budget=4, threshold=threshold)
+    decoder = SpeculativeDecoder(tiny_target, tiny_drafts["close"], controller, eos_token_ids=())
+    for prompt in PROMPTS:
+        result = decoder.generate(prompt, max_new_tokens=23)
+        assert result.token_ids == reference_greedy(tiny_target.model, prompt, 23)
+        for step in result.steps:
+            assert 0 <= step.accepted <= step.gamma <= step.drafted == len(step.draft_confidence)
+            assert step.drafted == min(4, 23 - 1 - sum(s.tokens_produced for s in result.steps[: step.step]))
+        verified = sum(s.gamma for s in result.steps)
+        if threshold == 0.0:
+            assert verified == sum(s.drafted for s in result.steps)
+        if threshold > 1:
+            assert verified == 0 and all(s.tokens_produced == 1 for s in result.steps)
+    # Sampling never asks (dropping a token for its own probability would bias the output).
+    sampler = PrefixController(budget=4, threshold=1.5)
+    sampled = SpeculativeDecoder(
+        tiny_target, tiny_drafts["close"], sampler, SamplingConfig(temperature=1.0, seed=0), eos_token_ids=()
+    ).generate(PROMPTS[1], 10)
+    assert sampler.asked == 0 and all(s.gamma == s.drafted for s in sampled.steps)
 
 
 def test_target_only_equals_reference(tiny_target):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from conftest import loaded, perturbed_copy
+from conftest import PrefixController, loaded, perturbed_copy
 
 from speckv.calibrate import CostModel
 from speckv.controllers import make_controller
@@ -69,6 +69,27 @@ def test_replay_equals_the_live_engine_step_by_step(tiny_target, mixed_draft, tr
         for a, b in zip(live.steps, replayed.records, strict=True):
             assert a.draft_entropy == pytest.approx(b.draft_entropy, abs=1e-4)
             assert a.draft_token_prob == pytest.approx(b.draft_token_prob, abs=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.7])
+def test_replay_equals_the_live_engine_when_only_a_prefix_is_verified(
+    tiny_target, mixed_draft, traces, threshold
+):
+    cost = CostModel("fp32", t_draft_s=1.0, t_verify_s=[10.0 + k for k in range(GAMMA_MAX + 1)])
+    decoder = SpeculativeDecoder(tiny_target, mixed_draft, PrefixController(5, threshold), eos_token_ids=())
+    dropped = 0
+    for prompt, trace in zip(PROMPTS, traces, strict=True):
+        live = decoder.generate(prompt, NEW_TOKENS)
+        replayed = replay(trace, PrefixController(5, threshold), cost, keep_records=True)
+        fields = [(s.drafted, s.gamma, s.accepted, s.tokens_produced) for s in live.steps]
+        assert fields == [(s.drafted, s.gamma, s.accepted, s.tokens_produced) for s in replayed.records]
+        # Time: every drafted token is paid, the target pass only over the verified ones.
+        expected = sum(s.drafted * 1.0 + 10.0 + s.gamma for s in live.steps)
+        assert replayed.time_s == pytest.approx(
+            expected + cost.prefill_time(trace.prompt_len, speculative=True)
+        )
+        dropped += sum(s.drafted - s.gamma for s in live.steps)
+    assert dropped > 0  # the case under test happened
 
 
 def test_traces_with_end_of_sequence(tiny_target, mixed_draft):

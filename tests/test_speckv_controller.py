@@ -75,6 +75,23 @@ def test_per_token_stop_by_hand():
     assert not controller.continue_drafting(TokenSignals(2, 1.0, 0.5, 0.5))
 
 
+def test_verify_count_by_hand():
+    # a = 0.5 per token, λ = 0.14; four tokens drafted: E[tokens] verifying j = 0..4 is
+    # 1, 1.5, 1.75, 1.875, 1.9375.
+    record = StepRecord(0, 4, 0, 0, 0, [1.0] * 4, [0.5] * 4, [0.5] * 4, drafted=4)
+    models = hand_models()
+    for t_verify, expected in [
+        ([10.0] * 9, 4),  # flat: verifying more is free, keep all
+        ([10.0] + [20.0] * 8, 0),  # any drafted token doubles the pass: 1 − 1.4 beats 1.9375 − 2.8
+        ([10.0, 12.0, 12.0, 30.0, 30.0] + [30.0] * 4, 2),  # 1.75 − 1.68 beats 1 − 1.4 and 1.875 − 4.2
+    ]:
+        models.costs["fp32"] = CostModel("fp32", t_draft_s=1.0, t_verify_s=t_verify)
+        controller = SpecKVController(models, "fp32", gamma_max=8)
+        controller.begin_step()
+        controller.continue_drafting(TokenSignals(1, 1.0, 0.5, 0.5))  # seen while drafting…
+        assert controller.verify_count(record) == expected  # …the other three read from the record
+
+
 def test_paper_variant_maximises_tokens_per_step():
     # â(γ) = 1 − 0.09γ: scores 2.64, 3.56, 3.76, 3.24 for γ = 2, 4, 6, 8.
     assert SpecKVPaperController(hand_models(), "fp32", gamma_max=8).begin_step() == 6

@@ -1,8 +1,9 @@
 """The interface between the speculative loop and a γ policy.
 
 Per step the engine asks `begin_step()` for the most tokens to draft, then, after each drafted
-token, `continue_drafting(signals)` whether to draft another; after verification it reports the
-step through `end_step(record)`. A policy that only picks γ ignores the per-token call; one that
+token, `continue_drafting(signals)` whether to draft another; in greedy decoding it may then keep
+only a prefix of the drafted tokens for verification (`verify_count(record)`); after verification
+it reports the step through `end_step(record)`. A policy that only picks γ ignores the per-token call; one that
 only stops early returns a large budget from `begin_step`.
 """
 
@@ -41,6 +42,14 @@ class Controller(ABC):
     def continue_drafting(self, signals: TokenSignals) -> bool:
         """After each drafted token: draft another one (until the step's budget)?"""
         return True
+
+    def verify_count(self, record: StepRecord) -> int:
+        """How many of the drafted tokens (a prefix, 0..all) the target verifies; all by default.
+        `record` holds the signals of every drafted token. Drafting is paid by now, but a wider
+        target pass costs more (on CPUs a lot more), so a token that will likely be rejected can be
+        dropped. Asked in greedy decoding only: in sampling, dropping a token because of its own
+        probability would bias the output."""
+        return len(record.draft_confidence)
 
     def end_step(self, record: StepRecord) -> None:
         """After verification: learn from what was accepted."""

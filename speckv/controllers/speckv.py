@@ -203,9 +203,14 @@ class SpecKVController(Controller):
         self._charges = (
             models.rates[compression] * models.costs[compression].step_times()[: self.gamma_max + 1]
         )
+        # λ·target pass over k = 1..γ_max+1 tokens: what verifying a prefix costs once drafted
+        self._verify_charges = models.rates[compression] * np.asarray(
+            models.costs[compression].t_verify_s[: self.gamma_max + 1]
+        )
         self._powers = np.arange(1, self.gamma_max + 1)
         self._gains = np.zeros(self.gamma_max + 1)  # Σ_{m≤k} a^m for tokens not yet drafted
         self._reached = 1.0  # P(all tokens drafted so far are accepted)
+        self._reach = [1.0]  # the same after each drafted token (index i: after token i)
         self._idle = 0  # steps in a row without drafting
 
     def reset(self) -> None:
@@ -218,6 +223,7 @@ class SpecKVController(Controller):
         prior = _clip01(self.models.prior_model.predict_fast(x[: self._n_context])[0])
         self._gains[1:] = np.cumsum(prior**self._powers)
         self._reached = 1.0
+        self._reach = [1.0]
         # Value of drafting γ tokens over not drafting: expected extra tokens − λ·extra time.
         best = int(np.argmax(self._gains - self._charges))
         if best == 0:
@@ -233,15 +239,28 @@ class SpecKVController(Controller):
         if not self.per_token:
             return True
         i = signals.position
-        x = self._x
-        x[self._n_context :] = (signals.entropy, signals.confidence, signals.token_prob)
-        self._reached *= _clip01(self.models.token_model.predict_fast(x)[0])
+        self._observe(signals.entropy, signals.confidence, signals.token_prob)
         if i >= self.gamma_max:
             return False
         # Drafting k more tokens adds reached·Σ_{m≤k} a^m expected tokens for λ·(T(i+k) − T(i)).
         charges = self._charges
         extra = self._reached * self._gains[1 : self.gamma_max - i + 1] - (charges[i + 1 :] - charges[i])
         return float(extra.max()) > 0.0
+
+    def verify_count(self, record) -> int:
+        """The prefix j maximising E[tokens] − λ·t_verify(j + 1); the drafting is already paid."""
+        signals = zip(record.draft_entropy, record.draft_confidence, record.draft_token_prob, strict=True)
+        for entropy, confidence, token_prob in list(signals)[len(self._reach) - 1 :]:
+            self._observe(entropy, confidence, token_prob)  # tokens continue_drafting did not see
+        expected = np.cumsum(self._reach)  # E[tokens] when verifying j = 0, 1, …: 1 + Σ_{i≤j} reach_i
+        return int(np.argmax(expected - self._verify_charges[: len(self._reach)]))
+
+    def _observe(self, entropy: float, confidence: float, token_prob: float) -> None:
+        """P(this drafted token is accepted | the ones before it are), from the token model."""
+        x = self._x  # its context part was set by begin_step
+        x[self._n_context :] = (entropy, confidence, token_prob)
+        self._reached *= _clip01(self.models.token_model.predict_fast(x)[0])
+        self._reach.append(self._reached)
 
     def end_step(self, record) -> None:
         self.context.update(record)
