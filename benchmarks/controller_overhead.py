@@ -3,7 +3,8 @@
     python benchmarks/controller_overhead.py                     # the shipped controller, or a stand-in
     python benchmarks/controller_overhead.py --controller PATH   # a trained controller file
 
-Times every call the engine makes into the controller (begin_step, continue_drafting, end_step)
+Times every call the engine makes into the controller (begin_step, continue_drafting,
+verify_count, end_step)
 one by one with perf_counter_ns, on realistic inputs, and the same prediction through
 scikit-learn for comparison (the SpecKV paper reports 340 µs per decision with it). Without a
 trained file it fits stand-in predictors of the live shapes (MLP, 16 hidden units; 3
@@ -99,26 +100,39 @@ def main() -> None:
         accepted = int(rng.integers(0, gamma + 1))
         entropy = rng.uniform(0, 6, gamma).tolist()
         confidence = rng.uniform(0, 1, gamma).tolist()
-        records.append(StepRecord(0, gamma, gamma, accepted, accepted + 1, entropy, confidence, confidence))
+        records.append(
+            StepRecord(
+                0, gamma, gamma, accepted, accepted + 1, entropy, confidence, confidence, drafted=gamma
+            )
+        )
 
     ours = SpecKVController(models, level, 8)
     step = SpecKVController(models, level, 8, per_token=False)
     paper = SpecKVPaperController(models, level, 8)
     ours.begin_step()
 
-    def one_step(record):
+    def draft_step(record):
+        """begin_step and continue_drafting over all but the last token, as the engine calls them."""
         ours.begin_step()
         for position in range(1, record.gamma):
-            if not ours.continue_drafting(
-                TokenSignals(
-                    position,
-                    record.draft_entropy[position - 1],
-                    record.draft_confidence[position - 1],
-                    record.draft_confidence[position - 1],
-                )
-            ):
-                break
+            signals = record.draft_entropy[position - 1], record.draft_confidence[position - 1]
+            ours.continue_drafting(TokenSignals(position, *signals, signals[1]))
+
+    def one_step(record):
+        draft_step(record)
+        ours.verify_count(record)
         ours.end_step(record)
+
+    def verify_timings(count: int) -> np.ndarray:
+        """verify_count alone (it reads the last token's signals and picks the prefix)."""
+        timings = np.empty(count)
+        for i in range(count):
+            record = records[i % len(records)]
+            draft_step(record)
+            start = perf_counter_ns()
+            ours.verify_count(record)
+            timings[i] = perf_counter_ns() - start
+        return timings / 1e3
 
     x = np.zeros((1, len(token_features(models.compressions))))
     sklearn_model = AcceptancePredictor("mlp16", token_features(models.compressions)).fit(
@@ -127,17 +141,22 @@ def main() -> None:
     cases = [
         ("speckv begin_step (plan with the prior)", lambda _: ours.begin_step(), [None]),
         ("speckv continue_drafting (one token)", ours.continue_drafting, signals),
+        ("speckv verify_count (last token + prefix)", None, None),
         ("speckv end_step (context update)", ours.end_step, records),
         ("speckv-step begin_step (choose γ)", lambda _: step.begin_step(), [None]),
         ("speckv-paper begin_step (4 candidates)", lambda _: paper.begin_step(), [None]),
-        ("speckv whole step (begin + ≤7 continue + end)", one_step, records),
+        ("speckv whole step (begin + ≤7 continue + verify + end)", one_step, records),
         ("same MLP via scikit-learn predict (reference)", lambda _: sklearn_model.predict(x), [None]),
     ]
     rows = []
     for name, function, arguments in cases:
         count = args.calls if "scikit" not in name else max(args.calls // 10, 100)
-        time_calls(function, arguments, min(count, 500))  # warm-up
-        timings = time_calls(function, arguments, count)
+        if function is None:
+            verify_timings(min(count, 500))  # warm-up
+            timings = verify_timings(count)
+        else:
+            time_calls(function, arguments, min(count, 500))  # warm-up
+            timings = time_calls(function, arguments, count)
         rows.append(
             {
                 "call": name,
@@ -148,7 +167,7 @@ def main() -> None:
             }
         )
     table = markdown_table(pd.DataFrame(rows), digits=2)
-    per_decision = max(r["median_us"] for r in rows[:5])
+    per_decision = max(r["median_us"] for r in rows[:6])
     command = "python benchmarks/controller_overhead.py " + " ".join(sys.argv[1:])
     body = (
         f"### SpecKV controller decision overhead\n\n`{command.strip()}` — controller: {source}. "
