@@ -36,6 +36,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eval", required=True, help="a `speckv evaluate --out` directory")
     parser.add_argument("--command", action="append", default=[], help="command lines that made it")
+    parser.add_argument("--note", default="", help="conditions of the run worth knowing (machine load, …)")
     args = parser.parse_args()
     eval_dir = Path(args.eval)
     report = write_report(eval_dir, eval_dir / "report")
@@ -48,7 +49,7 @@ def main() -> int:
         f"Split `{meta['split']}` of the profile (prompts the draft and the controller never saw), "
         f"{meta['max_new_tokens']} new tokens, γ ≤ {meta['gamma_max']}, greedy. Modelled tokens/s: "
         "exact replay charged with the calibrated cost model; CI: 95% bootstrap over prompts; "
-        "oracle share: (policy − target only) / (oracle − target only).",
+        "oracle share: (policy − target only) / (oracle − target only). " + args.note,
         "#### Replay per compression level",
         markdown_table(replay[[c for c in REPLAY_COLUMNS if c in replay.columns]], digits=3),
         "#### SpecKV vs the best fixed γ in hindsight (paired over prompts, tokens/s)",
