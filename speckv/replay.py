@@ -78,7 +78,7 @@ class PolicyRun:
 
     tokens: int
     steps: int
-    drafted: int
+    drafted: int  # drafted tokens sent to the target (StepRecord.gamma summed)
     accepted: int
     time_s: float
     gammas: list[int]
@@ -93,7 +93,7 @@ def replay(
     eos = frozenset(trace.eos_ids)
     n = trace.n_tokens
     controller.reset()
-    t = step = drafted_total = accepted_total = 0
+    t = step = verified_total = accepted_total = 0
     seconds = 0.0
     gammas, records = [], []
     while t < n:
@@ -127,7 +127,7 @@ def replay(
             seconds += step_times[verified] + (drafted - verified) * cost.t_draft_s
         controller.end_step(record)
         gammas.append(verified)
-        drafted_total += verified
+        verified_total += verified
         accepted_total += accepted
         if keep_records:
             records.append(record)
@@ -137,7 +137,7 @@ def replay(
         seconds = float("nan")
     else:
         seconds += cost.prefill_time(trace.prompt_len, speculative=True)
-    return PolicyRun(n, step, drafted_total, accepted_total, seconds, gammas, records)
+    return PolicyRun(n, step, verified_total, accepted_total, seconds, gammas, records)
 
 
 def _drafted_token(trace: Trace, t: int, run: int, position: int) -> tuple[int, Signals]:
