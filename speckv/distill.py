@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from speckv.distill_prompts import EXTRA_SETS
+from speckv.distill_prompts import extra_set_names
 from speckv.errors import SpecKVError
 from speckv.paths import cache_dir
 
@@ -651,9 +651,7 @@ def run(args) -> int:
         **_given(args, prompts="prompts", new_tokens="new_tokens", temperature="temperature", extra="extra")
     )
     gen.samples = parse_samples(args.samples)
-    unknown = [name for name in gen.extra.split(",") if name.strip() and name.strip() not in EXTRA_SETS]
-    if unknown:
-        raise SpecKVError(f"unknown extra prompt set {unknown[0]!r}; use {', '.join(EXTRA_SETS)}")
+    extra_set_names(gen.extra)  # a typo fails here, not after the held-out data is generated
     cfg = TrainConfig(
         **_given(
             args,

@@ -113,18 +113,25 @@ def summarization_rest(skip: int) -> list[PromptItem]:
     return [PromptItem(f"extra/{item.id}", item.task, item.text) for item in items]
 
 
+def extra_set_names(spec: str) -> list[str]:
+    """The set names of a comma-separated `spec`, each checked."""
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    unknown = [name for name in names if name not in EXTRA_SETS]
+    if unknown:
+        raise SpecKVError(f"unknown extra prompt set {unknown[0]!r}; use {', '.join(EXTRA_SETS)}")
+    return names
+
+
 def extra_prompts(spec: str, limits: dict[str, int], summarization_used: int) -> list[PromptItem]:
     """The sets named in `spec` (comma-separated), each cut to `limits[name]` items."""
     items = []
-    for name in filter(None, (part.strip() for part in spec.split(","))):
+    for name in extra_set_names(spec):
         if name == "stdlib-code":
             items += stdlib_code_prompts(limits.get(name, 10**9))
         elif name == "template-chat":
             items += template_chat_prompts(limits.get(name, 10**9))
-        elif name == "summarization-rest":
-            items += summarization_rest(summarization_used)[: limits.get(name, 10**9)]
         else:
-            raise SpecKVError(f"unknown extra prompt set {name!r}; use {', '.join(EXTRA_SETS)}")
+            items += summarization_rest(summarization_used)[: limits.get(name, 10**9)]
     return items
 
 

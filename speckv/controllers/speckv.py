@@ -249,9 +249,8 @@ class SpecKVController(Controller):
 
     def verify_count(self, record) -> int:
         """The prefix j maximising E[tokens] − λ·t_verify(j + 1); the drafting is already paid."""
-        signals = zip(record.draft_entropy, record.draft_confidence, record.draft_token_prob, strict=True)
-        for entropy, confidence, token_prob in list(signals)[len(self._reach) - 1 :]:
-            self._observe(entropy, confidence, token_prob)  # tokens continue_drafting did not see
+        for i in range(len(self._reach) - 1, len(record.draft_confidence)):  # tokens not seen yet
+            self._observe(record.draft_entropy[i], record.draft_confidence[i], record.draft_token_prob[i])
         expected = np.cumsum(self._reach)  # E[tokens] when verifying j = 0, 1, …: 1 + Σ_{i≤j} reach_i
         return int(np.argmax(expected - self._verify_charges[: len(self._reach)]))
 
