@@ -26,10 +26,17 @@ REPLAY_COLUMNS = [
     "compression", "policy", "chosen", "tokens_per_step", "mean_gamma", "acceptance",
     "tokens_per_s", "ci_low", "ci_high", "speedup", "oracle_share",
 ]  # fmt: skip
+TASK_POLICIES = ["target only", "best fixed γ (hindsight)", "SpecKV (ours)", "oracle (tokens/s)"]
 LIVE_COLUMNS = [
     "compression", "method", "measured_tokens_per_s", "modelled_tokens_per_s", "model_error_pct",
     "acceptance", "same_output",
 ]  # fmt: skip
+
+
+def per_task(by_task: pd.DataFrame) -> pd.DataFrame:
+    """Target only, the best fixed γ of each task and level, SpecKV and the oracle, side by side."""
+    rows = by_task[by_task["policy"].isin(TASK_POLICIES)]
+    return rows[["compression", "task", "policy", "chosen", "tokens_per_s", "speedup"]]
 
 
 def main() -> int:
@@ -54,6 +61,8 @@ def main() -> int:
         markdown_table(replay[[c for c in REPLAY_COLUMNS if c in replay.columns]], digits=3),
         "#### SpecKV vs the best fixed γ in hindsight (paired over prompts, tokens/s)",
         markdown_table(pd.read_csv(tables / "speckv_vs_best_fixed.csv"), digits=3),
+        "#### Per task (modelled tokens/s, speed-up over target only)",
+        markdown_table(per_task(pd.read_csv(tables / "replay_by_task.csv")), digits=3),
     ]
     if (tables / "live.csv").exists():
         live = pd.read_csv(tables / "live.csv")

@@ -70,9 +70,11 @@ def main() -> None:
     )
     print(body)
     if not args.no_write:
-        write_results_section(
-            RESULTS, f"engine_speed-{args.compression}-{'draft' if draft else 'no-draft'}", body
-        )
+        # One section per setting; runs with more than one thread get their own (a 2-core CPU
+        # verifies several tokens relatively cheaper with 2 threads, so the ratios differ).
+        threads = "" if torch.get_num_threads() == 1 else f"-{torch.get_num_threads()}threads"
+        name = f"engine_speed-{args.compression}-{'draft' if draft else 'no-draft'}{threads}"
+        write_results_section(RESULTS, name, body)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,8 @@ def _add_distill(sub) -> None:
     parser.add_argument("--prompts", help="prompt set whose train split is used (default mixed)")
     parser.add_argument(
         "--extra",
-        help="extra train prompts, comma-separated: stdlib-code, template-chat, summarization-rest",
+        help="extra train prompt sets, comma-separated, or none "
+        "(default all: stdlib-code,template-chat,summarization-rest)",
     )
     parser.add_argument(
         "--samples", help="continuations per prompt by task, e.g. code=8,chat=12 (sample 0 greedy)"
@@ -100,7 +101,7 @@ def _add_distill(sub) -> None:
     )
     parser.add_argument("--layers", help="target layers that initialise the draft's layers (default 0,1)")
     parser.add_argument("--vocab", type=int, help="draft output vocabulary size, 0 = full (default 8192)")
-    parser.add_argument("--epochs", type=int, help="training epochs (default 6)")
+    parser.add_argument("--epochs", type=int, help="training epochs (default 4)")
     parser.add_argument("--batch-tokens", type=int, help="response tokens per optimiser step")
     parser.add_argument("--lr", type=float, help="peak learning rate (cosine schedule)")
     parser.add_argument("--ce-weight", type=float, help="weight of the hard (argmax) term of the loss, 0..1")

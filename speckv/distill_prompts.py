@@ -114,8 +114,8 @@ def summarization_rest(skip: int) -> list[PromptItem]:
 
 
 def extra_set_names(spec: str) -> list[str]:
-    """The set names of a comma-separated `spec`, each checked."""
-    names = [part.strip() for part in spec.split(",") if part.strip()]
+    """The set names of a comma-separated `spec`, each checked ("none" or "" for no extra set)."""
+    names = [part.strip() for part in spec.split(",") if part.strip() and part.strip() != "none"]
     unknown = [name for name in names if name not in EXTRA_SETS]
     if unknown:
         raise SpecKVError(f"unknown extra prompt set {unknown[0]!r}; use {', '.join(EXTRA_SETS)}")

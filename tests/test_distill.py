@@ -63,7 +63,12 @@ def data(target, tmp_path_factory):
         lines.append(json.dumps({"id": f"p{i}", "task": ("code", "chat")[i % 2], "prompt": " ".join(words)}))
     prompts.write_text("\n".join(lines) + "\n")
     gen = distill.GenConfig(
-        prompts=str(prompts), new_tokens=12, top_k=8, samples={"code": 2, "chat": 2}, heldout_per_task=2
+        prompts=str(prompts),
+        new_tokens=12,
+        top_k=8,
+        samples={"code": 2, "chat": 2},
+        heldout_per_task=2,
+        extra="",
     )
     train = distill.generate_data(target, gen, work, "train", batch_rows=8, progress=False)
     heldout = distill.generate_data(target, gen, work, "heldout", batch_rows=8, progress=False)
@@ -121,6 +126,8 @@ def test_training_reduces_loss_and_save_load_roundtrip(target, data, tmp_path):
     assert torch.allclose(got, expected, atol=1e-5)
     agreement = distill.loaded_agreement(loaded, target, heldout)
     assert set(agreement) == {"chat", "code", "overall"}
+    target_s, draft_s, ratio = distill.cost_ratio(loaded, target, heldout[0]["prompt"].tolist(), rounds=1)
+    assert target_s > 0 and draft_s > 0 and ratio == pytest.approx(draft_s / target_s)
 
 
 def test_interrupted_training_resumes_to_the_same_weights(target, data, tmp_path):

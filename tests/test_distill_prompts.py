@@ -8,7 +8,12 @@ import pytest
 
 from speckv import distill
 from speckv.datasets import split_of
-from speckv.distill_prompts import extra_prompts, stdlib_code_prompts, template_chat_prompts
+from speckv.distill_prompts import (
+    extra_prompts,
+    extra_set_names,
+    stdlib_code_prompts,
+    template_chat_prompts,
+)
 from speckv.errors import SpecKVError
 
 
@@ -32,10 +37,13 @@ def test_template_chat_prompts_are_distinct_requests():
         extra_prompts("template-chat,poetry", {}, 0)
 
 
-def test_default_data_key_is_unchanged_by_the_extra_option():
-    # The shipped draft's data lives under this key; adding options must not orphan it.
-    assert distill.GenConfig().key() == "801dc542c4"
-    assert distill.GenConfig(extra="template-chat").key() != "801dc542c4"
+def test_data_keys_of_the_two_drafts_are_stable():
+    # The data of the shipped draft (all extra sets) and of the first draft (none) live under these
+    # keys; adding options must not orphan them.
+    assert distill.GenConfig().key() == "cc325b632d"
+    assert distill.GenConfig(extra="").key() == "801dc542c4"
+    assert distill.GenConfig(extra="template-chat").key() not in ("cc325b632d", "801dc542c4")
+    assert extra_set_names("none") == [] and extra_set_names(" template-chat, ") == ["template-chat"]
 
 
 def test_extra_prompts_get_their_own_jobs(tmp_path):
@@ -45,7 +53,7 @@ def test_extra_prompts_get_their_own_jobs(tmp_path):
     prompts.write_text(
         "\n".join(json.dumps({"id": f"p{i}", "task": "chat", "prompt": f"w{i} w{i + 1}"}) for i in range(6))
     )
-    plain = distill.GenConfig(prompts=str(prompts), samples={"chat": 2})
+    plain = distill.GenConfig(prompts=str(prompts), samples={"chat": 2}, extra="")
     extra = distill.GenConfig(
         prompts=str(prompts),
         samples={"chat": 2},
