@@ -2,7 +2,8 @@
 
 Three resumable stages under a work directory (default ~/.cache/speckv/distill/<target>-<key>):
 
-1. generate: for each train prompt of the prompt set, the target's greedy continuation and a few
+1. generate: for each train prompt of the prompt set (plus the offline-built extra prompts of
+   `speckv.distill_prompts`, unless `--extra none`), the target's greedy continuation and a few
    sampled ones (temperature `--temperature`), with the target's top-k logits at every response
    position (taken during generation, so no second forward is needed). One shard per batch on
    disk; an interrupted run skips the shards already written. The held-out reference (the
