@@ -94,7 +94,7 @@ CHAT_SUBJECTS = (
     "cybersecurity", "the Moon landing", "yoga", "antibiotics", "robots in factories",
     "the history of writing", "pet adoption", "self-driving cars", "mountain hiking",
     "democracy", "desert ecosystems", "podcasts", "nuclear power", "handwriting", "tea",
-)
+)  # fmt: skip
 
 
 def template_chat_prompts(limit: int) -> list[PromptItem]:

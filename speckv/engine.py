@@ -132,7 +132,9 @@ class SpeculativeDecoder:
                 asked = time.perf_counter()
                 keep = self.controller.verify_count(record)
                 if not 0 <= keep <= len(drafted):
-                    raise SpecKVError(f"{self.controller.describe()} asked to verify {keep} of {len(drafted)} tokens")
+                    raise SpecKVError(
+                        f"{self.controller.describe()} asked to verify {keep} of {len(drafted)} tokens"
+                    )
                 drafted = drafted[:keep]
                 record.controller_time_s += time.perf_counter() - asked
             verify_start = time.perf_counter()

@@ -163,7 +163,10 @@ def test_non_utf8_file_is_rejected(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"source": "paper", "split": "valid"}, "unknown split 'valid'; use one of train, heldout, dev, test, all"),
+        (
+            {"source": "paper", "split": "valid"},
+            "unknown split 'valid'; use one of train, heldout, dev, test, all",
+        ),
         (
             {"source": "gsm8k"},
             "unknown prompt set 'gsm8k'; use one of code, math, chat, summarization, paper, mixed",
