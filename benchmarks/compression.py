@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from speckv import datasets
-from speckv.benchmark import write_results_section
-from speckv.engine import SpeculativeDecoder
-from speckv.models import encode_prompt, load_model
+from speckv.decoding.engine import SpeculativeDecoder
+from speckv.decoding.models import encode_prompt, load_model
+from speckv.pipeline.compare import write_results_section
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 BACKENDS = {

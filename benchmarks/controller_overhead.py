@@ -24,8 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from speckv.benchmark import write_results_section
-from speckv.calibrate import CostModel
+from speckv.controllers.predictor import AcceptancePredictor
 from speckv.controllers.speckv import (
     SHIPPED,
     ControllerModels,
@@ -35,10 +34,11 @@ from speckv.controllers.speckv import (
     paper_features,
     token_features,
 )
-from speckv.engine import StepRecord
-from speckv.predictor import AcceptancePredictor
-from speckv.report import markdown_table
-from speckv.signals import TokenSignals
+from speckv.decoding.engine import StepRecord
+from speckv.decoding.signals import TokenSignals
+from speckv.pipeline.calibrate import CostModel
+from speckv.pipeline.compare import write_results_section
+from speckv.util.reporting import markdown_table
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 BUDGET_US = 20.0

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from speckv.benchmark import write_results_section
-from speckv.evaluation import write_report
-from speckv.report import markdown_table
+from speckv.pipeline.compare import write_results_section
+from speckv.pipeline.evaluation import write_report
+from speckv.util.reporting import markdown_table
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 REPLAY_COLUMNS = [

@@ -23,11 +23,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import loaded, perturbed_copy, tiny_model  # noqa: E402
 
-from speckv.calibrate import CostModel  # noqa: E402
-from speckv.evaluation import policy_specs, replay_policies, summarise  # noqa: E402
-from speckv.profiling import record_trace  # noqa: E402
-from speckv.report import markdown_table  # noqa: E402
-from speckv.training import train_controller  # noqa: E402
+from speckv.pipeline.calibrate import CostModel  # noqa: E402
+from speckv.pipeline.evaluation import policy_specs, replay_policies, summarise  # noqa: E402
+from speckv.pipeline.profiling import record_trace  # noqa: E402
+from speckv.pipeline.training import train_controller  # noqa: E402
+from speckv.util.reporting import markdown_table  # noqa: E402
 
 COST = CostModel("fp32", 0.001, [0.010 + 0.0005 * k for k in range(9)], 0.0002)
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from speckv import distill
-from speckv.benchmark import write_results_section
-from speckv.models import load_draft, load_model
+from speckv.decoding.models import load_draft, load_model
+from speckv.distill import run as distill
+from speckv.pipeline.compare import write_results_section
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from speckv.benchmark import write_results_section
-from speckv.models import load_model
+from speckv.decoding.models import load_model
+from speckv.pipeline.compare import write_results_section
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 

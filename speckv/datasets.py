@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speckv.errors import SpecKVError
-from speckv.paths import cache_dir
-from speckv.wheels import fetch_wheel
+from speckv.util.paths import cache_dir
+from speckv.util.wheels import fetch_wheel
 
 TASKS = ("code", "math", "chat", "summarization")
 ITEM_TASKS = (*TASKS, "other")
@@ -57,7 +57,7 @@ def split_of(item_id: str) -> str:
     on which other items are loaded, or on the machine."""
     if item_id.startswith("paper/"):
         return "heldout"
-    if item_id.startswith("extra/"):  # made for training only (speckv.distill_prompts)
+    if item_id.startswith("extra/"):  # made for training only (speckv.distill.prompts)
         return "train"
     fraction = int.from_bytes(hashlib.sha256(item_id.encode("utf-8")).digest()[:8], "big") / 2**64
     return "heldout" if fraction < HELDOUT_FRACTION else "train"

@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from speckv.controllers.base import Controller
-from speckv.models import LoadedModel
+from speckv.decoding.models import LoadedModel
 
 VOCAB = 64
 EOS_ID = 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from conftest import loaded, perturbed_copy
 
-from speckv.benchmark import compare, default_methods, speedup_table, write_results_section
-from speckv.models import _restrict_head
+from speckv.decoding.models import _restrict_head
+from speckv.pipeline.compare import compare, default_methods, speedup_table, write_results_section
 
 
 def test_compare_runs_every_method_losslessly(tiny_target, tiny_drafts):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from speckv.calibrate import CostModel, cost_model_from_runs, load_costs, save_costs
-from speckv.engine import GenerationResult, StepRecord
+from speckv.decoding.engine import GenerationResult, StepRecord
+from speckv.pipeline.calibrate import CostModel, cost_model_from_runs, load_costs, save_costs
 
 
 def run(steps: list[tuple[int, float, float]], overhead: float = 0.001) -> GenerationResult:

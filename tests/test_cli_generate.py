@@ -7,8 +7,8 @@ import json
 import pytest
 from conftest import perturbed_copy, tiny_model, tiny_tokenizer
 
-from speckv import models
 from speckv.cli import main
+from speckv.decoding import models
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from speckv import datasets, wheels
+from speckv import datasets
 from speckv.cli import main
 from speckv.datasets import PromptItem, fetch, in_split, load_prompts, split_of, truncate_words
 from speckv.errors import SpecKVError
+from speckv.util import wheels
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_CACHE = FIXTURES / "datasets_cache"

@@ -11,9 +11,9 @@ import pytest
 from speckv.cli import main
 from speckv.controllers import make_controller
 from speckv.controllers.speckv import SHIPPED, ControllerModels
-from speckv.engine import SpeculativeDecoder
+from speckv.decoding.engine import SpeculativeDecoder
+from speckv.decoding.models import DEMO_DRAFT_DIR, demo_target_dir, encode_prompt, load_draft, load_model
 from speckv.errors import SpecKVError
-from speckv.models import DEMO_DRAFT_DIR, demo_target_dir, encode_prompt, load_draft, load_model
 
 
 @pytest.fixture(scope="module")

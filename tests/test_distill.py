@@ -1,4 +1,4 @@
-"""speckv.distill on a tiny random Llama: data generation, training, save/load, resume."""
+"""speckv.distill.run on a tiny random Llama: data generation, training, save/load, resume."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from speckv import distill
-from speckv.models import LoadedModel, load_draft
+from speckv.decoding.models import LoadedModel, load_draft
+from speckv.distill import run as distill
 
 VOCAB = 128
 WORDS = [f"w{i}" for i in range(VOCAB - 3)]

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from speckv import distill
 from speckv.datasets import split_of
-from speckv.distill_prompts import (
+from speckv.distill import run as distill
+from speckv.distill.prompts import (
     extra_prompts,
     extra_set_names,
     stdlib_code_prompts,

@@ -11,9 +11,9 @@ from conftest import PrefixController, loaded, tiny_model
 from scipy.stats import chisquare
 
 from speckv.controllers import make_controller
-from speckv.engine import SpeculativeDecoder
+from speckv.decoding.engine import SpeculativeDecoder
+from speckv.decoding.verify import SamplingConfig, warp_probs
 from speckv.errors import SpecKVError
-from speckv.sampling import SamplingConfig, warp_probs
 
 CONTROLLERS = [f"fixed:{g}" for g in range(1, 9)] + ["heuristic", "heuristic:1", "confidence:0.5"]
 PROMPTS = [[5], [7, 3, 9, 11, 2], list(range(2, 32))]

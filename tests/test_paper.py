@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from speckv import paper, report
 from speckv.cli import main
+from speckv.controllers.predictor import AcceptancePredictor
 from speckv.errors import SpecKVError
-from speckv.predictor import AcceptancePredictor
+from speckv.paper import study as paper
+from speckv.util import reporting as report
 
 PAPER_DATA = Path(__file__).parents[2] / "shared" / "paper-data"
 needs_data = pytest.mark.skipif(

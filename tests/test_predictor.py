@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from speckv.controllers.predictor import KINDS, AcceptancePredictor
 from speckv.errors import SpecKVError
-from speckv.predictor import KINDS, AcceptancePredictor
 
 FEATURES = ["entropy", "confidence", "gamma"]
 

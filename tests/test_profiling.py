@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 from conftest import PrefixController, loaded, perturbed_copy
 
-from speckv.calibrate import CostModel
 from speckv.controllers import make_controller
-from speckv.engine import SpeculativeDecoder
+from speckv.decoding.engine import SpeculativeDecoder
 from speckv.errors import SpecKVError
-from speckv.profiling import (
+from speckv.pipeline.calibrate import CostModel
+from speckv.pipeline.profiling import (
     ProfilePrompt,
     ProfileSettings,
     load_steps,
@@ -19,7 +19,7 @@ from speckv.profiling import (
     run_profile,
     summary_table,
 )
-from speckv.replay import replay
+from speckv.pipeline.replay import replay
 
 PROMPTS = [[7, 3, 9, 11, 2], [5], list(range(2, 20))]
 GAMMA_MAX = 8
@@ -152,7 +152,7 @@ def test_profile_resumes_without_loss_or_duplicates(tmp_path, tiny_target, mixed
 
 
 def test_calibrated_cost_model_from_engine_runs(tiny_target, mixed_draft):
-    from speckv.calibrate import calibrate
+    from speckv.pipeline.calibrate import calibrate
 
     cost = calibrate(
         tiny_target, mixed_draft, PROMPTS[:2], gamma_max=3, new_tokens=12, repeats=1, progress=False

@@ -7,10 +7,18 @@ import itertools
 import numpy as np
 import pytest
 
-from speckv.calibrate import CostModel
 from speckv.controllers import Controller, FixedController, make_controller
 from speckv.errors import SpecKVError
-from speckv.replay import Trace, oracle, replay, run_lengths, target_only, trace_to_frame, traces_from_frame
+from speckv.pipeline.calibrate import CostModel
+from speckv.pipeline.replay import (
+    Trace,
+    oracle,
+    replay,
+    run_lengths,
+    target_only,
+    trace_to_frame,
+    traces_from_frame,
+)
 
 # t_draft 1, t_verify(k) = 9 + k: a step drafting γ tokens costs 10 + 2γ (no bookkeeping, no prefill).
 COST = CostModel("fp32", t_draft_s=1.0, t_verify_s=[10.0, 11.0, 12.0, 13.0])

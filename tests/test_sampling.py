@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy.stats import chisquare
 
-from speckv.sampling import SamplingConfig, greedy_verify, leading_true, rejection_verify, warp_probs
+from speckv.decoding.verify import SamplingConfig, greedy_verify, leading_true, rejection_verify, warp_probs
 
 
 def test_leading_true():

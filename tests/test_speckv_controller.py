@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from conftest import loaded, perturbed_copy
 
-from speckv.calibrate import CostModel
 from speckv.controllers import make_controller
+from speckv.controllers.predictor import AcceptancePredictor
 from speckv.controllers.speckv import (
     ControllerModels,
     SpecKVController,
@@ -19,13 +19,13 @@ from speckv.controllers.speckv import (
     paper_features,
     token_features,
 )
-from speckv.engine import SpeculativeDecoder, StepRecord
+from speckv.decoding.engine import SpeculativeDecoder, StepRecord
+from speckv.decoding.signals import TokenSignals
 from speckv.errors import SpecKVError
-from speckv.predictor import AcceptancePredictor
-from speckv.profiling import record_trace
-from speckv.replay import replay
-from speckv.signals import TokenSignals
-from speckv.training import train_controller, training_rows
+from speckv.pipeline.calibrate import CostModel
+from speckv.pipeline.profiling import record_trace
+from speckv.pipeline.replay import replay
+from speckv.pipeline.training import train_controller, training_rows
 
 LEVELS = ("fp32", "int8")
 # A step drafting γ tokens costs 10 + γ: flat verification, one unit per drafted token.

@@ -1,11 +1,11 @@
-"""speckv.stats on small examples whose answers are worked out by hand in the comments."""
+"""speckv.util.stats on small examples whose answers are worked out by hand in the comments."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from speckv import stats
+from speckv.util import stats
 
 
 def test_bootstrap_of_a_constant_sample_is_that_constant():

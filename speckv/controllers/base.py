@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 from speckv.errors import SpecKVError
 
 if TYPE_CHECKING:
-    from speckv.engine import StepRecord
-    from speckv.signals import TokenSignals
+    from speckv.decoding.engine import StepRecord
+    from speckv.decoding.signals import TokenSignals
 
 GAMMA_LIMIT = 64
 

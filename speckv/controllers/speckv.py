@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from speckv.calibrate import CostModel, costs_from_dict, costs_to_dict
 from speckv.controllers.base import Controller
+from speckv.controllers.predictor import AcceptancePredictor
 from speckv.errors import SpecKVError
-from speckv.files import atomic_write_text
-from speckv.predictor import AcceptancePredictor
+from speckv.pipeline.calibrate import CostModel, costs_from_dict, costs_to_dict
+from speckv.util.files import atomic_write_text
 
 FILE_FORMAT = "speckv-controller"
 FILE_VERSION = 1
@@ -183,7 +183,7 @@ class SpecKVController(Controller):
 
     Long-run tokens per second is a ratio of sums over steps; a policy maximises it when every
     step maximises E[tokens] − λ·time with λ the rate achieved (Dinkelbach). λ per compression
-    level is fitted on the training prompts (`speckv.training.fit_rates`).
+    level is fitted on the training prompts (`speckv.pipeline.training.fit_rates`).
 
     When no drafting pays (predicted), `begin_step` returns 0: the step is a plain target step,
     which the engine supports. Nothing is observed in such a step, so after `probe_every` of them

@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from speckv.controllers import make_controller
-from speckv.engine import SpeculativeDecoder
-from speckv.models import LoadedModel
+from speckv.decoding.engine import SpeculativeDecoder
+from speckv.decoding.models import LoadedModel
 
 
 @dataclass(frozen=True)

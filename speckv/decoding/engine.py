@@ -17,10 +17,10 @@ import torch
 from transformers import DynamicCache
 
 from speckv.controllers import Controller
+from speckv.decoding.models import LoadedModel
+from speckv.decoding.signals import TokenSignals, signal_tensor
+from speckv.decoding.verify import SamplingConfig, greedy_verify, rejection_verify, sample, warp_probs
 from speckv.errors import SpecKVError
-from speckv.models import LoadedModel
-from speckv.sampling import SamplingConfig, greedy_verify, rejection_verify, sample, warp_probs
-from speckv.signals import TokenSignals, signal_tensor
 
 
 @dataclass

@@ -6,9 +6,9 @@ import platform
 
 import torch
 
-from speckv.benchmark import Method, compare, hf_assisted_methods, speedup_table
 from speckv.datasets import load_prompts
-from speckv.models import encode_prompt, load_draft, load_model
+from speckv.decoding.models import encode_prompt, load_draft, load_model
+from speckv.pipeline.compare import Method, compare, hf_assisted_methods, speedup_table
 
 
 def demo_methods(gamma: int) -> list[Method]:

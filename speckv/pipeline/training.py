@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from speckv.calibrate import CostModel
 from speckv.controllers import Controller, FixedController
+from speckv.controllers.predictor import FAST_KINDS, KINDS, AcceptancePredictor
 from speckv.controllers.speckv import (
     CONTEXT_FEATURES,
     PAPER_CONTEXT,
@@ -35,8 +35,8 @@ from speckv.controllers.speckv import (
     token_features,
 )
 from speckv.errors import SpecKVError
-from speckv.predictor import FAST_KINDS, KINDS, AcceptancePredictor
-from speckv.replay import Trace, replay, target_only
+from speckv.pipeline.calibrate import CostModel
+from speckv.pipeline.replay import Trace, replay, target_only
 
 TRAINING_GAMMAS = (2, 4, 6, 8)
 VALIDATION_FRACTION = 0.2

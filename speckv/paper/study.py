@@ -20,9 +20,10 @@ import pandas as pd
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 from sklearn.model_selection import train_test_split
 
-from speckv import report, stats
+from speckv.controllers.predictor import AcceptancePredictor
 from speckv.errors import SpecKVError
-from speckv.predictor import AcceptancePredictor
+from speckv.util import reporting as report
+from speckv.util import stats
 
 STEP_FILE = "phase2_step_results.csv"
 RUN_FILE = "phase2_experiment_results.csv"

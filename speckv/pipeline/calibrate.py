@@ -21,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from speckv.controllers import FixedController
-from speckv.engine import GenerationResult, SpeculativeDecoder
+from speckv.decoding.engine import GenerationResult, SpeculativeDecoder
+from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
-from speckv.files import atomic_write_text
-from speckv.models import LoadedModel
+from speckv.util.files import atomic_write_text
 
 _FILE_FORMAT = "speckv-cost-model"
 _FILE_VERSION = 1

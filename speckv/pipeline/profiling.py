@@ -1,7 +1,7 @@
 """`speckv profile`: record replay data and live step records over prompts × compression levels.
 
 A unit of work is one prompt at one compression level. For each unit the profile writes
-- replay/<compression>/<prompt>.parquet: the replay trace of design §4 (see speckv.replay):
+- replay/<compression>/<prompt>.parquet: the replay trace of design §4 (see speckv.pipeline.replay):
   the target's greedy continuation (by the engine alone), the draft's teacher-forced predictions
   along it from one batched forward, and the draft's free-running continuation at each mismatch;
 - steps/<compression>/<prompt>.parquet: live step records (design §6) of every controller of
@@ -26,13 +26,13 @@ from tqdm import tqdm
 from transformers import DynamicCache
 
 from speckv.controllers import make_controller
-from speckv.engine import SpeculativeDecoder
+from speckv.decoding.engine import SpeculativeDecoder
+from speckv.decoding.models import LoadedModel
+from speckv.decoding.signals import signal_tensor
 from speckv.errors import SpecKVError
-from speckv.files import atomic_write, atomic_write_text
-from speckv.models import LoadedModel
-from speckv.replay import Trace, trace_to_frame, traces_from_frame
-from speckv.report import markdown_table
-from speckv.signals import signal_tensor
+from speckv.pipeline.replay import Trace, trace_to_frame, traces_from_frame
+from speckv.util.files import atomic_write, atomic_write_text
+from speckv.util.reporting import markdown_table
 
 SETTINGS_FILE = "profile.json"
 

@@ -110,7 +110,7 @@ def _add_distill(sub) -> None:
 
 
 def _run_distill(args) -> int:
-    from speckv import distill
+    from speckv.distill import run as distill
 
     return distill.run(args)
 
@@ -135,7 +135,7 @@ def _add_paper(sub) -> None:
 
 
 def _run_paper(args) -> int:
-    from speckv import paper
+    from speckv.paper import study as paper
 
     return paper.run_command(args.paper_action, args.data, args.out, args.seed)
 
@@ -191,9 +191,9 @@ def _run_generate(args) -> int:
     import json
 
     from speckv.controllers import check_gamma, make_controller
-    from speckv.engine import SpeculativeDecoder
-    from speckv.models import encode_prompt, load_draft, load_model
-    from speckv.sampling import SamplingConfig
+    from speckv.decoding.engine import SpeculativeDecoder
+    from speckv.decoding.models import encode_prompt, load_draft, load_model
+    from speckv.decoding.verify import SamplingConfig
 
     if args.demo and args.target:
         raise SpecKVError("--demo already chooses the target; drop --target or --demo")
@@ -282,8 +282,8 @@ def _add_demo(sub) -> None:
 
 
 def _run_demo(args) -> int:
+    from speckv.cli.demo import run_demo
     from speckv.controllers import check_gamma
-    from speckv.demo import run_demo
 
     check_gamma(args.gamma)
     if args.repeats < 1 or args.max_new_tokens < 1:
@@ -387,7 +387,7 @@ def _add_report(sub) -> None:
 
 def _run_pipeline(name: str):
     def run(args) -> int:
-        from speckv import pipeline
+        from speckv.cli import pipeline
 
         return getattr(pipeline, name)(args)
 

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from speckv.calibrate import CostModel
 from speckv.controllers import Controller
-from speckv.engine import StepRecord
+from speckv.decoding.engine import StepRecord
+from speckv.decoding.signals import TokenSignals
 from speckv.errors import SpecKVError
-from speckv.signals import TokenSignals
+from speckv.pipeline.calibrate import CostModel
 
 Signals = tuple[float, float, float]  # entropy (bits), confidence, token probability
 

@@ -5,7 +5,7 @@ tokens per second under the calibrated cost model, and the share of the oracle's
 target-only decoding it captures, with bootstrap intervals over prompts and paired comparisons
 against the best fixed γ in hindsight (the fixed γ fastest on the very prompts scored).
 Live runs decode the same prompts with the same policies, target-only and Hugging Face assisted
-generation with the same draft, on the wall clock (speckv.benchmark.compare), and set the
+generation with the same draft, on the wall clock (speckv.pipeline.compare.compare), and set the
 measured tokens/s beside the replay's modelled ones: the error of the cost model.
 """
 
@@ -18,14 +18,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from speckv import stats
-from speckv.benchmark import Method, compare, hf_assisted_methods
-from speckv.calibrate import CostModel
 from speckv.controllers import make_controller
+from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
-from speckv.models import LoadedModel
-from speckv.replay import Trace, cost_oracle, oracle, replay, target_only
-from speckv.report import MarkdownReport, grouped_bars, line_chart, scatter_predicted_actual
+from speckv.pipeline.calibrate import CostModel
+from speckv.pipeline.compare import Method, compare, hf_assisted_methods
+from speckv.pipeline.replay import Trace, cost_oracle, oracle, replay, target_only
+from speckv.util import stats
+from speckv.util.reporting import MarkdownReport, grouped_bars, line_chart, scatter_predicted_actual
 
 TARGET_ONLY = "target only"
 ORACLE = "oracle (tokens/s)"

@@ -3,7 +3,7 @@
 Three resumable stages under a work directory (default ~/.cache/speckv/distill/<target>-<key>):
 
 1. generate: for each train prompt of the prompt set (plus the offline-built extra prompts of
-   `speckv.distill_prompts`, unless `--extra none`), the target's greedy continuation and a few
+   `speckv.distill.prompts`, unless `--extra none`), the target's greedy continuation and a few
    sampled ones (temperature `--temperature`), with the target's top-k logits at every response
    position (taken during generation, so no second forward is needed). One shard per batch on
    disk; an interrupted run skips the shards already written. The held-out reference (the
@@ -13,7 +13,7 @@ Three resumable stages under a work directory (default ~/.cache/speckv/distill/<
    restricted to the most frequent tokens of the target's outputs). Only the layers and the
    final norm are trained; loss on response positions only. Checkpoint after every epoch (and
    every few minutes), so an interrupted run continues where it stopped.
-3. save: the draft directory `speckv.models.load_draft` reads (see docs/draft.md).
+3. save: the draft directory `speckv.decoding.models.load_draft` reads (see docs/draft.md).
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from speckv.distill_prompts import EXTRA_SETS, extra_set_names
+from speckv.distill.prompts import EXTRA_SETS, extra_set_names
 from speckv.errors import SpecKVError
-from speckv.paths import cache_dir
+from speckv.util.paths import cache_dir
 
 # --- settings ----------------------------------------------------------------------------------
 
@@ -57,7 +57,7 @@ class GenConfig:
     heldout_per_task: int = 4
     max_prompt_tokens: int = 768
     seed: int = 0
-    extra: str = ",".join(EXTRA_SETS)  # extra train prompt sets (speckv.distill_prompts), comma-separated
+    extra: str = ",".join(EXTRA_SETS)  # extra train prompt sets (speckv.distill.prompts), comma-separated
     extra_limits: dict = field(default_factory=lambda: dict(DEFAULT_EXTRA_LIMITS))  # prompts per set
     extra_samples: dict = field(default_factory=lambda: dict(DEFAULT_EXTRA_SAMPLES))  # per task
 
@@ -98,7 +98,7 @@ class Job:
 def plan_jobs(tokenizer, gen: GenConfig, split: str, batch_rows: int) -> list[Job]:
     """Deterministic batches: prompts of one task sorted by length, `batch_rows` rows per batch."""
     from speckv.datasets import load_prompts
-    from speckv.models import encode_prompt
+    from speckv.decoding.models import encode_prompt
 
     if split == "heldout":
         items = load_prompts(gen.prompts, split="heldout", per_task=gen.heldout_per_task)
@@ -117,7 +117,7 @@ def plan_jobs(tokenizer, gen: GenConfig, split: str, batch_rows: int) -> list[Jo
         items = kept
     groups = [(item, item.task) for item in items]
     if split != "heldout" and gen.extra:
-        from speckv.distill_prompts import extra_prompts
+        from speckv.distill.prompts import extra_prompts
 
         used = gen.max_prompts.get("summarization", len(items))
         # Their own job names ("extra-<task>"), so the benchmark prompts' batches stay as they were.
@@ -548,10 +548,10 @@ def _fmt(values: dict) -> str:
 
 
 def save_draft(draft, vocab_map: torch.Tensor | None, tokenizer, out: Path, manifest: dict) -> None:
-    """Write the directory `speckv.models.load_draft` reads: config, tokenizer, own weights (bf16)."""
+    """Write the directory `speckv.decoding.models.load_draft` reads: config, tokenizer, own weights (bf16)."""
     from safetensors.torch import save_file
 
-    from speckv.models import DRAFT_MANIFEST
+    from speckv.decoding.models import DRAFT_MANIFEST
 
     out.mkdir(parents=True, exist_ok=True)
     draft.config.save_pretrained(out)
@@ -643,7 +643,7 @@ def _given(args, **names) -> dict:
 
 def run(args) -> int:
     """`speckv distill`: generate (resumable), train (resumable), save, measure."""
-    from speckv.models import load_draft, load_model
+    from speckv.decoding.models import load_draft, load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

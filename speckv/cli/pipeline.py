@@ -25,7 +25,7 @@ def _threads(args) -> None:
 
 
 def _pair_loader(target_source: str, draft_source: str, device: str):
-    from speckv.models import load_draft, load_model
+    from speckv.decoding.models import load_draft, load_model
 
     def load(compression: str):
         target = load_model(target_source, compression, device)
@@ -36,8 +36,8 @@ def _pair_loader(target_source: str, draft_source: str, device: str):
 
 def _encoded_prompts(args, tokenizer):
     from speckv.datasets import load_prompts
-    from speckv.models import encode_prompt
-    from speckv.profiling import ProfilePrompt
+    from speckv.decoding.models import encode_prompt
+    from speckv.pipeline.profiling import ProfilePrompt
 
     tasks = _split_list(getattr(args, "tasks", None)) or None
     items = load_prompts(args.prompts, split=args.split, tasks=tasks, per_task=args.per_task)
@@ -51,8 +51,8 @@ def _encoded_prompts(args, tokenizer):
 
 def run_profile(args) -> int:
     from speckv.controllers import check_gamma, make_controller
-    from speckv.models import check_compression, load_tokenizer, resolve_device, resolve_source
-    from speckv.profiling import ProfileSettings, load_steps, run_profile, summary_markdown
+    from speckv.decoding.models import check_compression, load_tokenizer, resolve_device, resolve_source
+    from speckv.pipeline.profiling import ProfileSettings, load_steps, run_profile, summary_markdown
 
     _threads(args)
     check_gamma(args.gamma_max, "--gamma-max")
@@ -85,10 +85,10 @@ def run_profile(args) -> int:
 
 
 def run_calibrate(args) -> int:
-    from speckv.calibrate import calibrate, load_costs, save_costs
     from speckv.datasets import load_prompts
-    from speckv.models import encode_prompt
-    from speckv.profiling import read_settings
+    from speckv.decoding.models import encode_prompt
+    from speckv.pipeline.calibrate import calibrate, load_costs, save_costs
+    from speckv.pipeline.profiling import read_settings
 
     _threads(args)
     settings, _ = read_settings(args.profile)
@@ -122,7 +122,7 @@ def run_calibrate(args) -> int:
 
 def _traces(profile: str, split: str):
     from speckv.datasets import in_split
-    from speckv.profiling import load_traces
+    from speckv.pipeline.profiling import load_traces
 
     traces = load_traces(profile)
     chosen = [t for t in traces if in_split(t.prompt_id, split)]
@@ -141,7 +141,7 @@ def _per_task(traces: list, count: int) -> list:
 
 
 def _costs(args):
-    from speckv.calibrate import load_costs
+    from speckv.pipeline.calibrate import load_costs
 
     path = Path(args.costs or Path(args.profile) / "cost.json")
     if not path.exists():
@@ -150,10 +150,10 @@ def _costs(args):
 
 
 def run_train(args) -> int:
-    from speckv.predictor import KINDS
-    from speckv.profiling import read_settings
-    from speckv.report import markdown_table
-    from speckv.training import train_controller
+    from speckv.controllers.predictor import KINDS
+    from speckv.pipeline.profiling import read_settings
+    from speckv.pipeline.training import train_controller
+    from speckv.util.reporting import markdown_table
 
     traces = _traces(args.profile, args.split)
     compare_kinds = tuple(_split_list(args.compare))
@@ -180,15 +180,15 @@ def run_evaluate(args) -> int:
     import pandas as pd
 
     from speckv.controllers.speckv import ControllerModels
-    from speckv.evaluation import (
+    from speckv.pipeline.evaluation import (
         live_evaluation,
         policy_specs,
         replay_consistency,
         replay_policies,
         summarise,
     )
-    from speckv.profiling import load_steps, read_settings
-    from speckv.report import markdown_table
+    from speckv.pipeline.profiling import load_steps, read_settings
+    from speckv.util.reporting import markdown_table
 
     _threads(args)
     settings, profile_prompts = read_settings(args.profile)
@@ -263,7 +263,7 @@ def run_evaluate(args) -> int:
 
 
 def run_report(args) -> int:
-    from speckv.evaluation import write_report
+    from speckv.pipeline.evaluation import write_report
 
     path = write_report(args.eval, args.out or Path(args.eval) / "report")
     print(f"report written to {path}")
