@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from speckv.decoding.models import load_draft, load_model
+from speckv.decoding.draft_files import load_draft
+from speckv.decoding.models import load_model
 from speckv.distill import run as distill
 from speckv.pipeline.compare import write_results_section
 

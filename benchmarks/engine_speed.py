@@ -19,7 +19,8 @@ import torch
 import transformers
 
 from speckv import datasets
-from speckv.decoding.models import encode_prompt, load_draft, load_model
+from speckv.decoding.draft_files import load_draft
+from speckv.decoding.models import encode_prompt, load_model
 from speckv.pipeline.compare import Method, compare, default_methods, speedup_table, write_results_section
 
 RESULTS = Path(__file__).parent / "RESULTS.md"

@@ -311,7 +311,7 @@ def load_prompts(
     return items
 
 
-def _list_sets() -> None:
+def print_sets() -> None:
     rows = [("name", "items", "train", "heldout", "cached", "source")]
     for name in SETS:
         if name == "paper":
@@ -331,7 +331,7 @@ def _list_sets() -> None:
     print(f"\n{MIXED} = {' + '.join(TASKS)}.  Cache: {cache_dir() / 'datasets'}")
 
 
-def _show(source: str, split: str, limit: int) -> None:
+def show(source: str, split: str, limit: int) -> None:
     if limit < 0:
         raise SpecKVError(f"--limit must be 0 or more, got {limit}")
     items = load_prompts(source, split=split)
@@ -339,15 +339,3 @@ def _show(source: str, split: str, limit: int) -> None:
     for item in items[:limit]:
         print(f"\n{item.id}  task={item.task}  split={split_of(item.id)}")
         print("\n".join(("    " + line).rstrip() for line in item.text.splitlines()))
-
-
-def run_cli(args) -> int:
-    """The `speckv datasets` actions; arguments are declared in speckv/cli.py."""
-    if args.action == "list":
-        _list_sets()
-    elif args.action == "fetch":
-        for name in SETS if args.name == "all" else (args.name,):
-            print(f"{name}: {fetch(name)}")
-    else:
-        _show(args.name, args.split, args.limit)
-    return 0

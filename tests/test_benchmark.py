@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from conftest import loaded, perturbed_copy
 
-from speckv.decoding.models import _restrict_head
+from speckv.decoding.draft_files import _restrict_head
 from speckv.pipeline.compare import compare, default_methods, speedup_table, write_results_section
 
 

