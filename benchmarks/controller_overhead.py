@@ -34,10 +34,9 @@ from speckv.controllers.speckv import (
     paper_features,
     token_features,
 )
-from speckv.decoding.engine import StepRecord
-from speckv.decoding.signals import TokenSignals
-from speckv.pipeline.calibrate import CostModel
+from speckv.costs import CostModel
 from speckv.pipeline.compare import write_results_section
+from speckv.records import StepRecord, TokenSignals
 from speckv.util.reporting import markdown_table
 
 RESULTS = Path(__file__).parent / "RESULTS.md"

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import loaded, perturbed_copy, tiny_model  # noqa: E402
 
-from speckv.pipeline.calibrate import CostModel  # noqa: E402
+from speckv.costs import CostModel  # noqa: E402
 from speckv.pipeline.evaluation import policy_specs, replay_policies, summarise  # noqa: E402
 from speckv.pipeline.profiling import record_trace  # noqa: E402
 from speckv.pipeline.training import train_controller  # noqa: E402

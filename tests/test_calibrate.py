@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from speckv.decoding.engine import GenerationResult, StepRecord
-from speckv.pipeline.calibrate import CostModel, cost_model_from_runs, load_costs, save_costs
+from speckv.costs import CostModel, load_costs, save_costs
+from speckv.pipeline.calibrate import cost_model_from_runs
+from speckv.records import GenerationResult, StepRecord
 
 
 def run(steps: list[tuple[int, float, float]], overhead: float = 0.001) -> GenerationResult:

@@ -7,9 +7,8 @@ import pytest
 
 from speckv.controllers import ConfidenceController, HeuristicController, make_controller
 from speckv.controllers.confidence import adapted_threshold
-from speckv.decoding.engine import StepRecord
-from speckv.decoding.signals import TokenSignals
 from speckv.errors import SpecKVError
+from speckv.records import StepRecord, TokenSignals
 
 
 def step(gamma: int, accepted: int, probs: list[float] | None = None) -> StepRecord:

@@ -99,7 +99,7 @@ def test_pipeline_end_to_end(capsys, tmp_path, tiny_model_dirs):
     assert code == 0, err
     assert "fp32: t_draft" in out and (profile / "cost.json").exists()
     # --merge adds the levels of another cost file (timed elsewhere) without timing anything.
-    from speckv.pipeline.calibrate import load_costs, save_costs
+    from speckv.costs import load_costs, save_costs
 
     costs = load_costs(profile / "cost.json")
     save_costs({"int8": costs["fp32"]}, tmp_path / "other.json")

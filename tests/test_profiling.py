@@ -7,9 +7,9 @@ import pytest
 from conftest import PrefixController, loaded, perturbed_copy
 
 from speckv.controllers import make_controller
+from speckv.costs import CostModel
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.errors import SpecKVError
-from speckv.pipeline.calibrate import CostModel
 from speckv.pipeline.profiling import (
     ProfilePrompt,
     ProfileSettings,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from speckv.controllers import Controller, FixedController, make_controller
+from speckv.costs import CostModel
 from speckv.errors import SpecKVError
-from speckv.pipeline.calibrate import CostModel
 from speckv.pipeline.replay import (
     Trace,
     oracle,

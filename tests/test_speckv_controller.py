@@ -19,13 +19,13 @@ from speckv.controllers.speckv import (
     paper_features,
     token_features,
 )
-from speckv.decoding.engine import SpeculativeDecoder, StepRecord
-from speckv.decoding.signals import TokenSignals
+from speckv.costs import CostModel
+from speckv.decoding.engine import SpeculativeDecoder
 from speckv.errors import SpecKVError
-from speckv.pipeline.calibrate import CostModel
 from speckv.pipeline.profiling import record_trace
 from speckv.pipeline.replay import replay
 from speckv.pipeline.training import train_controller, training_rows
+from speckv.records import StepRecord, TokenSignals
 
 LEVELS = ("fp32", "int8")
 # A step drafting γ tokens costs 10 + γ: flat verification, one unit per drafted token.

@@ -176,9 +176,10 @@ def run_profile(args) -> int:
 
 
 def run_calibrate(args) -> int:
+    from speckv.costs import load_costs, save_costs
     from speckv.datasets import load_prompts
     from speckv.decoding.models import encode_prompt
-    from speckv.pipeline.calibrate import calibrate, load_costs, save_costs
+    from speckv.pipeline.calibrate import calibrate
     from speckv.pipeline.profiling import read_settings
 
     set_threads(getattr(args, "threads", None))
@@ -232,7 +233,7 @@ def _per_task(traces: list, count: int) -> list:
 
 
 def _costs(args):
-    from speckv.pipeline.calibrate import load_costs
+    from speckv.costs import load_costs
 
     path = Path(args.costs or Path(args.profile) / "cost.json")
     if not path.exists():

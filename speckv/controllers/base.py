@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING
 from speckv.errors import SpecKVError
 
 if TYPE_CHECKING:
-    from speckv.decoding.engine import StepRecord
-    from speckv.decoding.signals import TokenSignals
+    from speckv.records import StepRecord, TokenSignals
 
 GAMMA_LIMIT = 64
 

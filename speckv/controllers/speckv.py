@@ -28,8 +28,8 @@ import numpy as np
 
 from speckv.controllers.base import Controller
 from speckv.controllers.predictor import AcceptancePredictor
+from speckv.costs import CostModel, costs_from_dict, costs_to_dict
 from speckv.errors import SpecKVError
-from speckv.pipeline.calibrate import CostModel, costs_from_dict, costs_to_dict
 from speckv.util.files import atomic_write_text
 
 FILE_FORMAT = "speckv-controller"

@@ -11,63 +11,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import DynamicCache
 
 from speckv.controllers import Controller
 from speckv.decoding.models import LoadedModel
-from speckv.decoding.signals import TokenSignals, signal_tensor
+from speckv.decoding.signals import signal_tensor
 from speckv.decoding.verify import SamplingConfig, greedy_verify, rejection_verify, sample, warp_probs
 from speckv.errors import SpecKVError
-
-
-@dataclass
-class StepRecord:
-    """One verification step. `gamma` counts the drafted tokens the target verified; `drafted` all
-    tokens drafted (≤ the budget; more than gamma when the controller verified only a prefix)."""
-
-    step: int
-    gamma_budget: int
-    gamma: int
-    accepted: int
-    tokens_produced: int  # tokens emitted: accepted + 1, fewer when EOS or the length limit cut in
-    draft_entropy: list[float] = field(default_factory=list)
-    draft_confidence: list[float] = field(default_factory=list)
-    draft_token_prob: list[float] = field(default_factory=list)
-    draft_time_s: float = 0.0
-    verify_time_s: float = 0.0
-    controller_time_s: float = 0.0
-    drafted: int = 0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class GenerationResult:
-    prompt_ids: list[int]
-    token_ids: list[int]
-    steps: list[StepRecord]
-    total_time_s: float
-    stop_reason: str  # "eos" or "length"
-
-    def summary(self) -> dict:
-        drafted = sum(s.gamma for s in self.steps)
-        accepted = sum(s.accepted for s in self.steps)
-        n_steps = len(self.steps)
-        return {
-            "new_tokens": len(self.token_ids),
-            "steps": n_steps,
-            "mean_gamma": drafted / n_steps if n_steps else 0.0,
-            "mean_accepted": accepted / n_steps if n_steps else 0.0,
-            "acceptance_rate": accepted / drafted if drafted else 0.0,
-            "tokens_per_step": len(self.token_ids) / n_steps if n_steps else 0.0,
-            "time_s": self.total_time_s,
-            "tokens_per_s": len(self.token_ids) / self.total_time_s if self.total_time_s > 0 else 0.0,
-            "stop_reason": self.stop_reason,
-        }
+from speckv.records import GenerationResult, StepRecord, TokenSignals
 
 
 class SpeculativeDecoder:

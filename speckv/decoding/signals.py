@@ -3,21 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 _LN2 = math.log(2.0)
-
-
-@dataclass(frozen=True, slots=True)
-class TokenSignals:
-    """Signals of one drafted token; `position` counts from 1 within its step."""
-
-    position: int
-    entropy: float  # bits, of the draft's next-token distribution
-    confidence: float  # the distribution's largest probability
-    token_prob: float  # probability of the token actually proposed
 
 
 def signal_tensor(log_probs: torch.Tensor, token_index: int) -> torch.Tensor:

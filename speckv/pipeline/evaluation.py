@@ -19,9 +19,9 @@ import pandas as pd
 from tqdm import tqdm
 
 from speckv.controllers import make_controller
+from speckv.costs import CostModel
 from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
-from speckv.pipeline.calibrate import CostModel
 from speckv.pipeline.compare import Method, compare, hf_assisted_methods
 from speckv.pipeline.replay import Trace, cost_oracle, oracle, replay, target_only
 from speckv.util import stats

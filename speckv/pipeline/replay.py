@@ -22,10 +22,9 @@ import numpy as np
 import pandas as pd
 
 from speckv.controllers import Controller
-from speckv.decoding.engine import StepRecord
-from speckv.decoding.signals import TokenSignals
+from speckv.costs import CostModel
 from speckv.errors import SpecKVError
-from speckv.pipeline.calibrate import CostModel
+from speckv.records import StepRecord, TokenSignals
 
 Signals = tuple[float, float, float]  # entropy (bits), confidence, token probability
 

@@ -34,8 +34,8 @@ from speckv.controllers.speckv import (
     paper_features,
     token_features,
 )
+from speckv.costs import CostModel
 from speckv.errors import SpecKVError
-from speckv.pipeline.calibrate import CostModel
 from speckv.pipeline.replay import Trace, replay, target_only
 
 TRAINING_GAMMAS = (2, 4, 6, 8)

@@ -1,0 +1,93 @@
+"""The cost model of one decoding step on this hardware, per target compression level, and its
+file format.
+
+A step that drafts γ tokens costs γ·t_draft + t_verify(γ + 1) + t_step: γ one-token draft
+passes (with their signals), one target pass over the γ + 1 unseen tokens with verification and
+cache cropping, and the loop's own bookkeeping. The prompt is paid once, per prompt token, by
+the target and (when drafting) by the draft. `speckv.pipeline.calibrate` measures it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speckv.errors import SpecKVError
+from speckv.util.files import atomic_write_text
+
+_FILE_FORMAT = "speckv-cost-model"
+_FILE_VERSION = 1
+
+
+@dataclass
+class CostModel:
+    """Seconds per step for one compression level; `t_verify_s[k - 1]` is a k-token target pass."""
+
+    compression: str
+    t_draft_s: float
+    t_verify_s: list[float]
+    t_step_s: float = 0.0
+    target_prefill_s_per_token: float = 0.0
+    draft_prefill_s_per_token: float = 0.0
+
+    def __post_init__(self):
+        if len(self.t_verify_s) < 1 or min(self.t_verify_s) < 0 or self.t_draft_s < 0:
+            raise SpecKVError(f"cost model for {self.compression}: times must be non-negative")
+
+    @property
+    def gamma_max(self) -> int:
+        return len(self.t_verify_s) - 1
+
+    def step_times(self) -> np.ndarray:
+        """Seconds of a step drafting γ tokens, indexed by γ = 0..gamma_max."""
+        gammas = np.arange(self.gamma_max + 1)
+        return gammas * self.t_draft_s + np.asarray(self.t_verify_s) + self.t_step_s
+
+    def prefill_time(self, prompt_len: int, speculative: bool) -> float:
+        """The one-off cost of reading the prompt (the draft reads it too when it drafts)."""
+        per_token = self.target_prefill_s_per_token + (self.draft_prefill_s_per_token if speculative else 0.0)
+        return prompt_len * per_token
+
+
+def save_costs(models: dict[str, CostModel], path: str | Path, meta: dict | None = None) -> None:
+    document = costs_to_dict(models, {**environment(), **(meta or {})})
+    atomic_write_text(path, json.dumps(document, indent=1))
+
+
+def load_costs(path: str | Path) -> dict[str, CostModel]:
+    """Cost models by compression level from a file written by `save_costs` (or `speckv calibrate`)."""
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise SpecKVError(f"cannot read cost model {path}: {error}") from error
+    return costs_from_dict(document, str(path))
+
+
+def costs_from_dict(document: dict, where: str) -> dict[str, CostModel]:
+    if document.get("format") != _FILE_FORMAT or document.get("version") != _FILE_VERSION:
+        raise SpecKVError(f"{where} is not a version-{_FILE_VERSION} SpecKV cost model")
+    return {name: CostModel(**fields) for name, fields in document["levels"].items()}
+
+
+def costs_to_dict(models: dict[str, CostModel], meta: dict | None = None) -> dict:
+    return {
+        "format": _FILE_FORMAT,
+        "version": _FILE_VERSION,
+        "meta": meta or {},
+        "levels": {name: asdict(model) for name, model in models.items()},
+    }
+
+
+def environment() -> dict:
+    """Where the numbers were measured: they hold for this machine and thread count only."""
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
