@@ -23,6 +23,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from speckv.paper import study as paper
+    from speckv import paper
 
     return paper.run_command(args.paper_action, args.data, args.out, args.seed)
