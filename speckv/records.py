@@ -48,6 +48,9 @@ class GenerationResult:
     steps: list[StepRecord]
     total_time_s: float
     stop_reason: str  # "eos" or "length"
+    # Seconds to the first step's tokens: reading the prompt (prefill) dominates it, so decode
+    # speed is measured after it.
+    first_token_s: float = 0.0
 
     def summary(self) -> dict:
         drafted = sum(s.gamma for s in self.steps)
@@ -62,5 +65,13 @@ class GenerationResult:
             "tokens_per_step": len(self.token_ids) / n_steps if n_steps else 0.0,
             "time_s": self.total_time_s,
             "tokens_per_s": len(self.token_ids) / self.total_time_s if self.total_time_s > 0 else 0.0,
+            "time_to_first_token_s": self.first_token_s,
+            "decode_tokens_per_s": self.decode_tokens_per_s(),
             "stop_reason": self.stop_reason,
         }
+
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second after the first step (0 when nothing was decoded after it)."""
+        later = len(self.token_ids) - (self.steps[0].tokens_produced if self.steps else 0)
+        seconds = self.total_time_s - self.first_token_s
+        return later / seconds if later > 0 and seconds > 0 else 0.0

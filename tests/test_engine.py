@@ -125,10 +125,8 @@ def test_cache_rollback_matches_fresh_forward(tiny_target, tiny_drafts):
     for record, new_tokens in decoder.stream(prompt, max_new_tokens=40):
         tokens.extend(new_tokens)
         rejections += record.accepted < record.gamma
-        for model, cache, length in (
-            (tiny_target.model, decoder._target_cache, decoder._target_len),
-            (tiny_drafts["close"].model, decoder._draft_cache, decoder._draft_len),
-        ):
+        for cached_model in (decoder.verifier.model, decoder.drafter.model):
+            model, cache, length = cached_model.loaded.model, cached_model.cache, cached_model.length
             assert cache.get_seq_length() == length <= len(tokens) - 1
             with torch.no_grad():
                 cached = model(torch.tensor([tokens[length:]]), cache=copy.deepcopy(cache)).logits[0, -1]

@@ -69,5 +69,5 @@ class CachedModel:
     def crop(self, kept: int) -> None:
         """Roll the cache back to the first `kept` positions of the sequence (no-op if shorter)."""
         if self.length > kept:
-            self.cache.crop(kept)
+            self.cache.crop(kept - self.length)  # transformers 5 crops by a negative count
             self.length = kept

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from speckv.decoding.models import LoadedModel, check_pair, load_model
+from speckv.decoding.sources import first_line
 from speckv.errors import SpecKVError
 
 DEMO_DRAFT_DIR = Path(__file__).resolve().parent.parent / "data" / "demo-draft"
@@ -30,11 +31,20 @@ def load_draft(source: str, target: LoadedModel) -> LoadedModel:
     if manifest.get("weights"):
         draft = _load_compact_draft(directory, manifest, target)
     else:
-        draft = load_model(source, compression="fp32", device=str(target.device))
+        try:
+            draft = load_model(source, compression="fp32", device=str(target.device))
+        except SpecKVError:
+            raise
+        except Exception as error:  # a config transformers cannot build a model from
+            raise SpecKVError(f"could not load draft '{source}': {_reason(error)}") from None
         if manifest.get("vocab_map"):
             _restrict_head(draft, _load_vocab_map(directory, manifest))
     check_pair(draft, target)
     return draft
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -42,15 +52,28 @@ def _read_manifest(directory: Path) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise SpecKVError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(manifest, dict):
+        raise SpecKVError(f"{path} is not a SpecKV draft manifest (a JSON object)")
+    for key in ("weights", "vocab_map", "name"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], str):
+            raise SpecKVError(f"{path}: '{key}' must be a file name (a string)")
+    return manifest
 
 
 def _load_vocab_map(directory: Path, manifest: dict) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    return load_file(directory / manifest["vocab_map"])["vocab_map"].long()
+    path = directory / manifest["vocab_map"]
+    try:
+        vocab_map = load_file(path)["vocab_map"].long()
+    except Exception as error:  # missing, damaged, or without the tensor
+        raise SpecKVError(f"draft vocabulary map {path} cannot be read ({_reason(error)})") from None
+    if vocab_map.ndim != 1 or not len(vocab_map):
+        raise SpecKVError(f"draft vocabulary map {path} is not a list of token ids")
+    return vocab_map
 
 
 def _restrict_head(draft: LoadedModel, vocab_map: torch.Tensor) -> None:
@@ -69,18 +92,34 @@ def _load_compact_draft(directory: Path, manifest: dict, target: LoadedModel) ->
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(directory)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        hidden_size = int(config.hidden_size)
+    except Exception as error:  # missing, not JSON, unknown model type, no hidden size…
+        raise SpecKVError(f"draft '{directory}' has no usable config.json ({_reason(error)})") from None
     target_embedding = target.model.get_input_embeddings().weight.detach().float()
-    if target_embedding.shape[1] != config.hidden_size:
+    if target_embedding.shape[1] != hidden_size:
         raise SpecKVError(
-            f"draft '{directory}' expects hidden size {config.hidden_size}, target has {target_embedding.shape[1]}"
+            f"draft '{directory}' expects hidden size {hidden_size}, target has {target_embedding.shape[1]}"
         )
     config.tie_word_embeddings = False
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {name: tensor.float() for name, tensor in load_file(directory / manifest["weights"]).items()}
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as error:  # values that build no model (heads not dividing the size, …)
+        raise SpecKVError(
+            f"draft '{directory}': no model can be built from its config.json ({_reason(error)})"
+        ) from None
+    weights = directory / manifest["weights"]
+    try:
+        state = {name: tensor.float() for name, tensor in load_file(weights).items()}
+    except Exception as error:  # missing or damaged safetensors file
+        raise SpecKVError(f"draft weights {weights} cannot be read ({_reason(error)})") from None
     state["model.embed_tokens.weight"] = target_embedding.cpu()
     state["lm_head.weight"] = target_embedding.cpu()
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that differ from the config's
+        raise SpecKVError(f"draft '{directory}' does not match its config ({first_line(error)})") from None
     if missing or unexpected:
         raise SpecKVError(
             f"draft '{directory}' does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"

@@ -49,9 +49,18 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SpecKVError(f"device '{device}' is not available here (no CUDA); use --device cpu")
-    if device.split(":")[0] not in ("cpu", "cuda"):
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
         raise SpecKVError(f"unknown device '{device}': use cpu, cuda or cuda:N")
-    return torch.device(device)
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise SpecKVError(
+            f"device '{device}' does not exist here ({torch.cuda.device_count()} CUDA devices: cuda:0.."
+            f"cuda:{torch.cuda.device_count() - 1})"
+        )
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise SpecKVError(f"unknown device '{device}': {first_line(error)}") from None
 
 
 def check_compression(compression: str, device: torch.device) -> None:
@@ -145,6 +154,33 @@ def check_pair(draft: LoadedModel, target: LoadedModel) -> None:
         raise SpecKVError(
             f"draft and target output sizes differ ({_output_size(draft)} vs {_output_size(target)} logits)"
         )
+
+
+def context_length(loaded: LoadedModel) -> int | None:
+    """The longest sequence (prompt + generated tokens) the model's positions cover, if it says."""
+    config = loaded.model.config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(
+    target: LoadedModel, draft: LoadedModel | None, prompt_len: int, max_new_tokens: int
+) -> None:
+    """Fail with one line, before any decoding, when prompt + new tokens exceed a model's context."""
+    needed = prompt_len + max_new_tokens
+    for role, loaded in (("target", target), ("draft", draft)):
+        limit = context_length(loaded) if loaded is not None else None
+        if limit is not None and needed > limit:
+            raise SpecKVError(
+                f"a prompt of {prompt_len} tokens + {max_new_tokens} new tokens = {needed} tokens exceeds "
+                f"the {role}'s context of {limit} tokens ({loaded.name}); shorten the prompt or lower "
+                "--max-new-tokens"
+            )
 
 
 def _output_size(loaded: LoadedModel) -> int:

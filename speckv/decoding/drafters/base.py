@@ -1,0 +1,74 @@
+"""The drafter interface: what the loop needs from anything that proposes tokens.
+
+Per step the loop iterates `draft(context, budget, …)`, one `Proposal` at a time, and stops
+pulling when the budget is reached, a proposal is an end-of-sequence token or the controller says
+stop (the stopping rules live in the step protocol, `speckv.decoding.step`, not in drafters).
+After verification it calls `rollback(kept, verdict)`: the drafter keeps the first `kept`
+positions of the sequence in whatever state it holds (a KV cache, a suffix index, nothing).
+
+A drafter that reads the target's hidden states (a feature head) names the layers in
+`target_hidden_layers`; the verify pass then returns them in `Verdict.hidden_states` without an
+extra target forward. A model-free drafter (n-gram) needs no state at all; a tree drafter
+proposes more than one chain, and the verifier reports the accepted path as tokens, so the loop
+never indexes the draft itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from speckv.decoding.verify import SamplingConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """One drafted token with the drafter's signals about it."""
+
+    token: int
+    entropy: float  # bits, of the drafter's next-token distribution
+    confidence: float  # that distribution's largest probability
+    token_prob: float  # probability of `token` under it
+    probs: torch.Tensor | None = None  # full target-vocabulary distribution; sampling only
+
+
+@dataclass
+class Verdict:
+    """What verification decided: the accepted drafted tokens and the target's own next token."""
+
+    accepted_tokens: list[int]
+    next_token: int
+    # Hidden states of the target pass (one tensor per layer in `target_hidden_layers`, shape
+    # (positions fed, hidden)); None unless the drafter asked for them.
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def accepted(self) -> int:
+        return len(self.accepted_tokens)
+
+
+class Drafter(ABC):
+    """Proposes candidate tokens for the target to verify; one sequence at a time."""
+
+    name: str = "drafter"
+    target_hidden_layers: tuple[int, ...] = ()
+
+    def begin(self) -> None:
+        """A new sequence starts: forget the previous one."""
+
+    @abstractmethod
+    def draft(
+        self,
+        context: list[int],
+        budget: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> Iterator[Proposal]:
+        """Propose up to `budget` tokens following `context` (the whole sequence so far), lazily:
+        the loop stops iterating when it has enough."""
+
+    def rollback(self, kept: int, verdict: Verdict) -> None:
+        """After verification: keep the first `kept` positions of the sequence."""

@@ -1,0 +1,120 @@
+"""One speculative step, the controller-facing protocol, written once.
+
+The engine runs it with live models; offline replay runs it with a recorded trace standing in for
+the drafter and the target (`speckv.pipeline.replay`), so every controller sees exactly the same
+calls in both:
+
+1. `begin_step()` sets the budget, capped at what the sequence may still use;
+2. the drafter proposes tokens until the budget, an end-of-sequence token, or
+   `continue_drafting(signals)` returning False;
+3. in greedy decoding `verify_count(record)` may keep only a prefix for the target (range-checked);
+4. the verifier decides (accepted tokens, the target's next token), and both sides roll back to
+   the kept sequence;
+5. `end_step(record)` sees the finished record.
+
+Times are wall-clock seconds, or modelled by a cost model when one is given (replay).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from speckv.controllers.base import Controller
+from speckv.costs import CostModel
+from speckv.decoding.drafters.base import Drafter, Verdict
+from speckv.decoding.verify import SamplingConfig
+from speckv.errors import SpecKVError
+from speckv.records import StepRecord, TokenSignals
+
+
+class Verifier(Protocol):
+    """The target's side of a step."""
+
+    def verify(
+        self,
+        context: list[int],
+        drafted: list[int],
+        draft_probs: list[torch.Tensor],
+        generator: torch.Generator | None,
+    ) -> Verdict: ...
+
+    def rollback(self, kept: int) -> None: ...
+
+
+def run_step(
+    step: int,
+    context: list[int],
+    cap: int,
+    controller: Controller | None,
+    drafter: Drafter | None,
+    verifier: Verifier,
+    sampling: SamplingConfig,
+    eos_ids: frozenset[int],
+    generator: torch.Generator | None = None,
+    cost: CostModel | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[StepRecord, list[int]]:
+    """Run one step after `context` (the whole sequence so far, which the caller extends with the
+    returned tokens); `cap` = the most tokens the step may draft. Returns (record, new tokens)."""
+    started = clock()
+    budget = min(controller.begin_step(), cap) if controller is not None and drafter is not None else 0
+    record = StepRecord(step=step, gamma_budget=budget, gamma=0, accepted=0, tokens_produced=0)
+    record.controller_time_s = clock() - started
+
+    drafted: list[int] = []
+    draft_probs: list[torch.Tensor] = []
+    if budget > 0:
+        draft_start = clock()
+        asking = 0.0
+        for position, proposal in enumerate(drafter.draft(context, budget, sampling, generator), start=1):
+            record.draft_entropy.append(proposal.entropy)
+            record.draft_confidence.append(proposal.confidence)
+            record.draft_token_prob.append(proposal.token_prob)
+            drafted.append(proposal.token)
+            if proposal.probs is not None:
+                draft_probs.append(proposal.probs)
+            if proposal.token in eos_ids or position >= budget:
+                break
+            asked = clock()
+            go_on = controller.continue_drafting(
+                TokenSignals(position, proposal.entropy, proposal.confidence, proposal.token_prob)
+            )
+            asking += clock() - asked
+            if not go_on:
+                break
+        record.controller_time_s += asking
+        record.draft_time_s = clock() - draft_start - asking
+    record.drafted = len(drafted)
+    if drafted and sampling.greedy:
+        asked = clock()
+        keep = controller.verify_count(record)
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= len(drafted):
+            raise SpecKVError(f"{controller.describe()} asked to verify {keep!r} of {len(drafted)} tokens")
+        drafted = drafted[:keep]
+        record.controller_time_s += clock() - asked
+
+    verify_start = clock()
+    verdict = verifier.verify(context, drafted, draft_probs[: len(drafted)], generator)
+    new_tokens = [*verdict.accepted_tokens, verdict.next_token]
+    hit_eos = next((i for i, t in enumerate(new_tokens) if t in eos_ids), None)
+    if hit_eos is not None:
+        new_tokens = new_tokens[: hit_eos + 1]
+    kept = len(context) + verdict.accepted  # what both sides keep: the next token is not fed yet
+    verifier.rollback(kept)
+    if drafter is not None:
+        drafter.rollback(kept, verdict)
+    record.verify_time_s = clock() - verify_start
+
+    record.gamma, record.accepted, record.tokens_produced = len(drafted), verdict.accepted, len(new_tokens)
+    if cost is not None:
+        record.draft_time_s = record.drafted * cost.t_draft_s
+        record.verify_time_s = cost.t_verify_s[record.gamma]
+    if controller is not None:
+        ended = clock()
+        controller.end_step(record)
+        record.controller_time_s += clock() - ended
+    return record, new_tokens
