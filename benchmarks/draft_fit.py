@@ -23,7 +23,8 @@ import torch
 
 from speckv.decoding.draft_files import load_draft
 from speckv.decoding.models import load_model
-from speckv.distill import run as distill
+from speckv.distill.data import GenConfig, default_work_dir
+from speckv.distill.measure import loaded_agreement
 from speckv.pipeline.compare import write_results_section
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -40,8 +41,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     target = load_model("demo", "fp32", device="cpu")
-    gen = distill.GenConfig()
-    work = Path(args.work_dir) if args.work_dir else distill.default_work_dir(target.name, gen)
+    gen = GenConfig()
+    work = Path(args.work_dir) if args.work_dir else default_work_dir(target.name, gen)
     if not (work / "train").is_dir():
         sys.exit(f"error: no distill data in {work}; run `speckv distill --target demo` or pass --work-dir")
     # Only shards already on disk: this script measures, it never generates.
@@ -66,7 +67,7 @@ def main() -> None:
         for name in args.drafts.split(","):
             draft = load_draft(name, target)
             for label, sample in (("train", train), ("held-out", heldout)):
-                agreement = distill.loaded_agreement(draft, target, sample)
+                agreement = loaded_agreement(draft, sample)
                 cells = " | ".join(f"{agreement.get(task, float('nan')):.3f}" for task in tasks)
                 lines.append(f"| {name} | {label} ({len(sample)}) | {cells} |")
     command = "python benchmarks/draft_fit.py " + " ".join(sys.argv[1:])

@@ -1,4 +1,4 @@
-"""speckv.distill.run on a tiny random Llama: data generation, training, save/load, resume."""
+"""speckv.distill on a tiny random Llama: data generation, training, save/load, resume."""
 
 from __future__ import annotations
 
@@ -7,9 +7,15 @@ import json
 import pytest
 import torch
 
+from speckv.cli.distill import parse_samples
 from speckv.decoding.draft_files import load_draft
 from speckv.decoding.models import LoadedModel
-from speckv.distill import run as distill
+from speckv.distill.data import GenConfig, generate_data
+from speckv.distill.draft_model import parse_layers, trainable_state
+from speckv.distill.measure import cost_ratio, loaded_agreement
+from speckv.distill.saving import save_draft
+from speckv.distill.training import TrainConfig, train_draft
+from speckv.errors import SpecKVError
 
 VOCAB = 128
 WORDS = [f"w{i}" for i in range(VOCAB - 3)]
@@ -63,7 +69,7 @@ def data(target, tmp_path_factory):
         words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (6,), generator=rng)]
         lines.append(json.dumps({"id": f"p{i}", "task": ("code", "chat")[i % 2], "prompt": " ".join(words)}))
     prompts.write_text("\n".join(lines) + "\n")
-    gen = distill.GenConfig(
+    gen = GenConfig(
         prompts=str(prompts),
         new_tokens=12,
         top_k=8,
@@ -71,8 +77,8 @@ def data(target, tmp_path_factory):
         heldout_per_task=2,
         extra="",
     )
-    train = distill.generate_data(target, gen, work, "train", batch_rows=8, progress=False)
-    heldout = distill.generate_data(target, gen, work, "heldout", batch_rows=8, progress=False)
+    train = generate_data(target, gen, work, "train", batch_rows=8, progress=False)
+    heldout = generate_data(target, gen, work, "heldout", batch_rows=8, progress=False)
     return gen, work, train, heldout
 
 
@@ -92,7 +98,7 @@ def test_generation_records_target_logits_and_resumes(target, data):
             assert torch.equal(record["response"], record["top_idx"][:, 0])
     shards = sorted((work / "train").glob("*.pt"))
     stamps = [shard.stat().st_mtime_ns for shard in shards]
-    again = distill.generate_data(target, gen, work, "train", batch_rows=8, progress=False)
+    again = generate_data(target, gen, work, "train", batch_rows=8, progress=False)
     assert [shard.stat().st_mtime_ns for shard in shards] == stamps  # nothing regenerated
     assert len(again) == len(train)
 
@@ -100,12 +106,12 @@ def test_generation_records_target_logits_and_resumes(target, data):
 def _cfg(**overrides):
     settings = dict(layers="0,-1", vocab=64, epochs=3, batch_tokens=48, lr=3e-3, warmup=2, ce_weight=0.5)
     settings.update(overrides)
-    return distill.TrainConfig(**settings)
+    return TrainConfig(**settings)
 
 
 def test_training_reduces_loss_and_save_load_roundtrip(target, data, tmp_path):
     _, _, train, heldout = data
-    draft, vocab_map, history = distill.train_draft(
+    draft, vocab_map, history = train_draft(
         target.model, train, heldout, _cfg(), tmp_path / "run", [2], progress=False, log=lambda _: None
     )
     losses = [entry["loss"] for entry in history if "loss" in entry]
@@ -113,49 +119,45 @@ def test_training_reduces_loss_and_save_load_roundtrip(target, data, tmp_path):
     assert len(vocab_map) == 64 and 2 in vocab_map.tolist()
 
     out = tmp_path / "draft"
-    distill.save_draft(draft, vocab_map, target.tokenizer, out, {"name": "tiny-draft"})
+    save_draft(draft, vocab_map, target.tokenizer, out, {"name": "tiny-draft"})
     loaded = load_draft(str(out), target)
     assert loaded.name == "tiny-draft" and torch.equal(loaded.vocab_map, vocab_map)
     # The saved weights are bf16: compare with the trained draft rounded the same way.
     with torch.no_grad():
-        for tensor in distill.trainable_state(draft).values():
+        for tensor in trainable_state(draft).values():
             tensor.copy_(tensor.to(torch.bfloat16).float())
         ids = torch.cat([heldout[0]["prompt"], heldout[0]["response"]]).long()[None]
         expected = draft.model(input_ids=ids).last_hidden_state @ draft.model.embed_tokens.weight[vocab_map].T
         got = loaded.model(input_ids=ids).logits
     assert got.shape[-1] == 64
     assert torch.allclose(got, expected, atol=1e-5)
-    agreement = distill.loaded_agreement(loaded, target, heldout)
+    agreement = loaded_agreement(loaded, heldout)
     assert set(agreement) == {"chat", "code", "overall"}
-    target_s, draft_s, ratio = distill.cost_ratio(loaded, target, heldout[0]["prompt"].tolist(), rounds=1)
+    target_s, draft_s, ratio = cost_ratio(loaded, target, heldout[0]["prompt"].tolist(), rounds=1)
     assert target_s > 0 and draft_s > 0 and ratio == pytest.approx(draft_s / target_s)
 
 
 def test_interrupted_training_resumes_to_the_same_weights(target, data, tmp_path):
     _, _, train, heldout = data
     quiet = dict(progress=False, log=lambda _: None)
-    full, _, _ = distill.train_draft(
-        target.model, train, heldout, _cfg(epochs=2), tmp_path / "a", [2], **quiet
-    )
+    full, _, _ = train_draft(target.model, train, heldout, _cfg(epochs=2), tmp_path / "a", [2], **quiet)
     with pytest.raises(KeyboardInterrupt):
-        distill.train_draft(
-            target.model, train, heldout, _cfg(epochs=2), tmp_path / "b", [2], stop_after=5, **quiet
-        )
+        train_draft(target.model, train, heldout, _cfg(epochs=2), tmp_path / "b", [2], stop_after=5, **quiet)
     assert (tmp_path / "b" / "checkpoint.pt").exists()
     messages = []
-    resumed, _, history = distill.train_draft(
+    resumed, _, history = train_draft(
         target.model, train, heldout, _cfg(epochs=2), tmp_path / "b", [2], progress=False, log=messages.append
     )
     assert any(message.startswith("resuming") for message in messages)
     assert [entry["epoch"] for entry in history] == [0, 1, 2]
-    for name, tensor in distill.trainable_state(full).items():
-        assert torch.allclose(tensor, distill.trainable_state(resumed)[name], atol=1e-6), name
+    for name, tensor in trainable_state(full).items():
+        assert torch.allclose(tensor, trainable_state(resumed)[name], atol=1e-6), name
 
 
 def test_layers_and_samples_parsing():
-    assert distill.parse_layers("0,-1", 30) == [0, 29]
-    with pytest.raises(distill.SpecKVError):
-        distill.parse_layers("0,30", 30)
-    assert distill.parse_samples("code=3")["code"] == 3
-    with pytest.raises(distill.SpecKVError):
-        distill.parse_samples("code=x")
+    assert parse_layers("0,-1", 30) == [0, 29]
+    with pytest.raises(SpecKVError):
+        parse_layers("0,30", 30)
+    assert parse_samples("code=3")["code"] == 3
+    with pytest.raises(SpecKVError):
+        parse_samples("code=x")

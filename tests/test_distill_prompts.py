@@ -7,7 +7,7 @@ import json
 import pytest
 
 from speckv.datasets import split_of
-from speckv.distill import run as distill
+from speckv.distill.data import GenConfig, plan_jobs
 from speckv.distill.prompts import (
     extra_prompts,
     extra_set_names,
@@ -40,9 +40,9 @@ def test_template_chat_prompts_are_distinct_requests():
 def test_data_keys_of_the_two_drafts_are_stable():
     # The data of the shipped draft (all extra sets) and of the first draft (none) live under these
     # keys; adding options must not orphan them.
-    assert distill.GenConfig().key() == "cc325b632d"
-    assert distill.GenConfig(extra="").key() == "801dc542c4"
-    assert distill.GenConfig(extra="template-chat").key() not in ("cc325b632d", "801dc542c4")
+    assert GenConfig().key() == "cc325b632d"
+    assert GenConfig(extra="").key() == "801dc542c4"
+    assert GenConfig(extra="template-chat").key() not in ("cc325b632d", "801dc542c4")
     assert extra_set_names("none") == [] and extra_set_names(" template-chat, ") == ["template-chat"]
 
 
@@ -53,8 +53,8 @@ def test_extra_prompts_get_their_own_jobs(tmp_path):
     prompts.write_text(
         "\n".join(json.dumps({"id": f"p{i}", "task": "chat", "prompt": f"w{i} w{i + 1}"}) for i in range(6))
     )
-    plain = distill.GenConfig(prompts=str(prompts), samples={"chat": 2}, extra="")
-    extra = distill.GenConfig(
+    plain = GenConfig(prompts=str(prompts), samples={"chat": 2}, extra="")
+    extra = GenConfig(
         prompts=str(prompts),
         samples={"chat": 2},
         extra="template-chat",
@@ -62,8 +62,8 @@ def test_extra_prompts_get_their_own_jobs(tmp_path):
         extra_samples={"chat": 3},
     )
     tokenizer = _tokenizer()
-    base_jobs = distill.plan_jobs(tokenizer, plain, "train", batch_rows=8)
-    jobs = distill.plan_jobs(tokenizer, extra, "train", batch_rows=8)
+    base_jobs = plan_jobs(tokenizer, plain, "train", batch_rows=8)
+    jobs = plan_jobs(tokenizer, extra, "train", batch_rows=8)
     assert [(j.name, j.items) for j in jobs if j in base_jobs] == [(j.name, j.items) for j in base_jobs]
     added = [j for j in jobs if j.name.startswith("train-extra-chat-")]
     assert sum(len(j.items) for j in added) == 5 and {j.samples for j in added} == {3}

@@ -1,6 +1,16 @@
-"""`speckv distill`: train a draft for a target by distillation."""
+"""`speckv distill`: train a draft for a target by distillation.
+
+The options left unset are None here, so the defaults are those of the library's dataclasses
+(`GenConfig`, `TrainConfig`) and are written down only there.
+"""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from speckv.cli.options import set_threads
+from speckv.errors import SpecKVError
 
 
 def register(sub) -> None:
@@ -41,6 +51,61 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from speckv.distill import run as distill
+    from speckv.distill.data import GenConfig
+    from speckv.distill.prompts import extra_set_names
+    from speckv.distill.run import DistillConfig, run_distill
+    from speckv.distill.training import TrainConfig
 
-    return distill.run(args)
+    set_threads(args.threads)
+    gen = GenConfig(
+        **_given(
+            prompts=args.prompts, new_tokens=args.new_tokens, temperature=args.temperature, extra=args.extra
+        )
+    )
+    gen.samples.update(parse_samples(args.samples))
+    # Checked here (a typo fails before the held-out data is generated) and spelled one way, since
+    # the string is part of the data key.
+    gen.extra = ",".join(extra_set_names(gen.extra))
+    train = TrainConfig(
+        **_given(
+            layers=args.layers,
+            vocab=args.vocab,
+            epochs=args.epochs,
+            batch_tokens=args.batch_tokens,
+            lr=args.lr,
+            ce_weight=args.ce_weight,
+        )
+    )
+    if not 0 <= train.ce_weight <= 1:
+        raise SpecKVError(f"--ce-weight must lie in 0..1, got {train.ce_weight}")
+    if train.epochs < 1 or train.batch_tokens < 1 or gen.new_tokens < 1:
+        raise SpecKVError("--epochs, --batch-tokens and --new-tokens must be positive")
+    config = DistillConfig(
+        target=args.target,
+        out=Path(args.out).expanduser(),
+        name=args.name,
+        work_dir=Path(args.work_dir).expanduser() if args.work_dir else None,
+        gen=gen,
+        train=train,
+        command="speckv distill " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None,
+    )
+    return run_distill(config)
+
+
+def parse_samples(text: str | None) -> dict[str, int]:
+    """'code=8,chat=12' -> {'code': 8, 'chat': 12}: the tasks whose sample count the user set."""
+    samples = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        task, _, count = part.partition("=")
+        try:
+            samples[task.strip()] = int(count)
+        except ValueError:
+            raise SpecKVError(f"--samples takes task=count pairs, got '{part}'") from None
+    return samples
+
+
+def _given(**options) -> dict:
+    """The options the user set (not None), so unset ones take the dataclass defaults."""
+    return {name: value for name, value in options.items() if value is not None}
