@@ -21,9 +21,23 @@ import transformers
 from speckv import datasets
 from speckv.decoding.draft_files import load_draft
 from speckv.decoding.models import encode_prompt, load_model
-from speckv.pipeline.compare import Method, compare, default_methods, speedup_table, write_results_section
+from speckv.pipeline.compare import Method, compare, hf_assisted_methods, speedup_table, write_results_section
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def default_methods(gammas: tuple[int, ...] = (2, 3, 4, 5), with_hf: bool = True) -> list[Method]:
+    methods = [Method("target only (speckv)")]
+    if with_hf:
+        methods.append(Method("target only (HF generate)", hf=True))
+    methods += [Method(f"speckv fixed γ={g}", controller=f"fixed:{g}") for g in gammas]
+    methods += [
+        Method("speckv heuristic", controller="heuristic"),
+        Method("speckv confidence", controller="confidence"),
+    ]
+    if with_hf:
+        methods += hf_assisted_methods(gammas)
+    return methods
 
 
 def main() -> None:

@@ -6,11 +6,18 @@ import torch
 from conftest import loaded, perturbed_copy
 
 from speckv.decoding.draft_files import _restrict_head
-from speckv.pipeline.compare import compare, default_methods, speedup_table, write_results_section
+from speckv.pipeline.compare import Method, compare, hf_assisted_methods, speedup_table, write_results_section
 
 
 def test_compare_runs_every_method_losslessly(tiny_target, tiny_drafts):
-    methods = default_methods(gammas=(2, 4))
+    methods = [
+        Method("target only (speckv)"),
+        Method("target only (HF generate)", hf=True),
+        *(Method(f"speckv fixed γ={g}", controller=f"fixed:{g}") for g in (2, 4)),
+        Method("speckv heuristic", controller="heuristic"),
+        Method("speckv confidence", controller="confidence"),
+        *hf_assisted_methods((2, 4)),
+    ]
     results = compare(
         tiny_target, tiny_drafts["close"], [[3, 4, 5], [7, 8]], methods, 10, repeats=2, progress=False
     )
@@ -29,7 +36,8 @@ def test_hf_assistant_sees_a_reduced_vocabulary_draft_like_ours(tiny_target):
     draft = loaded(perturbed_copy(tiny_target.model, seed=7, noise=0.01), "reduced")
     _restrict_head(draft, torch.arange(0, 40))  # the draft may only propose tokens 0..39
     methods = [
-        m for m in default_methods(gammas=(3,)) if m.name in ("target only (speckv)", "HF assisted (γ=3)")
+        Method("target only (speckv)"),
+        *(m for m in hf_assisted_methods((3,)) if m.name == "HF assisted (γ=3)"),
     ]
     results = compare(tiny_target, draft, [[5, 6, 7]], methods, 12, repeats=1, progress=False)
     assert results[0].outputs == results[1].outputs

@@ -53,20 +53,6 @@ class MethodResult:
         return self.accepted / self.steps if self.steps else 0.0
 
 
-def default_methods(gammas: tuple[int, ...] = (2, 3, 4, 5), with_hf: bool = True) -> list[Method]:
-    methods = [Method("target only (speckv)")]
-    if with_hf:
-        methods.append(Method("target only (HF generate)", hf=True))
-    methods += [Method(f"speckv fixed γ={g}", controller=f"fixed:{g}") for g in gammas]
-    methods += [
-        Method("speckv heuristic", controller="heuristic"),
-        Method("speckv confidence", controller="confidence"),
-    ]
-    if with_hf:
-        methods += hf_assisted_methods(gammas)
-    return methods
-
-
 def hf_assisted_methods(gammas: tuple[int, ...]) -> list[Method]:
     """HF assisted generation: its defaults, its heuristic schedule, and constant γ without threshold."""
     return [

@@ -123,17 +123,6 @@ def expected_tokens(accept_probs: np.ndarray) -> np.ndarray:
     return 1.0 + np.cumprod(accept_probs, axis=-1).sum(axis=-1)
 
 
-def expected_tokens_constant(rate: np.ndarray | float, gamma: np.ndarray | int) -> np.ndarray:
-    """Closed form of `expected_tokens` for a constant rate a: (1 − a^(γ+1)) / (1 − a)."""
-    rate = np.asarray(rate, dtype=float)
-    gamma = np.asarray(gamma)
-    is_one = rate == 1.0
-    # a = 1 is the limit γ + 1; substitute a harmless rate there to avoid 0 / 0.
-    safe_rate = np.where(is_one, 0.5, rate)
-    closed_form = (1 - safe_rate ** (gamma + 1)) / (1 - safe_rate)
-    return np.where(is_one, gamma + 1.0, closed_form)
-
-
 def paired_ratio_difference(
     numerator_a: np.ndarray,
     denominator_a: np.ndarray,
