@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from scipy.stats import chisquare
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from speckv.controllers.base import Controller
 from speckv.decoding.models import LoadedModel
+from speckv.decoding.verify import SamplingConfig, warp_probs
 
 VOCAB = 64
 EOS_ID = 1
@@ -127,3 +130,31 @@ class PrefixController(Controller):
         self.asked += 1
         confident = [c >= self.threshold for c in record.draft_confidence]
         return confident.index(False) if False in confident else len(confident)
+
+
+# --- sampling checks -------------------------------------------------------------------------------
+
+SMALL_VOCAB = 5
+
+
+def exact_first_two(model, prompt: list[int], config: SamplingConfig) -> np.ndarray:
+    """P(t1, t2) under the warped target distribution, by enumeration."""
+    with torch.no_grad():
+        first = warp_probs(model(torch.tensor([prompt])).logits[0, -1], config)
+        joint = np.zeros((SMALL_VOCAB, SMALL_VOCAB))
+        for t1 in range(SMALL_VOCAB):
+            second = warp_probs(model(torch.tensor([prompt + [t1]])).logits[0, -1], config)
+            joint[t1] = (first[t1] * second).numpy()
+    return joint
+
+
+def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Pearson chi-square p-value, pooling cells expected below 5 into one; 0 if an impossible cell occurs."""
+    if counts[probs == 0].sum() > 0:
+        return 0.0
+    expected = probs.ravel() * counts.sum()
+    small = expected < 5
+    observed = np.append(counts.ravel()[~small], counts.ravel()[small].sum())
+    expected = np.append(expected[~small], expected[small].sum())
+    keep = expected > 0
+    return float(chisquare(observed[keep], expected[keep] * observed.sum() / expected[keep].sum()).pvalue)

@@ -7,12 +7,11 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import PrefixController, loaded, tiny_model
-from scipy.stats import chisquare
+from conftest import SMALL_VOCAB, PrefixController, chi_square_p, exact_first_two, loaded, tiny_model
 
 from speckv.controllers import make_controller
 from speckv.decoding.engine import SpeculativeDecoder
-from speckv.decoding.verify import SamplingConfig, warp_probs
+from speckv.decoding.verify import SamplingConfig
 from speckv.errors import SpecKVError
 
 CONTROLLERS = [f"fixed:{g}" for g in range(1, 9)] + ["heuristic", "heuristic:1", "confidence:0.5"]
@@ -137,19 +136,6 @@ def test_cache_rollback_matches_fresh_forward(tiny_target, tiny_drafts):
 
 # --- sampling -----------------------------------------------------------------------------------
 
-SMALL_VOCAB = 5
-
-
-def exact_first_two(model, prompt: list[int], config: SamplingConfig) -> np.ndarray:
-    """P(t1, t2) under the warped target distribution, by enumeration."""
-    with torch.no_grad():
-        first = warp_probs(model(torch.tensor([prompt])).logits[0, -1], config)
-        joint = np.zeros((SMALL_VOCAB, SMALL_VOCAB))
-        for t1 in range(SMALL_VOCAB):
-            second = warp_probs(model(torch.tensor([prompt + [t1]])).logits[0, -1], config)
-            joint[t1] = (first[t1] * second).numpy()
-    return joint
-
 
 def sampled_first_two(target, draft, spec, config: SamplingConfig, runs: int) -> np.ndarray:
     counts = np.zeros((SMALL_VOCAB, SMALL_VOCAB))
@@ -159,18 +145,6 @@ def sampled_first_two(target, draft, spec, config: SamplingConfig, runs: int) ->
         result = SpeculativeDecoder(target, draft, controller, seeded, eos_token_ids=()).generate([3, 1], 3)
         counts[result.token_ids[0], result.token_ids[1]] += 1
     return counts
-
-
-def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
-    """Pearson chi-square p-value, pooling cells expected below 5 into one; 0 if an impossible cell occurs."""
-    if counts[probs == 0].sum() > 0:
-        return 0.0
-    expected = probs.ravel() * counts.sum()
-    small = expected < 5
-    observed = np.append(counts.ravel()[~small], counts.ravel()[small].sum())
-    expected = np.append(expected[~small], expected[small].sum())
-    keep = expected > 0
-    return float(chisquare(observed[keep], expected[keep] * observed.sum() / expected[keep].sum()).pvalue)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from speckv.decoding.models import LoadedModel
 from speckv.decoding.verify import SamplingConfig
 
 
@@ -55,6 +56,7 @@ class Drafter(ABC):
 
     name: str = "drafter"
     target_hidden_layers: tuple[int, ...] = ()
+    loaded: LoadedModel | None = None  # the draft model it runs, if any (context limits, baselines)
 
     def begin(self) -> None:
         """A new sequence starts: forget the previous one."""

@@ -1,0 +1,110 @@
+"""The n-gram drafter: suffix matching worked out by hand, and lossless decoding with it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SMALL_VOCAB, chi_square_p, exact_first_two, loaded, tiny_model
+from test_engine import reference_greedy
+
+from speckv.controllers import make_controller
+from speckv.decoding.drafters import NGramDrafter, make_drafter
+from speckv.decoding.drafters.ngram import SuffixIndex
+from speckv.decoding.engine import SpeculativeDecoder
+from speckv.decoding.verify import SamplingConfig
+from speckv.errors import SpecKVError
+
+GREEDY = SamplingConfig()
+
+
+def test_suffix_index_by_hand():
+    index = SuffixIndex(min_match=1, max_match=2)
+    index.extend([1, 2, 3, 1, 2])
+    index.extend([4, 1, 2])  # indexed incrementally: the same as all at once
+    # [1, 2] was followed by 3 (position 2) and 4 (position 5); the most recent follower is at 5.
+    counts, recent = index.lookup([9, 1, 2])
+    assert counts == {3: 1, 4: 1} and recent == 5
+    # The longest match wins: [2, 1] never occurred, so [1] alone: followed by 2, 2, 2.
+    counts, recent = index.lookup([2, 1])
+    assert counts == {2: 3} and recent == 7
+    assert index.lookup([7]) is None
+
+
+def test_drafter_copies_the_continuation_with_count_signals():
+    drafter = NGramDrafter(vocab_size=16, min_match=1, max_match=3)
+    proposals = list(drafter.draft([5, 6, 7, 8, 9, 5, 6], 3, GREEDY, None))
+    assert [p.token for p in proposals] == [7, 8, 9]
+    assert all(p.confidence == p.token_prob == 1.0 and p.entropy == 0.0 for p in proposals)
+    # Two followers seen once each: 1 bit of entropy, confidence ½, the most recent one proposed.
+    drafter.begin()
+    (first,) = drafter.draft([1, 2, 3, 1, 2, 4, 1, 2], 1, GREEDY, None)
+    assert first.token == 4 and first.entropy == pytest.approx(1.0) and first.token_prob == 0.5
+    # Nothing to copy: no proposal, the step becomes a plain target step.
+    drafter.begin()
+    assert list(drafter.draft([1, 2, 3], 4, GREEDY, None)) == []
+
+
+def test_drafter_spec_parsing(tiny_target):
+    assert make_drafter("ngram", tiny_target).name == "ngram:1-4"
+    assert make_drafter("ngram:2-3", tiny_target).name == "ngram:2-3"
+    with pytest.raises(SpecKVError, match="bad n-gram drafter"):
+        make_drafter("ngram:x", tiny_target)
+    with pytest.raises(SpecKVError, match="min ≤ max"):
+        make_drafter("ngram:3-2", tiny_target)
+
+
+@pytest.mark.parametrize("spec", ["fixed:1", "fixed:4", "fixed:8", "heuristic", "confidence:0.5"])
+def test_greedy_with_ngrams_equals_target_greedy(tiny_target, spec):
+    base = [7, 3, 9, 11, 2]
+    # A prompt that contains the target's own continuation: copying it is often right.
+    continuation = reference_greedy(tiny_target.model, base, 12)
+    prompt = base + continuation + [5] + base
+    expected = reference_greedy(tiny_target.model, prompt, 30)
+    drafter = NGramDrafter(tiny_target.model.config.vocab_size)
+    decoder = SpeculativeDecoder(tiny_target, drafter, make_controller(spec), eos_token_ids=())
+    result = decoder.generate(prompt, 30)
+    assert result.token_ids == expected
+    assert sum(s.accepted for s in result.steps) >= 5  # the copied continuation was accepted
+    again = decoder.generate(prompt, 30)  # a second stream on the same decoder starts clean
+    assert again.token_ids == expected
+
+
+def test_sampling_with_ngrams_follows_the_target_distribution():
+    target = loaded(tiny_model(seed=10, vocab=SMALL_VOCAB, head_scale=6.0, eos=0), "small-target")
+    prompt = [3, 1, 2, 3, 1, 4, 3, 1]  # [3, 1] was followed by 2 and by 4: the draft samples one
+    config = SamplingConfig(1.0)
+    exact = exact_first_two(target.model, prompt, config)
+    counts = torch.zeros(SMALL_VOCAB, SMALL_VOCAB).numpy()
+    drafted = 0
+    for seed in range(1200):
+        decoder = SpeculativeDecoder(
+            target, NGramDrafter(SMALL_VOCAB), make_controller("fixed:3"), SamplingConfig(1.0, seed=seed), ()
+        )
+        result = decoder.generate(prompt, 2)
+        counts[result.token_ids[0], result.token_ids[1]] += 1
+        drafted += sum(s.gamma for s in result.steps)
+    assert drafted > 600  # the drafter did propose
+    assert chi_square_p(counts, exact) > 1e-3
+
+
+def test_generate_with_the_ngram_drafter(capsys, tiny_model_dirs):
+    from speckv.cli import main
+
+    target = str(tiny_model_dirs["target"])
+    common = [
+        "generate",
+        "--target",
+        target,
+        "--prompt",
+        "w5 w6 w7 w5 w6",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]
+    assert main([*common, "--draft", "ngram:1-3", "--gamma", "3"]) == 0
+    speculative = json.loads(capsys.readouterr().out)
+    assert speculative["config"]["draft"] == "ngram:1-3"
+    assert main([*common, "--no-draft"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == speculative["token_ids"]
