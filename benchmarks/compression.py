@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from speckv import datasets
+from speckv.cli.options import configure_threads
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.models import encode_prompt, load_model
 from speckv.pipeline.compare import write_results_section
@@ -38,10 +39,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--per-task", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: speckv's rule, docs/engine.md)"
+    )
+    parser.add_argument("--fp32-head", action=argparse.BooleanOptionalAction, default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     levels = args.levels.split(",")
     if levels[0] != "fp32":
         levels = ["fp32", *[level for level in levels if level != "fp32"]]
@@ -59,7 +62,7 @@ def main() -> None:
 
     rows = []
     for level in levels:
-        model = load_model("demo", level)
+        model = load_model("demo", level, fp32_head=args.fp32_head)
         decoder = SpeculativeDecoder(model)
         decoder.generate(prompts[0][:16], 4)  # warm-up
         speeds = []
@@ -75,7 +78,7 @@ def main() -> None:
             choice = _teacher_forced_argmax(model, prompt, run)
             agree += int((choice == expected).sum())
             total += len(expected)
-        rows.append((level, statistics.median(speeds), agree / total))
+        rows.append((model.precision, statistics.median(speeds), agree / total))
         print(f"{level}: {rows[-1][1]:.1f} tokens/s, agreement {rows[-1][2]:.3f}", file=sys.stderr)
         del model, decoder
 
@@ -85,7 +88,8 @@ def main() -> None:
         "|---|---|---:|---:|---:|",
     ]
     lines += [
-        f"| {lvl} | {BACKENDS[lvl]} | {tps:.1f} | {tps / base:.2f}× | {agr:.3f} |" for lvl, tps, agr in rows
+        f"| {lvl} | {BACKENDS[lvl.partition('+')[0]]} | {tps:.1f} | {tps / base:.2f}× | {agr:.3f} |"
+        for lvl, tps, agr in rows
     ]
     command = " ".join(["python benchmarks/compression.py", *sys.argv[1:]])
     body = (

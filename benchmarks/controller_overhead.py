@@ -80,8 +80,9 @@ def main() -> None:
     parser.add_argument("--controller", help="controller JSON (default: shipped, else a stand-in)")
     parser.add_argument("--calls", type=int, default=20000)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: one decision)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     path = Path(args.controller) if args.controller else SHIPPED
     models = ControllerModels.load(path) if path.exists() else stand_in_models()
     source = str(path) if path.exists() else "stand-in weights (no trained file)"

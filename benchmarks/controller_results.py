@@ -11,14 +11,14 @@ The tables are read from `speckv report`'s CSVs, which it (re)writes first.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 from speckv.pipeline.compare import write_results_section
-from speckv.pipeline.evaluation import write_report
+from speckv.pipeline.evaluation import REPORT_DIR, read_evaluation
+from speckv.pipeline.report import write_report
 from speckv.util.reporting import markdown_table
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -46,9 +46,10 @@ def main() -> int:
     parser.add_argument("--note", default="", help="conditions of the run worth knowing (machine load, …)")
     args = parser.parse_args()
     eval_dir = Path(args.eval)
-    report = write_report(eval_dir, eval_dir / "report")
+    evaluation = read_evaluation(eval_dir)  # a complete evaluation only (one-line error otherwise)
+    meta = evaluation.meta
+    report = write_report(eval_dir, eval_dir / REPORT_DIR)
     tables = report.parent / "tables"
-    meta = json.loads((eval_dir / "evaluate.json").read_text())
     replay = pd.read_csv(tables / "replay_by_compression.csv")
     parts = [
         f"### SpecKV controller, {meta['pair']}: replay and live",
@@ -64,8 +65,8 @@ def main() -> int:
         "#### Per task (modelled tokens/s, speed-up over target only)",
         markdown_table(per_task(pd.read_csv(tables / "replay_by_task.csv")), digits=3),
     ]
-    if (tables / "live.csv").exists():
-        live = pd.read_csv(tables / "live.csv")
+    if evaluation.live is not None:  # not a stale table of an earlier report
+        live = evaluation.live
         parts += [
             "#### Live runs (wall clock, median of repeats)",
             markdown_table(live[[c for c in LIVE_COLUMNS if c in live.columns]], digits=2),

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import loaded, perturbed_copy, tiny_model  # noqa: E402
 
 from speckv.costs import CostModel  # noqa: E402
-from speckv.pipeline.evaluation import policy_specs, replay_policies, summarise  # noqa: E402
 from speckv.pipeline.profiling import record_trace  # noqa: E402
+from speckv.pipeline.scoring import policy_specs, replay_policies, summarise  # noqa: E402
 from speckv.pipeline.training import train_controller  # noqa: E402
 from speckv.util.reporting import markdown_table  # noqa: E402
 
@@ -37,8 +37,9 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.004, help="draft weight noise (more: worse draft)")
     parser.add_argument("--prompts", type=int, default=90)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: tiny models)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     target = loaded(tiny_model(seed=0, head_scale=20.0), "target")
     draft = loaded(perturbed_copy(target.model, seed=2, noise=args.noise), "draft")
     rng = np.random.default_rng(0)

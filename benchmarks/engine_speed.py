@@ -19,6 +19,7 @@ import torch
 import transformers
 
 from speckv import datasets
+from speckv.cli.options import configure_threads
 from speckv.decoding.draft_files import load_draft
 from speckv.decoding.models import encode_prompt, load_model
 from speckv.pipeline.compare import Method, compare, hf_assisted_methods, speedup_table, write_results_section
@@ -42,7 +43,8 @@ def default_methods(gammas: tuple[int, ...] = (2, 3, 4, 5), with_hf: bool = True
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--compression", default="fp32")
+    parser.add_argument("--compression", default="fp32", help="target level (auto allowed; default fp32)")
+    parser.add_argument("--fp32-head", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument(
         "--draft", default="demo", help="draft directory, `demo`, or `none` (target-only rows)"
     )
@@ -52,15 +54,16 @@ def main() -> None:
     parser.add_argument("--gammas", default="2,3,4,5", help="fixed γ values to compare")
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers rows")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: speckv's rule, docs/engine.md)"
+    )
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
 
     for task in datasets.TASKS:
         datasets.fetch(task, progress=False)
     items = datasets.load_prompts("mixed", split="heldout", per_task=args.per_task)
-    target = load_model("demo", args.compression, "cpu")
+    target = load_model("demo", args.compression, "cpu", args.fp32_head)
     draft = None if args.draft == "none" else load_draft(args.draft, target)
     prompts = [encode_prompt(target.tokenizer, item.text) for item in items]
     gammas = tuple(int(g) for g in args.gammas.split(","))
@@ -76,7 +79,7 @@ def main() -> None:
     table = speedup_table(results)
     command = "python benchmarks/engine_speed.py " + " ".join(sys.argv[1:])
     body = (
-        f"### Demo pair, target {args.compression}, draft {draft.name if draft else 'none'}\n\n"
+        f"### Demo pair, target {target.precision}, draft {draft.name if draft else 'none'}\n\n"
         f"`{command.strip()}` — {len(prompts)} held-out prompts ({args.per_task} per task), "
         f"{args.max_new_tokens} new tokens, greedy, tokens/s = total tokens / total time per pass, "
         f"median of {args.repeats} passes (each pass listed). Machine: {platform.machine()}, "
@@ -88,7 +91,7 @@ def main() -> None:
         # One section per setting; runs with more than one thread get their own (a 2-core CPU
         # verifies several tokens relatively cheaper with 2 threads, so the ratios differ).
         threads = "" if torch.get_num_threads() == 1 else f"-{torch.get_num_threads()}threads"
-        name = f"engine_speed-{args.compression}-{'draft' if draft else 'no-draft'}{threads}"
+        name = f"engine_speed-{target.precision}-{'draft' if draft else 'no-draft'}{threads}"
         write_results_section(RESULTS, name, body)
 
 

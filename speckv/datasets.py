@@ -265,6 +265,11 @@ def _load_named(names: Sequence[str]) -> list[PromptItem]:
     return [item for name in names for item in read_prompt_file(set_path(name))]
 
 
+def is_named_set(source: str) -> bool:
+    """A benchmark set of ours (held-out split by default), not a user's own file."""
+    return source in SETS or source == MIXED
+
+
 def load_prompts(
     source: str, split: str = "all", tasks: Sequence[str] | None = None, per_task: int | None = None
 ) -> list[PromptItem]:

@@ -21,8 +21,9 @@ class TokenSignals:
 
 @dataclass
 class StepRecord:
-    """One verification step. `gamma` counts the drafted tokens the target verified; `drafted` all
-    tokens drafted (≤ the budget; more than gamma when the controller verified only a prefix)."""
+    """One verification step. `gamma` counts the drafted tokens (tree nodes) the target verified;
+    `drafted` all tokens drafted (≤ the budget; more than gamma when the controller verified only a
+    prefix); `accepted` the length of the accepted path."""
 
     step: int
     gamma_budget: int
@@ -36,6 +37,7 @@ class StepRecord:
     verify_time_s: float = 0.0
     controller_time_s: float = 0.0
     drafted: int = 0
+    depth: int = 0  # longest root path of the verified tree (= gamma for a chain)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,14 +24,21 @@ def test_generate_json_and_losslessness(capsys, tiny_model_dirs):
     )
     assert code == 0
     speculative = json.loads(out)
-    assert set(speculative) >= {"text", "token_ids", "summary", "steps"}
-    assert set(speculative["summary"]) >= {
+    assert set(speculative) >= {"text", "prompt_ids", "token_ids", "summary", "steps"}
+    assert speculative["prompt_ids"] and all(isinstance(t, int) for t in speculative["prompt_ids"])
+    summary = speculative["summary"]
+    assert set(summary) >= {
         "new_tokens",
         "steps",
         "mean_accepted",
         "acceptance_rate",
         "tokens_per_s",
+        "time_to_first_token_s",
+        "decode_tokens_per_s",
     }
+    # Decode speed excludes the first step (prefill): it is at least the overall rate.
+    assert 0 < summary["time_to_first_token_s"] < summary["time_s"]
+    assert summary["decode_tokens_per_s"] >= summary["tokens_per_s"]
     assert all({"gamma", "accepted"} <= set(s) for s in speculative["steps"])
     code, out, _ = run(capsys, *common, "--no-draft", "--max-new-tokens", "12")
     assert code == 0
@@ -55,7 +62,35 @@ def test_generate_prints_text_and_summary(capsys, tiny_model_dirs):
     )
     assert code == 0
     assert out.strip()
-    assert "tokens/s" in err and "mean accepted" in err and "acceptance" in err
+    assert "tokens/s" in err and "mean accepted" in err and "acceptance" in err and "first token" in err
+
+
+def test_a_users_prompt_file_runs_every_row_unless_split_is_given(capsys, tiny_model_dirs, tmp_path):
+    from speckv.datasets import in_split
+
+    prompts = tmp_path / "mine.jsonl"
+    ids = [f"row-{i}" for i in range(12)]
+    prompts.write_text(
+        "".join(json.dumps({"id": i, "prompt": f"w{n + 3} w4"}) + "\n" for n, i in enumerate(ids))
+    )
+    common = ["generate", "--target", str(tiny_model_dirs["target"]), "--no-draft", "--prompts", str(prompts)]
+    code, out, _ = run(capsys, *common, "--max-new-tokens", "2", "--json")
+    assert code == 0
+    assert [json.loads(line)["id"] for line in out.splitlines()] == ids
+    code, out, _ = run(capsys, *common, "--max-new-tokens", "2", "--json", "--split", "heldout")
+    held_out = [json.loads(line)["id"] for line in out.splitlines()]
+    assert code == 0 and held_out == [i for i in ids if in_split(i, "heldout")] and len(held_out) < len(ids)
+
+
+def test_demo_defaults_to_the_shipped_learned_controller_where_it_fits():
+    from speckv.controllers import default_controller
+    from speckv.controllers.speckv import shipped_levels
+
+    levels = shipped_levels()
+    assert levels, "the package ships a trained controller"
+    assert all(default_controller(True, level) == "speckv" for level in levels)
+    assert default_controller(True, "a-level-it-never-saw") == "fixed:4"
+    assert default_controller(False, levels[0]) == "fixed:4"  # no trained controller fits other pairs
 
 
 def bad_input_cases(dirs):
@@ -85,7 +120,7 @@ def bad_input_cases(dirs):
         ),
         (
             base + ["--target", target, "--no-draft", "--max-new-tokens", "0"],
-            "max_new_tokens must be at least 1",
+            "max-new-tokens must be at least 1",
         ),
     ]
 

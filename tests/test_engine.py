@@ -10,6 +10,7 @@ import torch
 from conftest import SMALL_VOCAB, PrefixController, chi_square_p, exact_first_two, loaded, tiny_model
 
 from speckv.controllers import make_controller
+from speckv.decoding.drafters import ModelDrafter
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.verify import SamplingConfig
 from speckv.errors import SpecKVError
@@ -192,3 +193,35 @@ def test_bad_engine_input(tiny_target, tiny_drafts):
         SpeculativeDecoder(tiny_target, tiny_drafts["close"])
     with pytest.raises(SpecKVError, match="temperature"):
         SpeculativeDecoder(tiny_target, sampling=SamplingConfig(temperature=-1.0))
+
+
+def test_the_verify_pass_hands_the_target_hidden_states_to_a_drafter(tiny_target, tiny_drafts):
+    """A feature drafter names target layers; it gets their states for every fed position."""
+
+    class FeatureReader(ModelDrafter):
+        target_hidden_layers = (0, 2)
+
+        def begin(self):
+            super().begin()
+            self.seen = []
+
+        def rollback(self, kept, verdict):
+            super().rollback(kept, verdict)
+            self.seen.append(verdict.hidden_states)
+
+    drafter = FeatureReader(tiny_drafts["close"], tiny_target.model.config.vocab_size)
+    decoder = SpeculativeDecoder(tiny_target, drafter, make_controller("fixed:3"), eos_token_ids=())
+    prompt = [4, 5, 6]
+    result = decoder.generate(prompt, 10)
+    tokens = prompt + result.token_ids
+    with torch.no_grad():
+        fresh = tiny_target.model(torch.tensor([tokens]), output_hidden_states=True).hidden_states
+    fed = 0
+    for step, states in zip(result.steps, drafter.seen, strict=True):
+        assert len(states) == 2
+        width = (len(prompt) if step.step == 0 else 1) + step.gamma  # unseen tokens + the draft
+        assert states[0].shape == (width, tiny_target.model.config.hidden_size)
+        kept = width - step.gamma + step.accepted  # positions of the sequence among them
+        for layer, state in zip((0, 2), states, strict=True):
+            torch.testing.assert_close(state[:kept], fresh[layer][0, fed : fed + kept], rtol=1e-4, atol=1e-5)
+        fed += kept

@@ -174,7 +174,7 @@ def test_pipeline_end_to_end(capsys, tmp_path, tiny_model_dirs):
 def test_pipeline_errors_are_one_line(capsys, tmp_path):
     for argv, message in [
         (["train", "--profile", tmp_path, "--out", tmp_path / "c.json"], "not a profile directory"),
-        (["report", "--eval", tmp_path], "no replay.parquet"),
+        (["report", "--eval", tmp_path], "has no evaluation"),
         (["evaluate", "--profile", tmp_path, "--out", tmp_path / "e"], "not a profile directory"),
     ]:
         code, _, err = run(capsys, *argv)

@@ -122,7 +122,8 @@ def test_profile_resumes_without_loss_or_duplicates(tmp_path, tiny_target, mixed
         "skipped": 0,
     }
     first_steps = load_steps(tmp_path)
-    # A run killed mid-unit leaves at most a .tmp file; a unit file removed is recorded again.
+    # A run killed mid-unit leaves at most a .tmp file; a unit file removed is recorded again
+    # (damaged files too: tests/test_robustness_profile.py).
     victim = next((tmp_path / "replay" / "fp32").glob("*.parquet"))
     victim.unlink()
     (tmp_path / "replay" / "fp32" / "half-written.parquet.tmp").write_bytes(b"junk")
@@ -130,6 +131,7 @@ def test_profile_resumes_without_loss_or_duplicates(tmp_path, tiny_target, mixed
         "recorded": 1,
         "skipped": 2,
     }
+    assert not list(tmp_path.rglob("*.tmp"))  # what the killed run left is removed
     assert run_profile(tmp_path, settings, prompts, load_pair, progress=False) == {
         "recorded": 0,
         "skipped": 3,

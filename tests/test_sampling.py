@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy.stats import chisquare
 
-from speckv.decoding.verify import SamplingConfig, greedy_verify, leading_true, rejection_verify, warp_probs
+from speckv.decoding.verify import SamplingConfig, leading_true, rejection_verify, warp_probs
 
 
 def test_leading_true():
@@ -14,14 +14,6 @@ def test_leading_true():
     assert leading_true(torch.tensor([False, True])) == 0
     assert leading_true(torch.tensor([True, True])) == 2
     assert leading_true(torch.tensor([], dtype=torch.bool)) == 0
-
-
-def test_greedy_verify_by_hand():
-    # Target argmax per row: 2, 0, 3, 1.
-    logits = torch.tensor([[0, 1, 5, 0], [9, 0, 0, 0], [0, 0, 0, 4], [0, 7, 0, 0]], dtype=torch.float)
-    assert greedy_verify(torch.tensor([2, 0, 3]), logits) == (3, 1)  # all accepted, bonus = row 3
-    assert greedy_verify(torch.tensor([2, 1, 3]), logits) == (1, 0)  # rejected at 2nd: target says 0
-    assert greedy_verify(torch.tensor([1, 0, 3]), logits) == (0, 2)
 
 
 def test_warp_probs_top_p_by_hand():

@@ -197,6 +197,8 @@ def test_generate_cli_with_a_trained_controller(capsys, tiny_model_dirs, trained
         "w5 w6 w7",
         "--raw",
         "--json",
+        "--compression",
+        "fp32",  # a level the tiny controller was trained for
     ]
     assert main([*common, "--draft", str(tiny_model_dirs["draft"]), "--controller", f"speckv:{path}"]) == 0
     record = json.loads(capsys.readouterr().out)

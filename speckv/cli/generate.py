@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import sys
 
-from speckv.cli.options import SPLIT_HELP, SPLITS
+from speckv.cli.options import (
+    SPLIT_HELP,
+    SPLITS,
+    add_precision_options,
+    add_threads_option,
+    configure_threads,
+    prompt_items,
+)
 from speckv.errors import SpecKVError
 
 
@@ -21,18 +28,21 @@ def register(sub) -> None:
     )
     models.add_argument("--target", help="Hugging Face id, local model directory or .gguf file")
     drafts = models.add_mutually_exclusive_group()
-    drafts.add_argument("--draft", help="draft model (directory, .gguf or HF id; `demo` for the shipped one)")
-    drafts.add_argument("--no-draft", action="store_true", help="decode with the target alone (the baseline)")
-    models.add_argument(
-        "--compression", default="fp32", help="target compression: fp32, bf16, fp16, int8, nf4 (default fp32)"
+    drafts.add_argument(
+        "--draft",
+        help="drafter: a draft model (directory, .gguf or HF id; `demo` = the shipped one) or ngram[:MIN-MAX] (model-free, copies from the prompt and output)",
     )
+    drafts.add_argument("--no-draft", action="store_true", help="decode with the target alone (the baseline)")
+    add_precision_options(models)
     models.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    add_threads_option(models)
     policy = parser.add_argument_group("speculation length")
     choice = policy.add_mutually_exclusive_group()
     choice.add_argument("--gamma", type=int, help="draft exactly this many tokens per step (1-64)")
     choice.add_argument(
         "--controller",
-        help="fixed:N | heuristic[:N] | confidence[:TAU] | confidence-fixed[:TAU] (default fixed:4)",
+        help="fixed:N | heuristic[:N] | confidence[:TAU] | confidence-fixed[:TAU] | speckv[:PATH] "
+        "(default: with --demo the shipped speckv controller where it knows the compression level, else fixed:4)",
     )
     policy.add_argument(
         "--gamma-max", type=int, default=20, help="budget cap for adaptive controllers (default 20)"
@@ -41,7 +51,11 @@ def register(sub) -> None:
     source = prompts.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompts", help="a prompt set name (see `speckv datasets list`) or a JSONL file")
-    prompts.add_argument("--split", default="heldout", choices=SPLITS, help=SPLIT_HELP)
+    prompts.add_argument(
+        "--split",
+        choices=SPLITS,
+        help=SPLIT_HELP + " (default: heldout for a named set, all rows of your own JSONL file)",
+    )
     prompts.add_argument("--limit", type=int, help="at most this many prompts per task from --prompts")
     prompts.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
     decoding = parser.add_argument_group("decoding")
@@ -57,11 +71,18 @@ def register(sub) -> None:
 
 def run(args) -> int:
     import json
+    import math
 
-    from speckv.controllers import check_gamma, make_controller
-    from speckv.decoding.draft_files import load_draft
+    from speckv.controllers import check_gamma, default_controller, make_controller
+    from speckv.decoding.drafters import make_drafter
     from speckv.decoding.engine import SpeculativeDecoder
-    from speckv.decoding.models import encode_prompt, load_model
+    from speckv.decoding.models import (
+        check_context,
+        encode_prompt,
+        load_model,
+        resolve_compression,
+        resolve_device,
+    )
     from speckv.decoding.verify import SamplingConfig
 
     if args.demo and args.target:
@@ -74,33 +95,52 @@ def run(args) -> int:
     if args.gamma is not None:
         check_gamma(args.gamma)
     check_gamma(args.gamma_max, "--gamma-max")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise SpecKVError(f"--temperature must be a finite number ≥ 0 (0 = greedy), got {args.temperature}")
+    if not math.isfinite(args.top_p) or not 0 < args.top_p <= 1:
+        raise SpecKVError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 1:
+        raise SpecKVError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    compression = resolve_compression(args.compression, resolve_device(args.device))  # auto → a level
+    threads = configure_threads(args.threads)
     controller = None
     if draft_source:
         controller = make_controller(
-            args.controller or f"fixed:{args.gamma or 4}",
+            args.controller
+            or (f"fixed:{args.gamma}" if args.gamma else default_controller(args.demo, compression)),
             gamma_max=args.gamma_max,
-            compression=args.compression,
+            compression=compression,
         )
-    items = _prompt_items(args)
+    items = prompt_items(args)
     sampling = SamplingConfig(args.temperature, args.top_p, args.seed)
 
-    target = load_model("demo" if args.demo else args.target, args.compression, args.device)
-    draft = load_draft(draft_source, target) if draft_source else None
+    target = load_model("demo" if args.demo else args.target, compression, args.device, args.fp32_head)
+    draft = make_drafter(draft_source, target, tree=controller.tree) if draft_source else None
     decoder = SpeculativeDecoder(target, draft, controller, sampling)
-    for item_id, text in items:
-        result = decoder.generate(encode_prompt(target.tokenizer, text, raw=args.raw), args.max_new_tokens)
+    encoded = [(item_id, encode_prompt(target.tokenizer, text, raw=args.raw)) for item_id, text in items]
+    for item_id, prompt_ids in encoded:  # every prompt fits, before any decoding starts
+        try:
+            check_context(target, draft.loaded if draft else None, len(prompt_ids), args.max_new_tokens)
+        except SpecKVError as error:
+            raise SpecKVError(f"{item_id}: {error}" if len(encoded) > 1 else str(error)) from None
+    for item_id, prompt_ids in encoded:
+        result = decoder.generate(prompt_ids, args.max_new_tokens)
         output = target.tokenizer.decode(result.token_ids, skip_special_tokens=True)
         summary = result.summary()
         if args.json:
             record = {
                 "id": item_id,
                 "text": output,
+                "prompt_ids": result.prompt_ids,
                 "token_ids": result.token_ids,
                 "summary": summary,
                 "config": {
                     "target": target.name,
                     "draft": draft.name if draft else None,
-                    "compression": args.compression,
+                    "compression": target.compression,
+                    "fp32_head": target.fp32_head,
+                    "precision": target.precision,
+                    "threads": threads,
                     "controller": controller.describe() if controller else None,
                     "temperature": args.temperature,
                     "top_p": args.top_p,
@@ -114,22 +154,12 @@ def run(args) -> int:
                 print(f"== {item_id}")
             print(output)
             print(
-                _summary_line(summary, target.name, draft.name if draft else None, controller),
+                _summary_line(
+                    summary, f"{target.name} {target.precision}", draft.name if draft else None, controller
+                ),
                 file=sys.stderr,
             )
     return 0
-
-
-def _prompt_items(args) -> list[tuple[str, str]]:
-    if args.prompt is not None:
-        if not args.prompt.strip():
-            raise SpecKVError("the prompt is empty")
-        return [("prompt", args.prompt)]
-    from speckv.datasets import load_prompts
-
-    return [
-        (item.id, item.text) for item in load_prompts(args.prompts, split=args.split, per_task=args.limit)
-    ]
 
 
 def _summary_line(summary: dict, target: str, draft: str | None, controller) -> str:
@@ -137,5 +167,6 @@ def _summary_line(summary: dict, target: str, draft: str | None, controller) -> 
     return (
         f"[{summary['new_tokens']} tokens, {summary['steps']} steps, "
         f"mean accepted {summary['mean_accepted']:.2f}, acceptance {summary['acceptance_rate']:.1%}, "
-        f"mean gamma {summary['mean_gamma']:.2f}, {summary['tokens_per_s']:.1f} tokens/s | target {target}, {how}]"
+        f"mean gamma {summary['mean_gamma']:.2f}, first token {1e3 * summary['time_to_first_token_s']:.0f} ms, "
+        f"then {summary['decode_tokens_per_s']:.1f} tokens/s | target {target}, {how}]"
     )

@@ -17,7 +17,7 @@ import sys
 
 from speckv.errors import SpecKVError
 
-COMMAND_MODULES = ("demo", "generate", "datasets", "distill", "paper", "pipeline")
+COMMAND_MODULES = ("demo", "generate", "serve", "check", "datasets", "distill", "paper", "pipeline")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,13 +25,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _quiet_libraries()
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except SpecKVError as error:
         print(f"speckv: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("speckv: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`speckv … | head -1`): the Python docs' way to exit quietly.
+        # Point stdout at devnull so the final flush at exit cannot raise again.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
+            pass
+        return 1
 
 
 def _quiet_libraries() -> None:

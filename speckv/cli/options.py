@@ -1,15 +1,53 @@
-"""Arguments and helpers shared by several commands."""
+"""Arguments and helpers shared by several commands: prompts, precision, CPU threads.
+
+Threads: torch's CPU kernels split every matmul over OpenMP threads that wait for each other at
+the end of it, so one thread that loses its core to another process stalls all of them. On the
+2-core demo machine two threads ran 15.6 tokens/s alone and 1.4 tokens/s beside one busy process
+(issue #12). Rule: `--threads N` wins; else, when torch still has its default (one thread per
+physical core), use the physical cores that other processes leave idle, measured over 0.1 s of
+/proc/stat, and say so on stderr when that is fewer than all of them.
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
+import sys
+import time
+
 from speckv.datasets import SPLITS
+from speckv.errors import SpecKVError
 
 SPLIT_HELP = "train / heldout (by prompt id hash); dev / test halve heldout; all"
+COMPRESSION_HELP = (
+    "target compression: auto (bf16 where the CPU or GPU runs it natively, else fp32 on CPU and "
+    "fp16 on CUDA), fp32, bf16, fp16, int8, nf4 (default auto)"
+)
 
 
 def split_list(text: str | None) -> list[str]:
     """Comma-separated values, blanks dropped."""
     return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def add_precision_options(group) -> None:
+    """--compression (default auto) and --fp32-head/--no-fp32-head."""
+    group.add_argument("--compression", default="auto", help=COMPRESSION_HELP)
+    group.add_argument(
+        "--fp32-head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the final norm and LM head of a bf16/fp16 target in fp32 (default off: it costs more "
+        "than it saves, docs/compression.md)",
+    )
+
+
+def add_threads_option(parser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: the physical cores other processes leave idle)",
+    )
 
 
 def set_threads(threads: int | None) -> None:
@@ -20,4 +58,93 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-__all__ = ["SPLITS", "SPLIT_HELP", "set_threads", "split_list"]
+def configure_threads(threads: int | None, quiet: bool = False) -> int:
+    """Apply the thread rule (module docstring); returns the thread count in force."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise SpecKVError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+        return threads
+    cores = physical_cores()
+    if torch.get_num_threads() != cores:  # set by the embedding program (or the test suite): keep it
+        return torch.get_num_threads()
+    busy = busy_cores()
+    chosen = max(1, cores - round(busy))
+    if chosen < cores and not quiet:
+        print(
+            f"speckv: other processes keep {busy:.1f} of {cores} cores busy; using {chosen} torch "
+            f"thread(s), since threads that share a core stall each other (--threads overrides)",
+            file=sys.stderr,
+        )
+    torch.set_num_threads(chosen)
+    return chosen
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads of one core count once)."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    processor, package = -1, ""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = (part.strip() for part in line.partition(":"))
+                if key == "processor":
+                    processor = int(value)
+                elif key == "physical id":
+                    package = value
+                elif key == "core id" and processor in allowed:
+                    cores.add((package, value))
+    except (OSError, ValueError):  # not Linux, or an unusual cpuinfo
+        pass
+    return len(cores) or len(allowed)
+
+
+def busy_cores(sample_s: float = 0.1) -> float:
+    """Cores' worth of CPU time other processes used over `sample_s` while this one slept
+    (/proc/stat); the 1-minute load average where /proc/stat does not exist."""
+
+    def snapshot() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:9]]  # user … steal (guest is in user)
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        total_before, idle_before = snapshot()
+        time.sleep(sample_s)
+        total_after, idle_after = snapshot()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    total = total_after - total_before
+    if total <= 0:
+        return 0.0
+    return (total - (idle_after - idle_before)) / total * (os.cpu_count() or 1)
+
+
+def prompt_items(args) -> list[tuple[str, str]]:
+    """(id, text) of `--prompt` or of `--prompts` (split and per-task limit applied)."""
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise SpecKVError("the prompt is empty")
+        return [("prompt", args.prompt)]
+    from speckv.datasets import is_named_set, load_prompts
+
+    split = args.split or ("heldout" if is_named_set(args.prompts) else "all")
+    return [(item.id, item.text) for item in load_prompts(args.prompts, split=split, per_task=args.limit)]
+
+
+__all__ = [
+    "COMPRESSION_HELP",
+    "SPLITS",
+    "SPLIT_HELP",
+    "add_precision_options",
+    "add_threads_option",
+    "busy_cores",
+    "configure_threads",
+    "physical_cores",
+    "prompt_items",
+    "set_threads",
+    "split_list",
+]

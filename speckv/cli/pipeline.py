@@ -1,17 +1,18 @@
 """The command-line side of the controller pipeline: profile → calibrate → train → evaluate → report.
 
 `register` declares the five sub-commands; each `run_*` takes its parsed arguments, loads what
-it needs, calls the library (profiling, calibrate, training, evaluation) and prints a short summary.
+it needs, calls the library (profiling, calibrate, training, scoring, live, evaluation, report) and prints
+a short summary. A list option that names a value twice is a one-line error, not a silent repeat.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from speckv.cli.options import SPLIT_HELP, SPLITS, set_threads, split_list
 from speckv.errors import SpecKVError
+from speckv.util.files import check_output_path
 
 
 def register(sub) -> None:
@@ -113,6 +114,28 @@ def _add_report(sub) -> None:
     parser.set_defaults(func=run_report)
 
 
+def _unique_list(text: str | None, option: str) -> list[str]:
+    """A comma-separated option's values; a value given twice is a one-line error (it would be
+    recorded, replayed or run twice)."""
+    values = split_list(text)
+    for i, value in enumerate(values):
+        if value in values[:i]:
+            raise SpecKVError(f"{option} lists {value} twice; give each value once")
+    return values
+
+
+def _int_list(text: str | None, option: str) -> list[int]:
+    values = []
+    for value in _unique_list(text, option):
+        try:
+            values.append(int(value))
+        except ValueError:
+            raise SpecKVError(f"{option}: '{value}' is not an integer") from None
+    if len(set(values)) != len(values):
+        raise SpecKVError(f"{option} lists a number twice; give each value once")
+    return values
+
+
 def _pair_loader(target_source: str, draft_source: str, device: str):
     from speckv.decoding.draft_files import load_draft
     from speckv.decoding.models import load_model
@@ -129,7 +152,7 @@ def _encoded_prompts(args, tokenizer):
     from speckv.decoding.models import encode_prompt
     from speckv.pipeline.profiling import ProfilePrompt
 
-    tasks = split_list(getattr(args, "tasks", None)) or None
+    tasks = _unique_list(getattr(args, "tasks", None), "--tasks") or None
     items = load_prompts(args.prompts, split=args.split, tasks=tasks, per_task=args.per_task)
     if not items:
         raise SpecKVError(f"no prompts in {args.prompts} (split {args.split})")
@@ -146,14 +169,17 @@ def run_profile(args) -> int:
     from speckv.pipeline.profiling import ProfileSettings, load_steps, run_profile, summary_markdown
 
     set_threads(getattr(args, "threads", None))
+    check_output_path(args.out, "--out", directory=True)
     check_gamma(args.gamma_max, "--gamma-max")
     if args.max_new_tokens < 2:
         raise SpecKVError("--max-new-tokens must be at least 2")
-    compressions = tuple(split_list(args.compression))
+    compressions = tuple(_unique_list(args.compression, "--compression"))
+    if not compressions:
+        raise SpecKVError("--compression names no level")
     device = resolve_device(args.device)
     for compression in compressions:
         check_compression(compression, device)
-    sweep = () if args.sweep == "none" else tuple(split_list(args.sweep))
+    sweep = () if args.sweep == "none" else tuple(_unique_list(args.sweep, "--sweep"))
     for spec in sweep:
         if spec.partition(":")[0] not in ("speckv", "speckv-step", "speckv-paper"):
             make_controller(spec, gamma_max=args.gamma_max)  # fail now on a bad spec, not hours later
@@ -178,14 +204,14 @@ def run_profile(args) -> int:
 def run_calibrate(args) -> int:
     from speckv.costs import load_costs, save_costs
     from speckv.datasets import load_prompts
-    from speckv.decoding.models import encode_prompt
+    from speckv.decoding.models import check_context, encode_prompt
     from speckv.pipeline.calibrate import calibrate
     from speckv.pipeline.profiling import read_settings
 
     set_threads(getattr(args, "threads", None))
     settings, _ = read_settings(args.profile)
-    compressions = split_list(args.compression) or list(settings.compressions)
-    out = Path(args.out or Path(args.profile) / "cost.json")
+    compressions = _unique_list(args.compression, "--compression") or list(settings.compressions)
+    out = check_output_path(args.out or Path(args.profile) / "cost.json")
     costs = load_costs(out) if out.exists() else {}
     if args.merge:  # levels timed elsewhere (e.g. in parallel, one process per core): no timing here
         for path in args.merge:
@@ -198,6 +224,8 @@ def run_calibrate(args) -> int:
     for compression in compressions:
         target, draft = load(compression)
         prompts = [encode_prompt(target.tokenizer, item.text) for item in items]
+        for prompt in prompts:
+            check_context(target, draft, len(prompt), args.new_tokens)
         costs[compression] = calibrate(
             target, draft, prompts, settings.gamma_max, args.new_tokens, args.repeats
         )
@@ -247,8 +275,9 @@ def run_train(args) -> int:
     from speckv.pipeline.training import train_controller
     from speckv.util.reporting import markdown_table
 
+    check_output_path(args.out)
     traces = _traces(args.profile, args.split)
-    compare_kinds = tuple(split_list(args.compare))
+    compare_kinds = tuple(_unique_list(args.compare, "--compare"))
     unknown = [k for k in compare_kinds if k not in KINDS]
     if unknown:
         raise SpecKVError(f"unknown predictor kinds {unknown}; choose from {', '.join(KINDS)}")
@@ -271,92 +300,95 @@ def run_train(args) -> int:
 def run_evaluate(args) -> int:
     import pandas as pd
 
+    from speckv.controllers import check_gamma
     from speckv.controllers.speckv import ControllerModels
-    from speckv.pipeline.evaluation import (
-        live_evaluation,
-        policy_specs,
-        replay_consistency,
-        replay_policies,
-        summarise,
-    )
+    from speckv.pipeline.evaluation import CONSISTENCY_FILE, LIVE_FILE, REPLAY_FILE, EvaluationWriter
+    from speckv.pipeline.live import live_evaluation
     from speckv.pipeline.profiling import load_steps, read_settings
+    from speckv.pipeline.scoring import policy_specs, replay_consistency, replay_policies, summarise
     from speckv.util.reporting import markdown_table
 
     set_threads(getattr(args, "threads", None))
+    check_output_path(args.out, "--out", directory=True)
     settings, profile_prompts = read_settings(args.profile)
+    live_levels = _unique_list(args.live_compression, "--live-compression") or list(settings.compressions)
+    unknown = [c for c in live_levels if c not in settings.compressions]
+    if unknown:
+        raise SpecKVError(
+            f"--live-compression {', '.join(unknown)}: the profile has {', '.join(settings.compressions)}"
+        )
+    hf_gammas = tuple(_int_list(args.hf_gammas, "--hf-gammas"))
+    for gamma in hf_gammas:
+        check_gamma(gamma, "--hf-gammas")
     prompt_ids = {p["id"]: p["token_ids"] for p in profile_prompts}
     traces = _traces(args.profile, args.split)
     costs = _costs(args)
     controller_info = ControllerModels.load(args.controller).info if args.controller else {}
     gamma_max = min(t.gamma_max for t in traces)
     specs = policy_specs(gamma_max, args.controller)
-    live_fixed = {f"fixed:{int(g)}" for g in split_list(getattr(args, "live_fixed", None))}
-    live_specs = [s for s in specs if not live_fixed or not s.startswith("fixed:") or s in live_fixed]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = replay_policies(traces, costs, specs)
-    results.to_parquet(out / "replay.parquet", index=False)
-    meta = {
-        "profile": str(args.profile),
-        "pair": settings.pair,
-        "max_new_tokens": settings.max_new_tokens,
-        "gamma_max": gamma_max,
-        "split": args.split,
-        "controller": args.controller,
-        "controller_info": controller_info,
-    }
-    (out / "evaluate.json").write_text(json.dumps(meta, indent=1))
-    consistency = replay_consistency(traces, load_steps(args.profile), gamma_max)
-    if not consistency.empty:
-        consistency.to_csv(out / "consistency.csv", index=False)
-        print(markdown_table(consistency))
-    summary = summarise(results, ["compression"])
-    print(
-        markdown_table(
-            summary[
-                [
-                    "compression",
-                    "policy",
-                    "chosen",
-                    "tokens_per_step",
-                    "tokens_per_s",
-                    "speedup",
-                    "oracle_share",
-                ]
-            ]
-        )
-    )
-    if args.live:
-        load = _pair_loader(settings.target, settings.draft, args.device)
-        frames = []
-        for compression in split_list(args.live_compression) or list(settings.compressions):
-            chosen = _per_task([t for t in traces if t.compression == compression], args.live_per_task)
-            if not chosen:
-                continue
-            target, draft = load(compression)
-            prompts = [list(prompt_ids[t.prompt_id]) for t in chosen]
-            frames.append(
-                live_evaluation(
-                    target,
-                    draft,
-                    chosen,
-                    prompts,
-                    live_specs,
-                    costs[compression],
-                    args.repeats,
-                    tuple(int(g) for g in split_list(args.hf_gammas)),
+    live_fixed = _int_list(getattr(args, "live_fixed", None), "--live-fixed")
+    outside = [g for g in live_fixed if not 1 <= g <= gamma_max]
+    if outside:
+        raise SpecKVError(f"--live-fixed {outside[0]}: the profile's γ_max is {gamma_max} (γ from 1 to it)")
+    chosen_fixed = {f"fixed:{g}" for g in live_fixed}
+    live_specs = [s for s in specs if not chosen_fixed or not s.startswith("fixed:") or s in chosen_fixed]
+    with EvaluationWriter(args.out) as writer:
+        results = replay_policies(traces, costs, specs)
+        writer.write(REPLAY_FILE, results)
+        consistency = replay_consistency(traces, load_steps(args.profile), gamma_max)
+        if not consistency.empty:
+            writer.write(CONSISTENCY_FILE, consistency)
+            print(markdown_table(consistency))
+        summary = summarise(results, ["compression"])
+        columns = ["compression", "policy", "chosen", "tokens_per_step", "tokens_per_s", "speedup"]
+        print(markdown_table(summary[[*columns, "oracle_share"]]))
+        if args.live:
+            load = _pair_loader(settings.target, settings.draft, args.device)
+            frames = []
+            for compression in live_levels:
+                chosen = _per_task([t for t in traces if t.compression == compression], args.live_per_task)
+                if not chosen:
+                    continue
+                target, draft = load(compression)
+                prompts = [list(prompt_ids[t.prompt_id]) for t in chosen]
+                frames.append(
+                    live_evaluation(
+                        target,
+                        draft,
+                        chosen,
+                        prompts,
+                        live_specs,
+                        costs[compression],
+                        args.repeats,
+                        hf_gammas,
+                    )
                 )
-            )
-        live = pd.concat(frames, ignore_index=True)
-        live.to_csv(out / "live.csv", index=False)
-        print(markdown_table(live))
+            if not frames:
+                raise SpecKVError(
+                    f"the profile has no {args.split} prompts at {', '.join(live_levels)} to run live"
+                )
+            live = pd.concat(frames, ignore_index=True)
+            writer.write(LIVE_FILE, live)
+            print(markdown_table(live))
+        out = writer.commit(
+            {
+                "profile": str(args.profile),
+                "pair": settings.pair,
+                "max_new_tokens": settings.max_new_tokens,
+                "gamma_max": gamma_max,
+                "split": args.split,
+                "controller": args.controller,
+                "controller_info": controller_info,
+            }
+        )
     print(f"evaluation written to {out}; `speckv report --eval {out}` writes the report", file=sys.stderr)
     return 0
 
 
 def run_report(args) -> int:
-    from speckv.pipeline.evaluation import write_report
+    from speckv.pipeline.evaluation import REPORT_DIR
+    from speckv.pipeline.report import write_report
 
-    path = write_report(args.eval, args.out or Path(args.eval) / "report")
+    path = write_report(args.eval, args.out or Path(args.eval) / REPORT_DIR)
     print(f"report written to {path}")
     return 0

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from speckv.controllers.base import GAMMA_LIMIT, Controller, check_gamma
 from speckv.controllers.confidence import ConfidenceController
-from speckv.controllers.fixed import FixedController
+from speckv.controllers.fixed import FixedController, TreeController
 from speckv.controllers.heuristic import HeuristicController
 from speckv.errors import SpecKVError
 
 CONTROLLER_HELP = (
-    "fixed:N | heuristic[:N] (HF schedule from N, default 5) | "
+    "fixed:N | tree:N (N tree nodes, best-first) | heuristic[:N] (HF schedule from N, default 5) | "
     "confidence[:TAU] (HF-style adaptive threshold, default 0.4) | confidence-fixed[:TAU] | "
     "speckv[:PATH][@LEVEL] | speckv-step[:PATH] | speckv-paper[:PATH] (learned; no PATH: the shipped one)"
 )
@@ -28,6 +28,8 @@ def make_controller(spec: str, gamma_max: int = 20, compression: str | None = No
     try:
         if name == "fixed":
             return FixedController(_int(arg, spec))
+        if name == "tree":
+            return TreeController(_int(arg, spec))
         if name == "heuristic":
             return HeuristicController(_int(arg, spec) if arg else 5, gamma_max=max(gamma_max, 1))
         if name in ("confidence", "confidence-fixed"):
@@ -36,6 +38,16 @@ def make_controller(spec: str, gamma_max: int = 20, compression: str | None = No
     except ValueError as error:
         raise SpecKVError(f"bad controller spec '{spec}': {error}") from error
     raise SpecKVError(f"unknown controller '{spec}': use {CONTROLLER_HELP}")
+
+
+def default_controller(demo: bool, compression: str) -> str:
+    """The learned controller for the demo pair at a level it was trained for, else fixed:4."""
+    if demo:
+        from speckv.controllers.speckv import shipped_levels
+
+        if compression in shipped_levels():
+            return "speckv"
+    return "fixed:4"
 
 
 def _int(text: str, spec: str) -> int:
@@ -53,6 +65,8 @@ __all__ = [
     "Controller",
     "FixedController",
     "HeuristicController",
+    "TreeController",
     "check_gamma",
+    "default_controller",
     "make_controller",
 ]

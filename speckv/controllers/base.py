@@ -30,6 +30,8 @@ class Controller(ABC):
     """A γ policy. Subclasses keep their state small: they run inside the decoding loop."""
 
     name: str = "controller"
+    # Budgets count nodes of a token tree, which a drafter that can branch should build.
+    tree: bool = False
 
     def reset(self) -> None:
         """Called before each generation: forget per-sequence state."""

@@ -1,4 +1,4 @@
-"""Always draft the same number of tokens."""
+"""Always draft the same number of tokens (a chain), or of tree nodes."""
 
 from __future__ import annotations
 
@@ -12,3 +12,13 @@ class FixedController(Controller):
 
     def begin_step(self) -> int:
         return self.gamma
+
+
+class TreeController(FixedController):
+    """A fixed budget of N tree nodes, chosen by the drafter best-first (EAGLE-2's selection)."""
+
+    tree = True
+
+    def __init__(self, nodes: int):
+        super().__init__(nodes)
+        self.name = f"tree:{nodes}"

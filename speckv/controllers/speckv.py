@@ -146,20 +146,56 @@ class ControllerModels:
             document = json.loads(Path(path).read_text())
         except (OSError, ValueError) as error:
             raise SpecKVError(f"cannot read SpecKV controller {path}: {error}") from error
-        if document.get("format") != FILE_FORMAT or document.get("version") != FILE_VERSION:
+        if (
+            not isinstance(document, dict)
+            or document.get("format") != FILE_FORMAT
+            or document.get("version") != FILE_VERSION
+        ):
             raise SpecKVError(f"{path} is not a version-{FILE_VERSION} SpecKV controller file")
-        return cls(
-            compressions=tuple(document["compressions"]),
-            gamma_max=int(document["gamma_max"]),
-            token_model=AcceptancePredictor.from_dict(document["token_model"], f"{path} token model"),
-            prior_model=AcceptancePredictor.from_dict(document["prior_model"], f"{path} prior model"),
-            paper_model=AcceptancePredictor.from_dict(document["paper_model"], f"{path} paper model"),
-            costs=costs_from_dict(document["costs"], f"{path} costs"),
-            rates={level: float(rate) for level, rate in document["rates"].items()},
-            context_decay=float(document["context_decay"]),
-            probe_every=int(document.get("probe_every", 8)),
-            info=document.get("info", {}),
-        )
+        try:
+            models = cls(
+                compressions=tuple(document["compressions"]),
+                gamma_max=int(document["gamma_max"]),
+                token_model=AcceptancePredictor.from_dict(document["token_model"], f"{path} token model"),
+                prior_model=AcceptancePredictor.from_dict(document["prior_model"], f"{path} prior model"),
+                paper_model=AcceptancePredictor.from_dict(document["paper_model"], f"{path} paper model"),
+                costs=costs_from_dict(document["costs"], f"{path} costs"),
+                rates={level: float(rate) for level, rate in document["rates"].items()},
+                context_decay=float(document["context_decay"]),
+                probe_every=int(document.get("probe_every", 8)),
+                info=document.get("info", {}),
+            )
+            models._check()
+        except SpecKVError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+            what = (
+                f"no '{error.args[0]}'" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+            )
+            raise SpecKVError(f"{path} is not a valid SpecKV controller file ({what})") from None
+        return models
+
+    def _check(self) -> None:
+        """The shapes a controller relies on when it decides: one line if the file is inconsistent."""
+        if not self.compressions or not all(isinstance(c, str) for c in self.compressions):
+            raise ValueError("compressions must be a non-empty list of level names")
+        if len(set(self.compressions)) != len(self.compressions):
+            raise ValueError("compressions lists a level twice")
+        if self.gamma_max < 1 or self.probe_every < 1 or not isinstance(self.info, dict):
+            raise ValueError("gamma_max and probe_every must be ≥ 1 and info an object")
+        expected = {
+            "token model": (self.token_model, token_features(self.compressions)),
+            "prior model": (self.prior_model, context_features(self.compressions)),
+            "paper model": (self.paper_model, paper_features(self.compressions)),
+        }
+        for name, (model, features) in expected.items():
+            if tuple(model.feature_names) != features:
+                raise ValueError(f"the {name} does not take the features {', '.join(features)}")
+            if model.predict_fast(np.zeros(len(features))).shape != (1,):  # weights of the right shapes
+                raise ValueError(f"the {name}'s layers do not give one output")
+        missing = [c for c in self.compressions if c not in self.costs or c not in self.rates]
+        if missing:
+            raise ValueError(f"no cost model or rate for {', '.join(missing)}")
 
     def one_hot(self, compression: str) -> list[float]:
         if (
@@ -315,3 +351,11 @@ def make_speckv(spec: str, gamma_max: int, compression: str | None) -> Controlle
     if name == "speckv-paper":
         return SpecKVPaperController(models, compression, gamma_max)
     return SpecKVController(models, compression, gamma_max, per_token=name == "speckv")
+
+
+def shipped_levels() -> tuple[str, ...]:
+    """Compression levels the shipped controller (demo pair) was trained for; () when none ships."""
+    try:
+        return ControllerModels.load(SHIPPED).compressions
+    except SpecKVError:
+        return ()

@@ -13,6 +13,20 @@ import torch
 from transformers import DynamicCache
 
 from speckv.decoding.models import LoadedModel
+from speckv.decoding.tree import is_chain, tree_attention, tree_positions
+from speckv.errors import SpecKVError
+
+# Attention implementations known to honour a custom 4D mask (flash attention ignores it).
+TREE_ATTENTION = ("sdpa", "eager")
+
+
+def check_tree_attention(loaded: LoadedModel) -> None:
+    implementation = getattr(loaded.model.config, "_attn_implementation", None)
+    if implementation not in TREE_ATTENTION:
+        raise SpecKVError(
+            f"{loaded.name} uses {implementation} attention, which cannot verify a token tree "
+            f"(needs one of {', '.join(TREE_ATTENTION)}); use a chain controller (e.g. fixed:4)"
+        )
 
 
 @dataclass
@@ -59,12 +73,59 @@ class CachedModel:
         self.cache = DynamicCache(config=self.loaded.model.config)
         self.length = 0
 
-    def feed(self, tokens: list[int], keep: int = 1, hidden_states: bool = False) -> ForwardOutput:
-        """Run `tokens` (positions length.. of the sequence) through the model; logits (1, keep, V)."""
-        input_ids = torch.tensor([tokens], device=self.loaded.device)
-        out = cached_forward(self.loaded.model, self.cache, input_ids, keep, hidden_states=hidden_states)
+    def feed(
+        self,
+        tokens: list[int],
+        keep: int = 1,
+        hidden_states: bool = False,
+        parents: list[int] | None = None,
+    ) -> ForwardOutput:
+        """Run `tokens` (positions length.. of the sequence) through the model; logits (1, keep, V).
+
+        With `parents`, the last len(parents) tokens are a token tree (`speckv.decoding.tree`):
+        each attends to the sequence and its own ancestors, at the position of its depth."""
+        device = self.loaded.device
+        input_ids = torch.tensor([tokens], device=device)
+        mask = positions = None
+        if parents is not None and not is_chain(parents):
+            check_tree_attention(self.loaded)
+            unseen = len(tokens) - len(parents)
+            mask = tree_attention(parents, self.length, unseen)[None, None].to(device)
+            positions = torch.tensor([tree_positions(parents, self.length, unseen)], device=device)
+        out = cached_forward(
+            self.loaded.model, self.cache, input_ids, keep, mask, positions, hidden_states=hidden_states
+        )
         self.length += len(tokens)
         return out
+
+    def feed_masked(
+        self, tokens: list[int], attention: torch.Tensor, positions: list[int], keep: int = 0
+    ) -> ForwardOutput:
+        """Feed `tokens` with an explicit boolean attention (len(tokens), length + len(tokens)) and
+        position ids: for drafters that grow a token tree over several passes."""
+        check_tree_attention(self.loaded)
+        device = self.loaded.device
+        out = cached_forward(
+            self.loaded.model,
+            self.cache,
+            torch.tensor([tokens], device=device),
+            keep,
+            attention[None, None].to(device),
+            torch.tensor([positions], device=device),
+        )
+        self.length += len(tokens)
+        return out
+
+    def keep_positions(self, positions: list[int]) -> None:
+        """Keep only these positions of the cache (ascending), e.g. the sequence plus the accepted
+        path of a token tree. DynamicCache can crop but not gather, so each layer is gathered."""
+        index = torch.tensor(positions, device=self.loaded.device)
+        for layer in self.cache.layers:
+            if not hasattr(layer, "keys") or layer.keys is None:
+                continue
+            layer.keys = layer.keys.index_select(-2, index)
+            layer.values = layer.values.index_select(-2, index)
+        self.length = len(positions)
 
     def crop(self, kept: int) -> None:
         """Roll the cache back to the first `kept` positions of the sequence (no-op if shorter)."""

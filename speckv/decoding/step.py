@@ -7,7 +7,8 @@ calls in both:
 1. `begin_step()` sets the budget, capped at what the sequence may still use;
 2. the drafter proposes tokens until the budget, an end-of-sequence token, or
    `continue_drafting(signals)` returning False;
-3. in greedy decoding `verify_count(record)` may keep only a prefix for the target (range-checked);
+3. in greedy decoding `verify_count(record)` may keep only a prefix for the target (range-checked;
+   drafters propose parents before children, so a prefix of a token tree is a tree);
 4. the verifier decides (accepted tokens, the target's next token), and both sides roll back to
    the kept sequence;
 5. `end_step(record)` sees the finished record.
@@ -26,6 +27,7 @@ import torch
 from speckv.controllers.base import Controller
 from speckv.costs import CostModel
 from speckv.decoding.drafters.base import Drafter, Verdict
+from speckv.decoding.tree import check_parents, depths
 from speckv.decoding.verify import SamplingConfig
 from speckv.errors import SpecKVError
 from speckv.records import StepRecord, TokenSignals
@@ -38,6 +40,7 @@ class Verifier(Protocol):
         self,
         context: list[int],
         drafted: list[int],
+        parents: list[int],
         draft_probs: list[torch.Tensor],
         generator: torch.Generator | None,
     ) -> Verdict: ...
@@ -66,6 +69,7 @@ def run_step(
     record.controller_time_s = clock() - started
 
     drafted: list[int] = []
+    parents: list[int] = []  # a chain unless the drafter says otherwise (speckv.decoding.tree)
     draft_probs: list[torch.Tensor] = []
     if budget > 0:
         draft_start = clock()
@@ -75,6 +79,7 @@ def run_step(
             record.draft_confidence.append(proposal.confidence)
             record.draft_token_prob.append(proposal.token_prob)
             drafted.append(proposal.token)
+            parents.append(position - 2 if proposal.parent is None else proposal.parent)
             if proposal.probs is not None:
                 draft_probs.append(proposal.probs)
             if proposal.token in eos_ids or position >= budget:
@@ -94,11 +99,12 @@ def run_step(
         keep = controller.verify_count(record)
         if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= len(drafted):
             raise SpecKVError(f"{controller.describe()} asked to verify {keep!r} of {len(drafted)} tokens")
-        drafted = drafted[:keep]
+        drafted, parents = drafted[:keep], parents[:keep]  # a prefix of a tree is a tree
         record.controller_time_s += clock() - asked
 
     verify_start = clock()
-    verdict = verifier.verify(context, drafted, draft_probs[: len(drafted)], generator)
+    check_parents(parents)
+    verdict = verifier.verify(context, drafted, parents, draft_probs[: len(drafted)], generator)
     new_tokens = [*verdict.accepted_tokens, verdict.next_token]
     hit_eos = next((i for i, t in enumerate(new_tokens) if t in eos_ids), None)
     if hit_eos is not None:
@@ -110,6 +116,7 @@ def run_step(
     record.verify_time_s = clock() - verify_start
 
     record.gamma, record.accepted, record.tokens_produced = len(drafted), verdict.accepted, len(new_tokens)
+    record.depth = max(depths(parents), default=-1) + 1
     if cost is not None:
         record.draft_time_s = record.drafted * cost.t_draft_s
         record.verify_time_s = cost.t_verify_s[record.gamma]

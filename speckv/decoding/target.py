@@ -8,7 +8,8 @@ import torch
 from speckv.decoding.cache import CachedModel
 from speckv.decoding.drafters.base import Verdict
 from speckv.decoding.models import LoadedModel
-from speckv.decoding.verify import SamplingConfig, greedy_verify, rejection_verify, sample, warp_probs
+from speckv.decoding.tree import greedy_tree_accept, is_chain, sampling_tree_accept
+from speckv.decoding.verify import SamplingConfig, rejection_verify, warp_probs
 
 
 class TargetVerifier:
@@ -22,33 +23,46 @@ class TargetVerifier:
 
     def begin(self) -> None:
         self.model.reset()
+        self._base, self._path = 0, []
 
     def verify(
         self,
         context: list[int],
         drafted: list[int],
+        parents: list[int],
         draft_probs: list[torch.Tensor],
         generator: torch.Generator | None,
     ) -> Verdict:
+        """One pass over the unseen sequence tokens plus the drafted chain or tree."""
+        self._base = len(context)
+        chain = is_chain(parents)
         out = self.model.feed(
             context[self.model.length :] + drafted,
             keep=len(drafted) + 1,
             hidden_states=bool(self.hidden_layers),
+            parents=None if chain else parents,
         )
         logits = out.logits[0]
         hidden = tuple(out.hidden_states[i][0] for i in self.hidden_layers) if self.hidden_layers else None
         if self.sampling.greedy:
-            if not drafted:
-                return Verdict([], int(logits[0].argmax()), hidden)
-            accepted, token = greedy_verify(torch.tensor(drafted, device=logits.device), logits)
-            return Verdict(drafted[:accepted], token, hidden)
-        target_probs = warp_probs(logits, self.sampling)
-        if not drafted:
-            return Verdict([], sample(target_probs[0], generator), hidden)
-        accepted, token = rejection_verify(
-            torch.tensor(drafted, device=logits.device), torch.stack(draft_probs), target_probs, generator
-        )
-        return Verdict(drafted[:accepted], token, hidden)
+            path, token = greedy_tree_accept(drafted, parents, logits.argmax(-1).tolist())
+        elif chain and drafted and draft_probs:
+            # A sampled chain knows its proposal distribution: classic speculative sampling.
+            draft_tokens = torch.tensor(drafted, device=logits.device)
+            target_probs = warp_probs(logits, self.sampling)
+            accepted, token = rejection_verify(
+                draft_tokens, torch.stack(draft_probs), target_probs, generator
+            )
+            path = list(range(accepted))
+        else:
+            path, token = sampling_tree_accept(drafted, parents, warp_probs(logits, self.sampling), generator)
+        self._path = path
+        return Verdict([drafted[i] for i in path], token, path=path, hidden_states=hidden)
 
     def rollback(self, kept: int) -> None:
-        self.model.crop(kept)
+        """Keep the sequence and the accepted path: a crop for a chain, a gather for a tree."""
+        path = self._path
+        if path == list(range(len(path))):
+            self.model.crop(kept)
+        else:
+            self.model.keep_positions(list(range(self._base)) + [self._base + i for i in path])

@@ -1,4 +1,5 @@
-"""Verification of drafted tokens: greedy matching and lossless rejection sampling.
+"""Verification maths of a drafted chain: sampling warps and lossless rejection sampling (greedy
+matching, which also covers trees, is `speckv.decoding.tree.greedy_tree_accept`).
 
 Pure tensor functions (no models, no caches) so they can be tested with hand-built
 distributions. Shapes: `draft_tokens` (γ,), draft probabilities (γ, V), target logits or
@@ -41,13 +42,6 @@ def warp_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
 def leading_true(mask: torch.Tensor) -> int:
     """Number of leading True values of a 1-D boolean tensor."""
     return int(mask.to(torch.int64).cumprod(dim=0).sum())
-
-
-def greedy_verify(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[int, int]:
-    """Accept draft tokens while they equal the target's argmax; return (accepted, next token)."""
-    target_choice = target_logits.argmax(dim=-1)
-    accepted = leading_true(target_choice[: len(draft_tokens)] == draft_tokens)
-    return accepted, int(target_choice[accepted])
 
 
 def rejection_verify(

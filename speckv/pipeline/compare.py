@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from speckv.controllers import make_controller
+from speckv.decoding.drafters import make_drafter, model_drafter
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.models import LoadedModel
 
@@ -30,6 +31,7 @@ class Method:
 
     name: str
     controller: str | None = None
+    drafter: str | None = None  # e.g. "ngram"; None: the pair's draft model (trees for tree:N)
     hf: bool = False
     hf_assistant: dict | None = None
 
@@ -126,15 +128,14 @@ def _runner(
         return lambda prompt: _hf_generate(
             target, assistant, method.hf_assistant or {}, prompt, max_new_tokens
         )
-    decoder = SpeculativeDecoder(
-        target,
-        draft if method.controller else None,
-        (
-            make_controller(method.controller, gamma_max=gamma_max, compression=target.compression)
-            if method.controller
-            else None
-        ),
-    )
+    controller = drafter = None
+    if method.controller:
+        controller = make_controller(method.controller, gamma_max=gamma_max, compression=target.compression)
+        if method.drafter:
+            drafter = make_drafter(method.drafter, target, tree=controller.tree)
+        elif draft is not None:
+            drafter = model_drafter(draft, target, tree=controller.tree)
+    decoder = SpeculativeDecoder(target, drafter, controller)
 
     def run(prompt: list[int]) -> tuple[list[int], dict]:
         result = decoder.generate(prompt, max_new_tokens)

@@ -25,6 +25,7 @@ from speckv.controllers import Controller
 from speckv.costs import CostModel
 from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
 from speckv.decoding.step import run_step
+from speckv.decoding.tree import is_chain
 from speckv.decoding.verify import SamplingConfig
 from speckv.errors import SpecKVError
 from speckv.records import StepRecord
@@ -114,13 +115,15 @@ class TraceVerifier:
     def __init__(self, trace: Trace):
         self.trace = trace
 
-    def verify(self, context, drafted, draft_probs, generator) -> Verdict:
+    def verify(self, context, drafted, parents, draft_probs, generator) -> Verdict:
+        if not is_chain(parents):
+            raise SpecKVError("replay scores chains: a trace records one draft continuation per position")
         t = len(context)
         accepted = min(int(self.trace.run_length[t]), len(drafted))
         tokens = self.trace.tokens
         # Past the end the sequence stopped (EOS or length): any token will be cut.
         following = tokens[t + accepted] if t + accepted < len(tokens) else -1
-        return Verdict(drafted[:accepted], following)
+        return Verdict(drafted[:accepted], following, path=list(range(accepted)))
 
     def rollback(self, kept: int) -> None:
         """Nothing to roll back: the trace is read-only."""

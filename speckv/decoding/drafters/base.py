@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +34,9 @@ class Proposal:
     confidence: float  # that distribution's largest probability
     token_prob: float  # probability of `token` under it
     probs: torch.Tensor | None = None  # full target-vocabulary distribution; sampling only
+    # Index (in proposal order) of the node this token follows, -1 for the root (the sequence's
+    # last token); None = the previous proposal, which makes a chain.
+    parent: int | None = None
 
 
 @dataclass
@@ -42,6 +45,8 @@ class Verdict:
 
     accepted_tokens: list[int]
     next_token: int
+    # Indices (in proposal order) of the accepted nodes, root first: 0..accepted-1 for a chain.
+    path: list[int] = field(default_factory=list)
     # Hidden states of the target pass (one tensor per layer in `target_hidden_layers`, shape
     # (positions fed, hidden)); None unless the drafter asked for them.
     hidden_states: tuple[torch.Tensor, ...] | None = None

@@ -1,0 +1,226 @@
+"""One request's decoding, as the scheduler runs it, and the models every request shares.
+
+`ServedModel` holds the target and draft, loaded once, and builds a fresh `SpeculativeDecoder`
+per request: a decoder keeps one sequence's state (KV caches in its drafter and verifier, the
+controller's adaptation), so concurrent sequences need their own, while the weights are shared.
+
+`Generation` is a scheduler job. The worker thread calls `start` and then `step` once per tick;
+each step's new text goes to the request's asyncio queue as an event (`Delta`, then `Finished`
+or `Failed`), handed over with `call_soon_threadsafe` because the queue belongs to the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from speckv.controllers import Controller
+from speckv.decoding.drafters import Drafter, model_drafter
+from speckv.decoding.engine import SpeculativeDecoder
+from speckv.decoding.models import LoadedModel, context_length
+from speckv.decoding.verify import SamplingConfig
+from speckv.records import StepRecord
+from speckv.server.metrics import ServerMetrics
+from speckv.server.text import TextOutput
+
+
+class ServedModel:
+    """The served models. `draft` is a draft model (each request gets a drafter running it: a
+    chain drafter, or a tree drafter for tree controllers), a function that makes a fresh drafter
+    (model-free drafters), or None (the target alone). `controller` is a prototype, copied for
+    each request, since it adapts to its sequence."""
+
+    def __init__(
+        self,
+        target: LoadedModel,
+        draft: LoadedModel | Callable[[], Drafter] | None,
+        controller: Controller | None,
+        name: str,
+    ):
+        self.target, self.controller, self.name = target, controller, name
+        if isinstance(draft, LoadedModel):
+            tree = bool(controller is not None and controller.tree)
+            self.new_drafter: Callable[[], Drafter] | None = lambda: model_drafter(draft, target, tree)
+        else:
+            self.new_drafter = draft
+        sample = self.new_drafter() if self.new_drafter is not None else None
+        self.draft = sample.loaded if sample is not None else None  # the draft model, if one runs
+        self.drafter_name = sample.name if sample is not None else None
+
+    @property
+    def tokenizer(self):
+        return self.target.tokenizer
+
+    @property
+    def context_limit(self) -> int | None:
+        """The longest sequence (prompt + completion) both models cover, when they say."""
+        limits = [context_length(m) for m in (self.target, self.draft) if m is not None]
+        known = [limit for limit in limits if limit is not None]
+        return min(known) if known else None
+
+    def describe(self) -> dict:
+        speculative = self.new_drafter is not None and self.controller is not None
+        return {
+            "controller": self.controller.describe() if speculative else None,
+            "compression": self.target.compression,
+            "draft": self.drafter_name,
+        }
+
+    def decoder(self, sampling: SamplingConfig, ignore_eos: bool = False) -> SpeculativeDecoder:
+        drafter = controller = None
+        if self.new_drafter is not None:
+            drafter = self.new_drafter()
+            controller = copy.deepcopy(self.controller)
+        return SpeculativeDecoder(
+            self.target, drafter, controller, sampling, eos_token_ids=() if ignore_eos else None
+        )
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" or "length" (OpenAI's finish_reason); "abort"/"shutdown" when cut short
+    text: str  # text released at the end (held back for a stop string that never came)
+    prompt_tokens: int
+    completion_tokens: int
+    speckv: dict = field(default_factory=dict)
+
+
+@dataclass
+class Failed:
+    message: str
+
+
+class Generation:
+    """A request being decoded: its decoder, text output, statistics and event queue."""
+
+    def __init__(
+        self,
+        served: ServedModel,
+        prompt_ids: list[int],
+        max_tokens: int,
+        sampling: SamplingConfig,
+        stops: list[str],
+        metrics: ServerMetrics,
+        ignore_eos: bool = False,
+    ):
+        self.id = uuid.uuid4().hex[:24]
+        self.served, self.prompt_ids, self.max_tokens = served, prompt_ids, max_tokens
+        self.sampling, self.ignore_eos, self.metrics = sampling, ignore_eos, metrics
+        self.output = TextOutput(served.tokenizer, stops)
+        self.events: asyncio.Queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._cancel = threading.Event()
+        self.done = False
+        self.arrival = self._last = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.steps: list[StepRecord] = []
+        self.generated = 0
+        # Built here, on the event loop: construction runs no model (caches start empty), and an
+        # option the decoder refuses becomes a 400 for this request instead of a failed job.
+        self._decoder: SpeculativeDecoder | None = served.decoder(sampling, ignore_eos)
+        self._stream: Iterator[tuple[StepRecord, list[int]]] | None = None
+        self._eos_ids = self._decoder.eos_ids  # empty with ignore_eos
+        self._last_token: int | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    # -- worker thread ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._stream = self._decoder.stream(self.prompt_ids, self.max_tokens)
+        self.metrics.prompt_tokens.inc(len(self.prompt_ids))
+
+    def step(self) -> bool:
+        try:
+            record, tokens = next(self._stream)
+        except StopIteration:  # the decoder ended by itself (EOS or the length)
+            return self._end(self._reason())
+        now = time.perf_counter()
+        self.steps.append(record)
+        self.generated += len(tokens)
+        self._last_token = tokens[-1]
+        self.metrics.observe_step(record)
+        self.metrics.generation_tokens.inc(len(tokens))
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self.metrics.time_to_first_token.observe(now - self.arrival)
+        else:
+            for _ in tokens:  # one observation per token: the step's time shared by its tokens
+                self.metrics.time_per_output_token.observe((now - self._last) / len(tokens))
+        self._last = now
+        text = self.output.add(tokens)
+        if text:
+            self._emit(Delta(text))
+        if self.output.stopped:
+            return self._end("stop")
+        if self._hit_eos() or self.generated >= self.max_tokens:
+            return self._end(self._reason())
+        return False
+
+    def _hit_eos(self) -> bool:
+        return self._last_token is not None and self._last_token in self._eos_ids
+
+    def _reason(self) -> str:
+        """OpenAI's finish_reason: "stop" for EOS (and stop strings), "length" for max_tokens."""
+        return "stop" if self._hit_eos() else "length"
+
+    def _end(self, reason: str) -> bool:
+        self._close()
+        completion = self.output.tokens if reason == "stop" and self.output.stopped else self.generated
+        self.metrics.success.labels(finished_reason=reason).inc()
+        self.metrics.e2e_latency.observe(time.perf_counter() - self.arrival)
+        self._emit(Finished(reason, self.output.finish(), len(self.prompt_ids), completion, self.summary()))
+        return True
+
+    def abort(self, reason: str) -> None:
+        self._close()
+        self.metrics.failure.labels(reason=reason).inc()
+        self._emit(Finished(reason, "", len(self.prompt_ids), self.generated, self.summary()))
+
+    def fail(self, error: BaseException) -> None:
+        self._close()
+        self.metrics.failure.labels(reason="error").inc()
+        self._emit(Failed(f"decoding failed: {type(error).__name__}: {error}"))
+
+    def _close(self) -> None:
+        self.done = True
+        if self._stream is not None:
+            self._stream.close()  # lets the decoder finish its stream (it allows one at a time)
+            self._stream = None
+        self._decoder = None  # its KV caches are the request's largest state
+
+    def summary(self) -> dict:
+        """The request's speculative summary (the `speckv` field of responses)."""
+        steps = len(self.steps)
+        drafted = sum(s.gamma for s in self.steps)
+        accepted = sum(s.accepted for s in self.steps)
+        return {
+            "steps": steps,
+            "drafted_tokens": drafted,
+            "accepted_tokens": accepted,
+            "mean_accepted_length": accepted / steps if steps else 0.0,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
+            "tokens_per_step": self.generated / steps if steps else 0.0,
+            "time_to_first_token_s": (self.first_token_at - self.arrival) if self.first_token_at else None,
+            **self.served.describe(),
+        }
+
+    def _emit(self, event) -> None:
+        # A closed event loop (the server stopped) has nobody listening any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
