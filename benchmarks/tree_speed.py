@@ -3,9 +3,9 @@
     python benchmarks/tree_speed.py                                  # auto precision, 2 prompts per task
     python benchmarks/tree_speed.py --compression nf4 --trees 4,8,16 --per-task 3
 
-For each task of the four benchmark sets: the target alone, the best chains (fixed γ), trees of
-4/8/16/32 nodes grown best-first by the same draft, the n-gram drafter alone, side by side in one
-run (median of --repeats passes). Writes `tree_speed-<precision>` into benchmarks/RESULTS.md.
+For each task of the four benchmark sets: the target alone, chains (fixed γ), trees of 4/8/16/32
+nodes grown best-first by the same draft, the second tree size with an n-gram branch, the n-gram
+drafter alone, side by side in one run (median of --repeats passes). Writes `tree_speed-<precision>` into benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ def methods(gammas: list[int], trees: list[int], ngram: list[int]) -> list[Metho
         Method("target only (speckv)"),
         *(Method(f"chain fixed γ={g}", controller=f"fixed:{g}") for g in gammas),
         *(Method(f"tree:{n}", controller=f"tree:{n}") for n in trees),
+        *(
+            Method(f"tree:{n} + n-gram branch", controller=f"tree:{n}", drafter="demo+ngram")
+            for n in trees[1:2]
+        ),
         *(Method(f"n-gram fixed γ={g}", controller=f"fixed:{g}", drafter="ngram") for g in ngram),
     ]
 

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_VOCAB, chi_square_p, exact_first_two, loaded, tiny_model
+from conftest import SMALL_VOCAB, PrefixController, chi_square_p, exact_first_two, loaded, tiny_model
 from scipy.stats import chisquare
 from test_engine import reference_greedy
 
 from speckv.controllers import make_controller
 from speckv.decoding.cache import CachedModel
-from speckv.decoding.drafters import ModelDrafter, ModelTreeDrafter
+from speckv.decoding.drafters import HybridTreeDrafter, ModelDrafter, ModelTreeDrafter, NGramDrafter
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.tree import (
     chain_parents,
@@ -104,8 +104,12 @@ def test_sampling_tree_accept_follows_the_target_distribution():
     assert chisquare(first, np.array([0.05, 0.45, 0.05, 0.45]) * first.sum()).pvalue < 1e-3
 
 
-def test_a_tree_pass_and_a_gather_equal_plain_passes(tiny_target):
-    model = tiny_target.model
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_tree_pass_and_a_gather_equal_plain_passes(attention):
+    # Eager attention adds the mask to the scores: a boolean mask would mask nothing there.
+    model = tiny_model(seed=1)
+    model.config._attn_implementation = attention
+    tiny_target = loaded(model, f"tiny-{attention}")
     prefix = [5, 6, 7, 8]
     cached = CachedModel(tiny_target)
     cached.feed(prefix[:2])
@@ -149,10 +153,12 @@ def test_tree_caches_equal_a_fresh_pass_after_every_step(tiny_target, tiny_draft
     decoder = SpeculativeDecoder(tiny_target, drafter, make_controller("tree:8"), eos_token_ids=())
     prompt = [2, 3, 5, 7]
     tokens = list(prompt)
-    branched = 0
+    branched = off_prefix = 0
     for record, new_tokens in decoder.stream(prompt, max_new_tokens=30):
         tokens.extend(new_tokens)
         branched += record.depth < record.gamma
+        path = decoder.verifier._path
+        off_prefix += path != list(range(len(path)))  # a side branch won: the caches were gathered
         for cached_model in (decoder.verifier.model, drafter.model):
             model, cache, length = cached_model.loaded.model, cached_model.cache, cached_model.length
             assert cache.get_seq_length() == length <= len(tokens) - 1
@@ -160,7 +166,7 @@ def test_tree_caches_equal_a_fresh_pass_after_every_step(tiny_target, tiny_draft
                 cached = model(torch.tensor([tokens[length:]]), cache=copy.deepcopy(cache)).logits[0, -1]
                 fresh = model(torch.tensor([tokens])).logits[0, -1]
             torch.testing.assert_close(cached, fresh, rtol=1e-4, atol=1e-4)
-    assert branched >= 3  # the trees really branched
+    assert branched >= 3 and off_prefix >= 2  # the trees branched, and side branches were kept
 
 
 def test_sampling_with_trees_follows_the_target_distribution():
@@ -203,3 +209,105 @@ def test_generate_with_a_tree_controller(capsys, tiny_model_dirs):
     assert record["config"]["controller"] == "tree:8" and all("depth" in s for s in record["steps"])
     assert main([*common, "--no-draft"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == record["token_ids"]
+
+
+# --- n-gram branches in a model tree -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["tree:2", "tree:6", "tree:16"])
+def test_greedy_with_ngram_branches_equals_target_greedy(tiny_target, tiny_drafts, spec):
+    base = [7, 3, 9, 11, 2]
+    prompt = base + reference_greedy(tiny_target.model, base, 12) + [5] + base  # copying pays here
+    expected = reference_greedy(tiny_target.model, prompt, 30)
+    model_tree = ModelTreeDrafter(tiny_drafts["unrelated"])
+    drafter = HybridTreeDrafter(model_tree, NGramDrafter(tiny_target.model.config.vocab_size))
+    decoder = SpeculativeDecoder(tiny_target, drafter, make_controller(spec), eos_token_ids=())
+    tokens = list(prompt)
+    for _, new_tokens in decoder.stream(prompt, 30):
+        tokens.extend(new_tokens)
+        cached = model_tree.model  # the draft's cache stays a valid prefix of the sequence
+        with torch.no_grad():
+            expected_logits = cached.loaded.model(torch.tensor([tokens[: cached.length + 1]])).logits[0, -1]
+            got = cached.loaded.model(
+                torch.tensor([tokens[cached.length : cached.length + 1]]), cache=copy.deepcopy(cached.cache)
+            ).logits[0, -1]
+        torch.testing.assert_close(got, expected_logits, rtol=1e-4, atol=1e-4)
+    result = decoder.generate(prompt, 30)
+    assert result.token_ids == expected
+    assert sum(s.accepted for s in result.steps) >= 5  # the n-gram branch was accepted
+
+
+def test_sampling_with_ngram_branches_follows_the_target_distribution():
+    target = loaded(tiny_model(seed=10, vocab=SMALL_VOCAB, head_scale=6.0, eos=0), "small-target")
+    draft = loaded(tiny_model(seed=11, vocab=SMALL_VOCAB, head_scale=6.0, eos=0), "small-draft")
+    prompt = [3, 1, 2, 3, 1, 4, 3, 1]
+    exact = exact_first_two(target.model, prompt, SamplingConfig(1.0))
+    counts = np.zeros((SMALL_VOCAB, SMALL_VOCAB))
+    drafter = HybridTreeDrafter(ModelTreeDrafter(draft, top_k=2), NGramDrafter(SMALL_VOCAB), ngram_tokens=2)
+    for seed in range(1200):
+        decoder = SpeculativeDecoder(
+            target, drafter, make_controller("tree:4"), SamplingConfig(1.0, seed=seed), ()
+        )
+        result = decoder.generate(prompt, 3)
+        counts[result.token_ids[0], result.token_ids[1]] += 1
+    assert chi_square_p(counts, exact) > 1e-3
+
+
+def test_hybrid_drafter_specs(tiny_model_dirs, tiny_target):
+    from speckv.decoding.drafters import make_drafter
+
+    draft_dir = str(tiny_model_dirs["draft"])
+    assert isinstance(make_drafter(f"{draft_dir}+ngram:2-3", tiny_target, tree=True), HybridTreeDrafter)
+    with pytest.raises(SpecKVError, match="with a tree controller"):
+        make_drafter(f"{draft_dir}+ngram", tiny_target, tree=False)
+    with pytest.raises(SpecKVError, match="with a tree controller"):
+        make_drafter(f"{draft_dir}+other", tiny_target, tree=True)
+
+
+def test_eos_inside_a_tree(tiny_target, tiny_drafts):
+    prompt = [4, 6, 8]
+    free_run = reference_greedy(tiny_target.model, prompt, 40)
+    eos = next(t for i, t in enumerate(free_run) if i >= 3 and t not in free_run[:i])
+    expected = free_run[: free_run.index(eos) + 1]
+    for spec in ("tree:3", "tree:8", "tree:16"):
+        drafter = ModelTreeDrafter(tiny_drafts["identical"])
+        result = SpeculativeDecoder(
+            tiny_target, drafter, make_controller(spec), eos_token_ids=[eos]
+        ).generate(prompt, 40)
+        assert result.token_ids == expected and result.stop_reason == "eos"
+        assert result.steps[-1].accepted >= 1  # the EOS came from the tree, not the bonus token
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.2, 0.5])
+def test_verifying_a_prefix_of_a_tree_stays_lossless(tiny_target, tiny_drafts, threshold):
+    controller = PrefixController(budget=8, threshold=threshold)
+    controller.tree = True
+    drafter = ModelTreeDrafter(tiny_drafts["close"])
+    decoder = SpeculativeDecoder(tiny_target, drafter, controller, eos_token_ids=())
+    for prompt in ([5], [7, 3, 9, 11, 2]):
+        result = decoder.generate(prompt, 23)
+        assert result.token_ids == reference_greedy(tiny_target.model, prompt, 23)
+    assert controller.asked > 0
+
+
+def test_sliding_window_caches_refuse_a_rollback():
+    """Their layers forget old positions and count positions their own way: a clear error, not a
+    silently wrong cache."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+    )
+    torch.manual_seed(0)
+    cached = CachedModel(loaded(MistralForCausalLM(config).eval(), "tiny-mistral"))
+    cached.feed([1, 2, 3, 4, 5, 6])
+    with pytest.raises(SpecKVError, match="sliding-window"):
+        cached.crop(3)
+    with pytest.raises(SpecKVError, match="sliding-window"):
+        cached.keep_positions([0, 1, 2, 5])

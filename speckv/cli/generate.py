@@ -30,7 +30,9 @@ def register(sub) -> None:
     drafts = models.add_mutually_exclusive_group()
     drafts.add_argument(
         "--draft",
-        help="drafter: a draft model (directory, .gguf or HF id; `demo` = the shipped one) or ngram[:MIN-MAX] (model-free, copies from the prompt and output)",
+        help="drafter: a draft model (directory, .gguf or HF id; `demo` = the shipped one), ngram[:MIN-MAX] "
+        "(model-free, copies from the prompt and output), or DRAFT+ngram (with tree:N: the model's tree plus "
+        "an n-gram branch)",
     )
     drafts.add_argument("--no-draft", action="store_true", help="decode with the target alone (the baseline)")
     add_precision_options(models)

@@ -90,7 +90,7 @@ class CachedModel:
         if parents is not None and not is_chain(parents):
             check_tree_attention(self.loaded)
             unseen = len(tokens) - len(parents)
-            mask = tree_attention(parents, self.length, unseen)[None, None].to(device)
+            mask = self._additive(tree_attention(parents, self.length, unseen))
             positions = torch.tensor([tree_positions(parents, self.length, unseen)], device=device)
         out = cached_forward(
             self.loaded.model, self.cache, input_ids, keep, mask, positions, hidden_states=hidden_states
@@ -110,25 +110,52 @@ class CachedModel:
             self.cache,
             torch.tensor([tokens], device=device),
             keep,
-            attention[None, None].to(device),
+            self._additive(attention),
             torch.tensor([positions], device=device),
         )
         self.length += len(tokens)
         return out
 
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean mask as an additive one (0 where allowed, the dtype's minimum elsewhere):
+        SDPA takes either, but eager attention adds the mask to the scores, so a boolean would
+        add 0 or 1 and mask nothing."""
+        dtype = self.loaded.model.get_input_embeddings().weight.dtype
+        if not dtype.is_floating_point:  # quantised embeddings: the activations are float32
+            dtype = torch.float32
+        additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        return additive[None, None].to(self.loaded.device)
+
     def keep_positions(self, positions: list[int]) -> None:
         """Keep only these positions of the cache (ascending), e.g. the sequence plus the accepted
-        path of a token tree. DynamicCache can crop but not gather, so each layer is gathered."""
-        index = torch.tensor(positions, device=self.loaded.device)
-        for layer in self.cache.layers:
-            if not hasattr(layer, "keys") or layer.keys is None:
-                continue
-            layer.keys = layer.keys.index_select(-2, index)
-            layer.values = layer.values.index_select(-2, index)
-        self.length = len(positions)
+        path of a token tree. DynamicCache can crop but not gather: the slots after the common
+        prefix are moved into place layer by layer (only the path, not the whole cache), then
+        the cache is cropped."""
+        start = next((i for i, p in enumerate(positions) if p != i), len(positions))
+        if start < len(positions):
+            self._check_plain_layers()
+            source = torch.tensor(positions[start:], device=self.loaded.device)
+            with torch.inference_mode():  # the cache's tensors were made in inference mode
+                for layer in self.cache.layers:
+                    if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+                        continue
+                    layer.keys[..., start : len(positions), :] = layer.keys.index_select(-2, source)
+                    layer.values[..., start : len(positions), :] = layer.values.index_select(-2, source)
+        self.crop(len(positions))
 
     def crop(self, kept: int) -> None:
         """Roll the cache back to the first `kept` positions of the sequence (no-op if shorter)."""
         if self.length > kept:
+            self._check_plain_layers()
             self.cache.crop(kept - self.length)  # transformers 5 crops by a negative count
             self.length = kept
+
+    def _check_plain_layers(self) -> None:
+        """Rolling back needs every layer to hold every position: sliding-window layers forget the
+        oldest ones (and count positions their own way), so they cannot be rolled back here."""
+        for layer in self.cache.layers:
+            if type(layer).__name__ != "DynamicLayer":
+                raise SpecKVError(
+                    f"{self.loaded.name} has {type(layer).__name__} cache layers (sliding-window "
+                    "attention): speculative decoding cannot roll them back yet; decode it with --no-draft"
+                )

@@ -64,7 +64,12 @@ def run_step(
     """Run one step after `context` (the whole sequence so far, which the caller extends with the
     returned tokens); `cap` = the most tokens the step may draft. Returns (record, new tokens)."""
     started = clock()
-    budget = min(controller.begin_step(), cap) if controller is not None and drafter is not None else 0
+    budget = 0
+    if controller is not None and drafter is not None:
+        asked = controller.begin_step()
+        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 0:
+            raise SpecKVError(f"{controller.describe()} set a budget of {asked!r}; budgets are integers ≥ 0")
+        budget = min(asked, cap)
     record = StepRecord(step=step, gamma_budget=budget, gamma=0, accepted=0, tokens_produced=0)
     record.controller_time_s = clock() - started
 
@@ -94,6 +99,8 @@ def run_step(
         record.controller_time_s += asking
         record.draft_time_s = clock() - draft_start - asking
     record.drafted = len(drafted)
+    if draft_probs and len(draft_probs) != len(drafted):
+        raise SpecKVError(f"drafter {drafter.name} gave distributions for some proposals but not all")
     if drafted and sampling.greedy:
         asked = clock()
         keep = controller.verify_count(record)

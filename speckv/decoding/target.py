@@ -46,16 +46,17 @@ class TargetVerifier:
         hidden = tuple(out.hidden_states[i][0] for i in self.hidden_layers) if self.hidden_layers else None
         if self.sampling.greedy:
             path, token = greedy_tree_accept(drafted, parents, logits.argmax(-1).tolist())
-        elif chain and drafted and draft_probs:
-            # A sampled chain knows its proposal distribution: classic speculative sampling.
-            draft_tokens = torch.tensor(drafted, device=logits.device)
-            target_probs = warp_probs(logits, self.sampling)
-            accepted, token = rejection_verify(
-                draft_tokens, torch.stack(draft_probs), target_probs, generator
-            )
-            path = list(range(accepted))
         else:
-            path, token = sampling_tree_accept(drafted, parents, warp_probs(logits, self.sampling), generator)
+            # The random draws use the (CPU) generator, so the few rows they read move to the CPU.
+            target_probs = warp_probs(logits, self.sampling).cpu()
+            if chain and drafted and len(draft_probs) == len(drafted):
+                # A sampled chain knows its proposal distribution: classic speculative sampling.
+                accepted, token = rejection_verify(
+                    torch.tensor(drafted), torch.stack(draft_probs).cpu(), target_probs, generator
+                )
+                path = list(range(accepted))
+            else:  # exact for any candidates fixed before verification (speckv.decoding.tree)
+                path, token = sampling_tree_accept(drafted, parents, target_probs, generator)
         self._path = path
         return Verdict([drafted[i] for i in path], token, path=path, hidden_states=hidden)
 

@@ -134,6 +134,10 @@ def replay(
 ) -> PolicyRun:
     """Run `controller` on `trace` through the engine's own step (greedy); time from `cost` (NaN
     without)."""
+    if controller.tree:
+        raise SpecKVError(
+            f"{controller.describe()} budgets tree nodes; replay scores chains (evaluate trees live)"
+        )
     drafter, verifier = TraceDrafter(trace), TraceVerifier(trace)
     eos = frozenset(trace.eos_ids)
     greedy = SamplingConfig()

@@ -1,34 +1,46 @@
-"""Drafters behind one interface (`base.Drafter`): the small-model draft (chains or trees) and
-n-gram candidates."""
+"""Drafters behind one interface (`base.Drafter`): the small-model draft (chains or trees),
+n-gram candidates, and both in one tree."""
 
 from __future__ import annotations
 
 from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
+from speckv.decoding.drafters.hybrid import HybridTreeDrafter
 from speckv.decoding.drafters.model import ModelDrafter
 from speckv.decoding.drafters.ngram import NGramDrafter
 from speckv.decoding.drafters.tree import ModelTreeDrafter
 from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
 
-DRAFTER_HELP = "a draft model (directory, .gguf, HF id; `demo` = the shipped one) or ngram[:MIN-MAX]"
-
 
 def make_drafter(source: str, target: LoadedModel, tree: bool = False) -> Drafter:
-    """`ngram[:MIN-MAX]` (model-free, default 1-4) or a draft model loaded for `target`; with
-    `tree` a draft model grows token trees (for tree controllers)."""
+    """A drafter from its spec: `ngram[:MIN-MAX]` (model-free, default 1-4), a draft model loaded
+    for `target` (a token tree when `tree`, for tree controllers), or `DRAFT+ngram[:MIN-MAX]`: the
+    model's tree with n-gram candidates as an extra branch."""
     vocab_size = target.model.config.vocab_size
-    name, _, arg = source.partition(":")
-    if name == "ngram":
-        low, _, high = arg.partition("-")
-        try:
-            return NGramDrafter(vocab_size, *(int(x) for x in (low, high or low) if arg))
-        except ValueError:
-            raise SpecKVError(
-                f"bad n-gram drafter '{source}': use ngram or ngram:MIN-MAX, e.g. ngram:2-4"
-            ) from None
+    base, plus, ngram = source.partition("+")
+    if base.partition(":")[0] == "ngram" and not plus:
+        return _ngram(base, vocab_size)
     from speckv.decoding.draft_files import load_draft
 
-    return model_drafter(load_draft(source, target), target, tree)
+    drafter = model_drafter(load_draft(base, target), target, tree)
+    if not plus:
+        return drafter
+    if not tree or ngram.partition(":")[0] != "ngram":
+        raise SpecKVError(
+            f"'{source}': n-gram branches join a token tree: use DRAFT+ngram with a tree controller (tree:N)"
+        )
+    return HybridTreeDrafter(drafter, _ngram(ngram, vocab_size))
+
+
+def _ngram(spec: str, vocab_size: int) -> NGramDrafter:
+    _, _, arg = spec.partition(":")
+    low, _, high = arg.partition("-")
+    try:
+        return NGramDrafter(vocab_size, *(int(x) for x in (low, high or low) if arg))
+    except ValueError:
+        raise SpecKVError(
+            f"bad n-gram drafter '{spec}': use ngram or ngram:MIN-MAX, e.g. ngram:2-4"
+        ) from None
 
 
 def model_drafter(draft: LoadedModel, target: LoadedModel, tree: bool = False) -> Drafter:
@@ -37,12 +49,13 @@ def model_drafter(draft: LoadedModel, target: LoadedModel, tree: bool = False) -
 
 
 __all__ = [
-    "DRAFTER_HELP",
     "Drafter",
+    "HybridTreeDrafter",
     "ModelDrafter",
     "ModelTreeDrafter",
     "NGramDrafter",
     "Proposal",
     "Verdict",
     "make_drafter",
+    "model_drafter",
 ]

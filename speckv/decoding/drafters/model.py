@@ -41,7 +41,7 @@ class ModelDrafter(Drafter):
             if sampling.greedy:
                 index = int(logits.argmax())
             else:
-                warped = warp_probs(logits, sampling)
+                warped = warp_probs(logits, sampling).cpu()  # the generator lives on the CPU
                 index = sample(warped, generator)
                 probs = self._full_vocab(warped)
             token = index if self.vocab_map is None else int(self.vocab_map[index])
@@ -58,4 +58,4 @@ class ModelDrafter(Drafter):
         if self.vocab_map is None:
             return probs
         full = torch.zeros(self.target_vocab_size, device=probs.device)
-        return full.index_copy_(0, self.vocab_map, probs)
+        return full.index_copy_(0, self.vocab_map.to(probs.device), probs)

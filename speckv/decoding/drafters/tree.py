@@ -70,7 +70,7 @@ class ModelTreeDrafter(Drafter):
             heapq.heappush(pending, (-logp, order, -1, token, signals))
             order += 1
         unexpanded: list[int] = []
-        while pending or unexpanded:
+        while (pending or unexpanded) and len(self._nodes) < budget:
             best = -pending[0][0] if pending else float("-inf")
             worth = [i for i in unexpanded if self._nodes[i].score > best]
             if worth:  # only children of these can outrank the best pending candidate

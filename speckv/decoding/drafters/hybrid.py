@@ -1,0 +1,77 @@
+"""N-gram candidates as an extra branch of a model drafter's token tree.
+
+Copying from the prompt and the text so far is free and often right where a small draft is not
+(summaries quoting their source, code repeating identifiers), and the model's tree covers the
+rest. The n-gram continuation is proposed first, as one branch from the root (it is the cheapest
+candidate: no forward at all); the model tree's best-first nodes follow, renumbered, and a model
+node that repeats an n-gram node (same parent, same token) merges into it, so the model's
+subtree continues below the n-gram's tokens instead of duplicating them. The budget counts the
+proposals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+
+import torch
+
+from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
+from speckv.decoding.drafters.ngram import NGramDrafter
+from speckv.decoding.drafters.tree import ModelTreeDrafter
+from speckv.decoding.verify import SamplingConfig
+
+
+class HybridTreeDrafter(Drafter):
+    """A `ModelTreeDrafter` plus at most `ngram_tokens` n-gram candidates as a first branch."""
+
+    def __init__(self, model_tree: ModelTreeDrafter, ngram: NGramDrafter, ngram_tokens: int = 4):
+        self.model_tree, self.ngram, self.ngram_tokens = model_tree, ngram, ngram_tokens
+        self.loaded = model_tree.loaded
+        self.name = f"{model_tree.name}+{ngram.name}"
+        self._to_model: dict[int, int] = {}  # proposal index here -> the model tree's index
+
+    def begin(self) -> None:
+        self.model_tree.begin()
+        self.ngram.begin()
+
+    def draft(
+        self,
+        context: list[int],
+        budget: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> Iterator[Proposal]:
+        # Deterministic candidates in sampling too: the n-gram's greedy choice (its sampled one
+        # would need its own distribution, which a shared tree cannot use).
+        greedy = SamplingConfig()
+        branch = list(self.ngram.draft(context, min(self.ngram_tokens, budget), greedy, None))
+        by_edge = {}  # (parent, token) -> index of the proposal: the tree is a trie
+        for i, proposal in enumerate(branch):
+            by_edge[(i - 1, proposal.token)] = i
+            yield replace(proposal, parent=i - 1, probs=None)
+        # Model nodes that repeat an n-gram node merge into it (their subtrees hang below it).
+        self._to_model = {}
+        model_index = {}  # model proposal index -> proposal index here
+        count = len(branch)
+        for i, proposal in enumerate(self.model_tree.draft(context, budget, sampling, generator)):
+            parent = -1 if proposal.parent < 0 else model_index[proposal.parent]
+            existing = by_edge.get((parent, proposal.token))
+            if existing is not None:
+                model_index[i] = existing
+                self._to_model[existing] = i
+                continue
+            model_index[i], self._to_model[count] = count, i
+            count += 1
+            yield replace(proposal, parent=parent)
+
+    def rollback(self, kept: int, verdict: Verdict) -> None:
+        """The model tree keeps the accepted path as far as it has the nodes (none when only the
+        n-gram branch had them)."""
+        path = []
+        for index in verdict.path:
+            if index not in self._to_model:
+                break
+            path.append(self._to_model[index])
+        self.model_tree.rollback(kept, replace(verdict, path=path))
+        self.ngram.rollback(kept, verdict)
