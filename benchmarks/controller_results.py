@@ -39,6 +39,22 @@ def per_task(by_task: pd.DataFrame) -> pd.DataFrame:
     return rows[["compression", "task", "policy", "chosen", "tokens_per_s", "speedup"]]
 
 
+def gamma_shares(results: pd.DataFrame, policy: str = "SpecKV (ours)") -> pd.DataFrame:
+    """Share of steps at each γ the policy verified, per compression level (replayed steps)."""
+    rows = results[results["policy"] == policy]
+    counts = (
+        rows.explode("gammas")
+        .astype({"gammas": int})
+        .groupby(["compression", "gammas"])
+        .size()
+        .unstack(fill_value=0)
+    )
+    shares = counts.div(counts.sum(axis=1), axis=0)
+    shares.columns = [f"γ={g}" for g in shares.columns]
+    mean = (counts * counts.columns.to_numpy()).sum(axis=1) / counts.sum(axis=1)
+    return shares.assign(mean_gamma=mean).reset_index()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--eval", required=True, help="a `speckv evaluate --out` directory")
@@ -62,6 +78,9 @@ def main() -> int:
         markdown_table(replay[[c for c in REPLAY_COLUMNS if c in replay.columns]], digits=3),
         "#### SpecKV vs the best fixed γ in hindsight (paired over prompts, tokens/s)",
         markdown_table(pd.read_csv(tables / "speckv_vs_best_fixed.csv"), digits=3),
+        "#### γ chosen by SpecKV per compression level (share of replayed steps)",
+        "Each level's cost curve sets how far drafting pays, so the same signals lead to other γ.",
+        markdown_table(gamma_shares(evaluation.replay), digits=3),
         "#### Per task (modelled tokens/s, speed-up over target only)",
         markdown_table(per_task(pd.read_csv(tables / "replay_by_task.csv")), digits=3),
     ]

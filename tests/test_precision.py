@@ -132,13 +132,15 @@ def test_generate_json_config_names_the_precision(capsys, monkeypatch, tiny_mode
 
 
 def test_shipped_controller_at_an_unknown_level(capsys, tiny_model_dirs):
-    with pytest.raises(SpecKVError, match="knows compression levels .* not bf16"):
-        make_controller("speckv", compression="bf16")
-    assert default_controller(True, "bf16") == "fixed:4"  # --demo falls back
+    # The shipped controller knows the levels this CPU runs (bf16, fp32, int8, nf4), not fp16.
+    with pytest.raises(SpecKVError, match="knows compression levels .* not fp16"):
+        make_controller("speckv", compression="fp16")
+    assert default_controller(True, "fp16") == "fixed:4"  # --demo falls back
+    assert default_controller(True, "bf16") == "speckv"
     argv = ["generate", "--target", str(tiny_model_dirs["target"]), "--draft", str(tiny_model_dirs["draft"])]
-    code = main([*argv, "--controller", "speckv", "--compression", "bf16", "--prompt", "w5"])
+    code = main([*argv, "--controller", "speckv", "--compression", "fp16", "--prompt", "w5"])
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "not bf16" in err
+    assert code == 2 and err.count("\n") == 1 and "not fp16" in err
 
 
 def test_thread_rule(monkeypatch, capsys):
