@@ -66,10 +66,10 @@ def run_step(
     started = clock()
     budget = 0
     if controller is not None and drafter is not None:
-        asked = controller.begin_step()
-        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 0:
-            raise SpecKVError(f"{controller.describe()} set a budget of {asked!r}; budgets are integers ≥ 0")
-        budget = min(asked, cap)
+        wanted = controller.begin_step()
+        if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 0:
+            raise SpecKVError(f"{controller.describe()} set a budget of {wanted!r}; budgets are integers ≥ 0")
+        budget = min(wanted, cap)
     record = StepRecord(step=step, gamma_budget=budget, gamma=0, accepted=0, tokens_produced=0)
     record.controller_time_s = clock() - started
 
