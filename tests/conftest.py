@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +132,17 @@ class PrefixController(Controller):
         self.asked += 1
         confident = [c >= self.threshold for c in record.draft_confidence]
         return confident.index(False) if False in confident else len(confident)
+
+
+def assert_cache_is_fresh(cached_model, tokens: list[int]) -> None:
+    """A `CachedModel` after a rollback: a prefix of `tokens` whose cache gives the next logits of
+    a fresh pass over all of `tokens`."""
+    model, cache, length = cached_model.loaded.model, cached_model.cache, cached_model.length
+    assert cache.get_seq_length() == length <= len(tokens) - 1
+    with torch.no_grad():
+        cached = model(torch.tensor([tokens[length:]]), cache=copy.deepcopy(cache)).logits[0, -1]
+        fresh = model(torch.tensor([tokens])).logits[0, -1]
+    torch.testing.assert_close(cached, fresh, rtol=1e-4, atol=1e-4)
 
 
 # --- sampling checks -------------------------------------------------------------------------------

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_VOCAB, PrefixController, chi_square_p, exact_first_two, loaded, tiny_model
+from conftest import (
+    SMALL_VOCAB,
+    PrefixController,
+    assert_cache_is_fresh,
+    chi_square_p,
+    exact_first_two,
+    loaded,
+    tiny_model,
+)
 
 from speckv.controllers import make_controller
 from speckv.decoding.drafters import ModelDrafter
@@ -126,12 +132,7 @@ def test_cache_rollback_matches_fresh_forward(tiny_target, tiny_drafts):
         tokens.extend(new_tokens)
         rejections += record.accepted < record.gamma
         for cached_model in (decoder.verifier.model, decoder.drafter.model):
-            model, cache, length = cached_model.loaded.model, cached_model.cache, cached_model.length
-            assert cache.get_seq_length() == length <= len(tokens) - 1
-            with torch.no_grad():
-                cached = model(torch.tensor([tokens[length:]]), cache=copy.deepcopy(cache)).logits[0, -1]
-                fresh = model(torch.tensor([tokens])).logits[0, -1]
-            torch.testing.assert_close(cached, fresh, rtol=1e-4, atol=1e-4)
+            assert_cache_is_fresh(cached_model, tokens)
     assert rejections >= 3
 
 

@@ -8,7 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_VOCAB, PrefixController, chi_square_p, exact_first_two, loaded, tiny_model
+from conftest import (
+    SMALL_VOCAB,
+    PrefixController,
+    assert_cache_is_fresh,
+    chi_square_p,
+    exact_first_two,
+    loaded,
+    tiny_model,
+)
 from scipy.stats import chisquare
 from test_engine import reference_greedy
 
@@ -160,12 +168,7 @@ def test_tree_caches_equal_a_fresh_pass_after_every_step(tiny_target, tiny_draft
         path = decoder.verifier._path
         off_prefix += path != list(range(len(path)))  # a side branch won: the caches were gathered
         for cached_model in (decoder.verifier.model, drafter.model):
-            model, cache, length = cached_model.loaded.model, cached_model.cache, cached_model.length
-            assert cache.get_seq_length() == length <= len(tokens) - 1
-            with torch.no_grad():
-                cached = model(torch.tensor([tokens[length:]]), cache=copy.deepcopy(cache)).logits[0, -1]
-                fresh = model(torch.tensor([tokens])).logits[0, -1]
-            torch.testing.assert_close(cached, fresh, rtol=1e-4, atol=1e-4)
+            assert_cache_is_fresh(cached_model, tokens)
     assert branched >= 3 and off_prefix >= 2  # the trees branched, and side branches were kept
 
 

@@ -11,10 +11,9 @@ from __future__ import annotations
 import sys
 
 from speckv.cli.options import (
-    SPLIT_HELP,
-    SPLITS,
-    add_precision_options,
-    add_threads_option,
+    add_model_options,
+    add_policy_options,
+    add_prompt_options,
     configure_threads,
     prompt_items,
 )
@@ -28,27 +27,9 @@ def register(sub) -> None:
         description="Greedy target-only vs speculative decoding; every divergence must be a near-tie "
         "(the target's top-2 logits within the precision's rounding). Exit 0 if so, 1 if not.",
     )
-    models = parser.add_argument_group("models")
-    models.add_argument(
-        "--demo", action="store_true", help="the demo pair (SmolLM2-135M-Instruct, shipped draft)"
-    )
-    models.add_argument("--target", help="Hugging Face id, local model directory or .gguf file")
-    models.add_argument("--draft", help="drafter (default with --demo: the shipped draft)")
-    add_precision_options(models)
-    models.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    add_threads_option(models)
-    policy = parser.add_argument_group("speculation length")
-    choice = policy.add_mutually_exclusive_group()
-    choice.add_argument("--gamma", type=int, help="draft exactly this many tokens per step (default 4)")
-    choice.add_argument("--controller", help="controller spec, as for `speckv generate` (default fixed:4)")
-    policy.add_argument("--gamma-max", type=int, default=20, help="budget cap for adaptive controllers")
-    prompts = parser.add_argument_group("prompts")
-    source = prompts.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="the prompt text")
-    source.add_argument("--prompts", help="a prompt set name (see `speckv datasets list`) or a JSONL file")
-    prompts.add_argument("--split", choices=SPLITS, help=SPLIT_HELP + " (default heldout for a named set)")
-    prompts.add_argument("--limit", type=int, help="at most this many prompts per task from --prompts")
-    prompts.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    add_model_options(parser, no_draft=False)
+    add_policy_options(parser)
+    add_prompt_options(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument(
         "--json", action="store_true", help="one JSON object per prompt, then a summary object"

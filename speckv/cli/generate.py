@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 
 from speckv.cli.options import (
-    SPLIT_HELP,
-    SPLITS,
-    add_precision_options,
-    add_threads_option,
+    add_model_options,
+    add_policy_options,
+    add_prompt_options,
+    chosen_controller,
+    chosen_pair,
     configure_threads,
     prompt_items,
 )
@@ -22,44 +23,9 @@ def register(sub) -> None:
         description="Generate with speculative decoding. Greedy output equals the target's own; "
         "sampled output follows the target's distribution.",
     )
-    models = parser.add_argument_group("models")
-    models.add_argument(
-        "--demo", action="store_true", help="the demo pair: SmolLM2-135M-Instruct and the shipped draft"
-    )
-    models.add_argument("--target", help="Hugging Face id, local model directory or .gguf file")
-    drafts = models.add_mutually_exclusive_group()
-    drafts.add_argument(
-        "--draft",
-        help="drafter: a draft model (directory, .gguf or HF id; `demo` = the shipped one), ngram[:MIN-MAX] "
-        "(model-free, copies from the prompt and output), or DRAFT+ngram (with tree:N: the model's tree plus "
-        "an n-gram branch)",
-    )
-    drafts.add_argument("--no-draft", action="store_true", help="decode with the target alone (the baseline)")
-    add_precision_options(models)
-    models.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    add_threads_option(models)
-    policy = parser.add_argument_group("speculation length")
-    choice = policy.add_mutually_exclusive_group()
-    choice.add_argument("--gamma", type=int, help="draft exactly this many tokens per step (1-64)")
-    choice.add_argument(
-        "--controller",
-        help="fixed:N | heuristic[:N] | confidence[:TAU] | confidence-fixed[:TAU] | speckv[:PATH] "
-        "(default: with --demo the shipped speckv controller where it knows the compression level, else fixed:4)",
-    )
-    policy.add_argument(
-        "--gamma-max", type=int, default=20, help="budget cap for adaptive controllers (default 20)"
-    )
-    prompts = parser.add_argument_group("prompts")
-    source = prompts.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="the prompt text")
-    source.add_argument("--prompts", help="a prompt set name (see `speckv datasets list`) or a JSONL file")
-    prompts.add_argument(
-        "--split",
-        choices=SPLITS,
-        help=SPLIT_HELP + " (default: heldout for a named set, all rows of your own JSONL file)",
-    )
-    prompts.add_argument("--limit", type=int, help="at most this many prompts per task from --prompts")
-    prompts.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    add_model_options(parser)
+    add_policy_options(parser)
+    add_prompt_options(parser)
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--max-new-tokens", type=int, default=128)
     decoding.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -75,7 +41,6 @@ def run(args) -> int:
     import json
     import math
 
-    from speckv.controllers import check_gamma, default_controller, make_controller
     from speckv.decoding.drafters import make_drafter
     from speckv.decoding.engine import SpeculativeDecoder
     from speckv.decoding.models import (
@@ -87,16 +52,7 @@ def run(args) -> int:
     )
     from speckv.decoding.verify import SamplingConfig
 
-    if args.demo and args.target:
-        raise SpecKVError("--demo already chooses the target; drop --target or --demo")
-    if not args.demo and not args.target:
-        raise SpecKVError("choose a target with --target PATH (or use --demo)")
-    draft_source = args.draft or ("demo" if args.demo and not args.no_draft else None)
-    if draft_source is None and not args.no_draft:
-        raise SpecKVError("choose a draft with --draft PATH, or --no-draft to decode with the target alone")
-    if args.gamma is not None:
-        check_gamma(args.gamma)
-    check_gamma(args.gamma_max, "--gamma-max")
+    draft_source = chosen_pair(args)
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise SpecKVError(f"--temperature must be a finite number ≥ 0 (0 = greedy), got {args.temperature}")
     if not math.isfinite(args.top_p) or not 0 < args.top_p <= 1:
@@ -105,14 +61,7 @@ def run(args) -> int:
         raise SpecKVError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     compression = resolve_compression(args.compression, resolve_device(args.device))  # auto → a level
     threads = configure_threads(args.threads)
-    controller = None
-    if draft_source:
-        controller = make_controller(
-            args.controller
-            or (f"fixed:{args.gamma}" if args.gamma else default_controller(args.demo, compression)),
-            gamma_max=args.gamma_max,
-            compression=compression,
-        )
+    controller = chosen_controller(args, compression) if draft_source else None
     items = prompt_items(args)
     sampling = SamplingConfig(args.temperature, args.top_p, args.seed)
 

@@ -25,6 +25,90 @@ COMPRESSION_HELP = (
 )
 
 
+DRAFT_HELP = (
+    "drafter: a draft model (directory, .gguf or HF id; `demo` = the shipped one), ngram[:MIN-MAX] "
+    "(model-free, copies from the prompt and output), or DRAFT+ngram (with tree:N: the model's tree plus "
+    "an n-gram branch)"
+)
+CONTROLLER_HELP = (
+    "fixed:N | tree:N | heuristic[:N] | confidence[:TAU] | confidence-fixed[:TAU] | speckv[:PATH] "
+    "(default: with --demo the shipped speckv controller where it knows the compression level, else fixed:4)"
+)
+
+
+def add_model_options(parser, no_draft: bool = True):
+    """--demo, --target, --draft (and --no-draft), precision, --device, --threads; the group."""
+    models = parser.add_argument_group("models")
+    models.add_argument(
+        "--demo", action="store_true", help="the demo pair: SmolLM2-135M-Instruct and the shipped draft"
+    )
+    models.add_argument("--target", help="Hugging Face id, local model directory or .gguf file")
+    drafts = models.add_mutually_exclusive_group()
+    drafts.add_argument("--draft", help=DRAFT_HELP)
+    if no_draft:
+        drafts.add_argument(
+            "--no-draft", action="store_true", help="decode with the target alone (the baseline)"
+        )
+    add_precision_options(models)
+    models.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    add_threads_option(models)
+    return models
+
+
+def add_policy_options(parser) -> None:
+    """--gamma or --controller, and --gamma-max."""
+    policy = parser.add_argument_group("speculation length")
+    choice = policy.add_mutually_exclusive_group()
+    choice.add_argument("--gamma", type=int, help="draft exactly this many tokens per step (1-64)")
+    choice.add_argument("--controller", help=CONTROLLER_HELP)
+    policy.add_argument(
+        "--gamma-max", type=int, default=20, help="budget cap for adaptive controllers (default 20)"
+    )
+
+
+def add_prompt_options(parser) -> None:
+    """--prompt or --prompts (with --split, --limit), and --raw."""
+    prompts = parser.add_argument_group("prompts")
+    source = prompts.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--prompts", help="a prompt set name (see `speckv datasets list`) or a JSONL file")
+    prompts.add_argument(
+        "--split",
+        choices=SPLITS,
+        help=SPLIT_HELP + " (default: heldout for a named set, all rows of your own JSONL file)",
+    )
+    prompts.add_argument("--limit", type=int, help="at most this many prompts per task from --prompts")
+    prompts.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+
+
+def chosen_pair(args) -> str | None:
+    """Check --demo / --target / --draft / --no-draft, --gamma and --gamma-max (generate, serve);
+    the draft source, None for the target alone."""
+    from speckv.controllers import check_gamma
+
+    if args.demo and args.target:
+        raise SpecKVError("--demo already chooses the target; drop --target or --demo")
+    if not args.demo and not args.target:
+        raise SpecKVError("choose a target with --target PATH (or use --demo)")
+    draft_source = args.draft or ("demo" if args.demo and not args.no_draft else None)
+    if draft_source is None and not args.no_draft:
+        raise SpecKVError("choose a draft with --draft PATH, or --no-draft to decode with the target alone")
+    if args.gamma is not None:
+        check_gamma(args.gamma)
+    check_gamma(args.gamma_max, "--gamma-max")
+    return draft_source
+
+
+def chosen_controller(args, compression: str):
+    """The controller of --gamma / --controller, else the default for the pair and level."""
+    from speckv.controllers import default_controller, make_controller
+
+    spec = args.controller or (
+        f"fixed:{args.gamma}" if args.gamma else default_controller(args.demo, compression)
+    )
+    return make_controller(spec, gamma_max=args.gamma_max, compression=compression)
+
+
 def split_list(text: str | None) -> list[str]:
     """Comma-separated values, blanks dropped."""
     return [part.strip() for part in (text or "").split(",") if part.strip()]
