@@ -1,7 +1,7 @@
 """How much a draft overfits its training prompts: agreement on train vs held-out continuations.
 
-    python benchmarks/draft_fit.py                          # the shipped demo draft
-    python benchmarks/draft_fit.py --drafts demo,OLD_DIR    # several drafts, side by side
+    python benchmarks/draft_fit.py                          # the shipped demo draft model
+    python benchmarks/draft_fit.py --drafts demo-model,OLD  # several drafts, side by side
 
 Teacher-forced greedy agreement with the demo target (the share of positions where the draft's
 argmax equals the target's) on the target's greedy continuations of `--per-task` train prompts of
@@ -32,7 +32,9 @@ RESULTS = Path(__file__).parent / "RESULTS.md"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--drafts", default="demo", help="comma-separated draft directories or `demo`")
+    parser.add_argument(
+        "--drafts", default="demo-model", help="comma-separated draft model directories or `demo-model`"
+    )
     parser.add_argument("--per-task", type=int, default=4, help="train prompts per task (default 4)")
     parser.add_argument("--work-dir", help="a `speckv distill` work directory (default: the shipped data)")
     parser.add_argument("--threads", type=int, default=1)

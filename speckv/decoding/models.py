@@ -294,7 +294,9 @@ def context_length(loaded: LoadedModel) -> int | None:
 def check_context(
     target: LoadedModel, draft: LoadedModel | None, prompt_len: int, max_new_tokens: int
 ) -> None:
-    """Fail with one line, before any decoding, when prompt + new tokens exceed a model's context."""
+    """Fail with one line, before any decoding, when prompt + new tokens exceed a model's context.
+    `draft` may also be a drafter: its draft model (`loaded`) is checked, if it runs one."""
+    draft = getattr(draft, "loaded", draft)
     needed = prompt_len + max_new_tokens
     for role, loaded in (("target", target), ("draft", draft)):
         limit = context_length(loaded) if loaded is not None else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import sys
 import time
 from collections import Counter
@@ -31,8 +32,20 @@ DEFAULT_SAMPLES = {"code": 6, "math": 6, "chat": 12, "summarization": 2, "other"
 # Train prompts used per task (file order); summarization has many long prompts, so fewer are used.
 DEFAULT_MAX_PROMPTS = {"summarization": 192}
 # Extra prompts (more distinct prompts, fewer samples each): the draft overfits the benchmark's few.
-DEFAULT_EXTRA_LIMITS = {"stdlib-code": 600, "template-chat": 800, "summarization-rest": 555}
-DEFAULT_EXTRA_SAMPLES = {"code": 2, "chat": 2, "summarization": 1}
+DEFAULT_EXTRA_LIMITS = {
+    "stdlib-code": 1010,
+    "template-chat": 2400,
+    "template-math": 1200,
+    "summarization-rest": 555,
+}
+DEFAULT_EXTRA_SAMPLES = {"code": 2, "chat": 2, "math": 3, "summarization": 1}
+# Target hidden states stored for a feature drafter (indices into HF's `hidden_states`: 0 is the
+# embedding output, i the output of layer i, the last one after the final norm). `auto`: a low, a
+# middle and the top one, as EAGLE-3 fuses them (3, 16, 30 on a 30-layer target).
+DEFAULT_FEATURES = "auto"
+# Reference prompts in styles the benchmark sets lack (the SpecKV paper's 20 prompts: open-ended
+# chat, coding questions, word problems, explanations), never trained on: the "unfamiliar" split.
+UNFAMILIAR = "unfamiliar"
 
 
 @dataclass
@@ -53,13 +66,33 @@ class GenConfig:
     extra: str = ",".join(EXTRA_SETS)
     extra_limits: dict = field(default_factory=lambda: dict(DEFAULT_EXTRA_LIMITS))  # prompts per set
     extra_samples: dict = field(default_factory=lambda: dict(DEFAULT_EXTRA_SAMPLES))  # per task
+    precision: str = "bf16"  # the target's compression level while generating
+    features: str = DEFAULT_FEATURES  # hidden-state indices stored per position ("" = none)
 
     def key(self) -> str:
         fields = asdict(self)
         if not self.extra:  # a run without extra prompts keeps the key it had before they existed
             for name in ("extra", "extra_limits", "extra_samples"):
                 fields.pop(name)
+        # Data generated in fp32 without features keeps the key it had before either option.
+        if self.precision == "fp32" and not self.features:
+            fields.pop("precision")
+            fields.pop("features")
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def feature_indices(spec: str, num_layers: int) -> list[int]:
+    """The hidden-state indices of `spec` ("auto", "" or comma-separated, negative from the end)."""
+    if spec == "auto":
+        return [min(3, num_layers), num_layers // 2 + 1, num_layers]
+    try:
+        indices = [int(part) for part in spec.split(",") if part.strip()]
+    except ValueError:
+        raise SpecKVError(f"features must be 'auto' or comma-separated layer indices, got '{spec}'") from None
+    resolved = [i + num_layers + 1 if i < 0 else i for i in indices]
+    if any(not 0 <= i <= num_layers for i in resolved):
+        raise SpecKVError(f"features {spec}: the target has hidden states 0..{num_layers}")
+    return resolved
 
 
 @dataclass
@@ -79,12 +112,15 @@ def plan_jobs(tokenizer, gen: GenConfig, split: str, batch_rows: int) -> list[Jo
 
     if split == "heldout":
         items = load_prompts(gen.prompts, split="heldout", per_task=gen.heldout_per_task)
+    elif split == UNFAMILIAR:
+        items = load_prompts("paper")
     else:
         items = load_prompts(gen.prompts, split="train")
     if not items:
         raise SpecKVError(f"prompt set '{gen.prompts}' has no {split} prompts")
     by_task: dict[str, list] = {}
-    if split != "heldout":
+    reference = split in ("heldout", UNFAMILIAR)  # greedy continuations to measure agreement on
+    if not reference:
         taken: Counter = Counter()
         kept = []
         for item in items:
@@ -93,7 +129,7 @@ def plan_jobs(tokenizer, gen: GenConfig, split: str, batch_rows: int) -> list[Jo
                 kept.append(item)
         items = kept
     groups = [(item, item.task) for item in items]
-    if split != "heldout" and gen.extra:
+    if not reference and gen.extra:
         from speckv.distill.prompts import extra_prompts
 
         used = gen.max_prompts.get("summarization", len(items))
@@ -108,20 +144,22 @@ def plan_jobs(tokenizer, gen: GenConfig, split: str, batch_rows: int) -> list[Jo
     jobs = []
     for task, rows in sorted(by_task.items()):
         per_task = gen.extra_samples if task.startswith("extra-") else gen.samples
-        samples = 1 if split == "heldout" else max(1, int(per_task.get(task.removeprefix("extra-"), 1)))
+        samples = 1 if reference else max(1, int(per_task.get(task.removeprefix("extra-"), 1)))
         rows.sort(key=lambda row: (len(row[2]), row[0]))
         per_batch = max(1, batch_rows // samples)
         for start in range(0, len(rows), per_batch):
             chunk = rows[start : start + per_batch]
-            jobs.append(Job(f"{split}-{task}-{start:05d}", chunk, samples, greedy_only=split == "heldout"))
+            jobs.append(Job(f"{split}-{task}-{start:05d}", chunk, samples, greedy_only=reference))
     return jobs
 
 
 def generate_batch(model, job: Job, gen: GenConfig, eos_ids: list[int], pad_id: int) -> list[dict]:
-    """Continue every prompt of `job` `job.samples` times; record the target's top-k logits."""
+    """Continue every prompt of `job` `job.samples` times; record the target's top-k logits and,
+    if `gen.features` names any, its hidden states at every position (from the same passes)."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
+    layers = feature_indices(gen.features, model.config.num_hidden_layers) if gen.features else []
     prompts = [row[2] for row in job.items]
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -139,8 +177,18 @@ def generate_batch(model, job: Job, gen: GenConfig, eos_ids: list[int], pad_id: 
         keep=1,
         attention_mask=mask.to(device),
         position_ids=positions.to(device),
+        hidden_states=bool(layers),
     )
     logits = out.logits[:, -1].float()
+    # Stored in bf16: a feature drafter reads them as inputs, and they are most of the data's size.
+    prompt_feats = (
+        [
+            torch.stack([out.hidden_states[i][row, width - len(ids) :] for i in layers], 1).bfloat16()
+            for row, ids in enumerate(prompts)
+        ]
+        if layers
+        else None
+    )
     samples = job.samples
     if samples > 1:  # the samples of a prompt share its prefill
         cache.batch_repeat_interleave(samples)
@@ -155,6 +203,7 @@ def generate_batch(model, job: Job, gen: GenConfig, eos_ids: list[int], pad_id: 
     tokens: list[list[int]] = [[] for _ in range(rows)]
     top_idx: list[list[torch.Tensor]] = [[] for _ in range(rows)]
     top_val: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+    feats: list[list[torch.Tensor]] = [[] for _ in range(rows)]  # of the response tokens fed back
     active = torch.arange(rows)  # original row of each row still in the batch
     eos = torch.tensor(eos_ids)
     for _step in range(gen.new_tokens):
@@ -187,8 +236,13 @@ def generate_batch(model, job: Job, gen: GenConfig, eos_ids: list[int], pad_id: 
             keep=1,
             attention_mask=mask.to(device),
             position_ids=pos.view(-1, 1).to(device),
+            hidden_states=bool(layers),
         )
         logits = out.logits[:, -1].float()
+        if layers:
+            step = torch.stack([out.hidden_states[i][:, -1] for i in layers], 1).bfloat16()
+            for j, row in enumerate(active.tolist()):
+                feats[row].append(step[j])
     records = []
     for row in range(rows):
         item_id, task, prompt = job.items[row // samples]
@@ -204,18 +258,39 @@ def generate_batch(model, job: Job, gen: GenConfig, eos_ids: list[int], pad_id: 
                 "top_val": torch.stack(top_val[row]),
             }
         )
+        if layers:
+            # (P, L, hidden) and (T-1, L, hidden): the last response token is never fed. The
+            # samples of a prompt share one prompt tensor, which `torch.save` writes once.
+            records[-1]["prompt_feats"] = prompt_feats[row // samples]
+            width_f = prompt_feats[0].shape[1:]
+            records[-1]["response_feats"] = (
+                torch.stack(feats[row]) if feats[row] else torch.zeros((0, *width_f), dtype=torch.bfloat16)
+            )
     return records
 
 
 def generate_data(
-    target, gen: GenConfig, work: Path, split: str, batch_rows: int = 32, progress: bool = True
+    target,
+    gen: GenConfig,
+    work: Path,
+    split: str,
+    batch_rows: int = 96,
+    progress: bool = True,
+    max_batches: int = 0,
 ) -> list[dict]:
-    """All records of `split` (train or heldout), generating the missing shards first."""
+    """All records of `split` (train, heldout or unfamiliar), generating the missing shards first.
+    `max_batches` > 0 keeps the first batches of the plan's fixed shuffled order only: a sample of
+    every task, the same shards a full run starts with (data of a run cut short)."""
     from tqdm import tqdm
 
     shard_dir = work / split
     shard_dir.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(target.tokenizer, gen, split, batch_rows)
+    # A fixed shuffled order: the shards of an unfinished run are a sample of all tasks (training
+    # can start on them); the shards' names and contents do not depend on it.
+    random.Random(0).shuffle(jobs)
+    if max_batches > 0:
+        jobs = jobs[:max_batches]
     missing = [job for job in jobs if not (shard_dir / f"{job.name}.pt").exists()]
     pad_id = target.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else target.eos_token_ids[0]
@@ -235,7 +310,8 @@ def generate_data(
             bar.set_postfix(tok=tokens, tok_s=f"{tokens / (time.time() - start):.0f}")
     records = []
     for job in jobs:
-        records.extend(torch.load(shard_dir / f"{job.name}.pt"))
+        # Memory-mapped: the stored hidden states are most of the data and need not all be in RAM.
+        records.extend(torch.load(shard_dir / f"{job.name}.pt", mmap=True))
     return records
 
 

@@ -45,6 +45,15 @@ def build_vocab_map(
     return chosen.sort().values
 
 
+def vocab_lookup(vocab_map: torch.Tensor | None, vocab_size: int) -> torch.Tensor | None:
+    """Target token id -> its index in the reduced vocabulary (-1 if outside); None: no reduction."""
+    if vocab_map is None:
+        return None
+    lookup = torch.full((vocab_size,), -1, dtype=torch.long)
+    lookup[vocab_map.cpu()] = torch.arange(len(vocab_map))
+    return lookup
+
+
 def make_draft(target_model, layers: list[int]):
     """A Llama with `len(layers)` layers copied from the target, sharing its (frozen) embedding."""
     from transformers import AutoModelForCausalLM

@@ -50,10 +50,42 @@ def decode_cost(loaded, prompt_ids: list[int], tokens: int = 32) -> float:
 
 def cost_ratio(draft, target, prompt_ids: list[int], rounds: int = 5) -> tuple[float, float, float]:
     """(target s/token, draft s/token, ratio): alternating runs, the fastest of each, so a busy
-    machine slows both alike as far as possible."""
+    machine slows both alike as far as possible. `draft`: a draft model or a feature drafter."""
+    from speckv.decoding.drafters.feature import FeatureDrafter
+
     target_costs, draft_costs = [], []
     for _ in range(rounds):
         target_costs.append(decode_cost(target, prompt_ids))
-        draft_costs.append(decode_cost(draft, prompt_ids))
+        if isinstance(draft, FeatureDrafter):
+            draft_costs.append(head_decode_cost(draft, target, prompt_ids))
+        else:
+            draft_costs.append(decode_cost(draft, prompt_ids))
     target_cost, draft_cost = min(target_costs), min(draft_costs)
     return target_cost, draft_cost, draft_cost / target_cost
+
+
+@torch.no_grad()
+def loaded_head_agreement(drafter, records: list[dict]) -> dict:
+    """`feature_training.head_agreement` of a feature head as `load_feature_drafter` returns it
+    (its precision, its vocabulary): per task gamma1 / top4 / gamma2, then "overall"."""
+    from speckv.distill.draft_model import vocab_lookup
+    from speckv.distill.feature_training import head_agreement, make_feature_examples
+
+    lookup = vocab_lookup(drafter.vocab_map, drafter.target_vocab_size)
+    return head_agreement(drafter.head, make_feature_examples(records, lookup))
+
+
+def head_decode_cost(drafter, target, prompt_ids: list[int], tokens: int = 32) -> float:
+    """Seconds per token a feature drafter spends drafting a chain of `tokens` after `prompt_ids`
+    (the target's features of the prompt given, as after its first pass)."""
+    from speckv.decoding.verify import SamplingConfig
+
+    out = CachedModel(target).feed(prompt_ids, hidden_states=True)
+    features = torch.stack([out.hidden_states[i][0] for i in drafter.target_hidden_layers], 1)
+    drafter.begin()
+    drafter.features = features[:-1].to(drafter.head.fuse.weight.dtype)  # all but the last token's
+    start = time.perf_counter()
+    count = sum(1 for _ in drafter.draft(list(prompt_ids), tokens, SamplingConfig(), None))
+    elapsed = (time.perf_counter() - start) / max(1, count)
+    drafter.begin()
+    return elapsed

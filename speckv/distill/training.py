@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-from speckv.distill.draft_model import build_vocab_map, make_draft, parse_layers, trainable_state
+from speckv.distill.draft_model import (
+    build_vocab_map,
+    make_draft,
+    parse_layers,
+    trainable_state,
+    vocab_lookup,
+)
 
 
 @dataclass
@@ -61,8 +67,11 @@ def make_examples(records: list[dict], lookup: torch.Tensor | None) -> list[Exam
     return examples
 
 
-def batches(examples: list[Example], batch_tokens: int, seed: int) -> list[list[int]]:
-    """Shuffled batches of about `batch_tokens` response positions, of similar total length."""
+def batches(
+    examples: list, batch_tokens: int, seed: int, size=lambda example: len(example.targets)
+) -> list[list[int]]:
+    """Shuffled batches of about `batch_tokens` response positions (`size` of an example), of
+    similar total length (`len(example.ids)`)."""
     rng = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(examples), generator=rng).tolist()
     # Sort within windows of 64 examples by length, so a batch pads little.
@@ -72,7 +81,7 @@ def batches(examples: list[Example], batch_tokens: int, seed: int) -> list[list[
         current, count = [], 0
         for index in window:
             current.append(index)
-            count += len(examples[index].targets)
+            count += size(examples[index])
             if count >= batch_tokens:
                 chunks.append(current)
                 current, count = [], 0
@@ -80,6 +89,21 @@ def batches(examples: list[Example], batch_tokens: int, seed: int) -> list[list[
             chunks.append(current)
     perm = torch.randperm(len(chunks), generator=rng).tolist()
     return [chunks[i] for i in perm]
+
+
+def cosine_lr(step: int, peak: float, warmup: int, total: int) -> float:
+    """Linear warm-up to `peak`, then cosine decay to 5% of it at `total` steps."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def save_atomic(obj, path: Path) -> None:
+    """`torch.save` under another name, then renamed: a killed run never leaves a partial file."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
 def draft_logits(draft, head: torch.Tensor, batch: list[Example]) -> tuple[torch.Tensor, list[int]]:
@@ -154,10 +178,7 @@ def train_draft(
     vocab_size = target_model.config.vocab_size
     layers = parse_layers(cfg.layers, target_model.config.num_hidden_layers)
     vocab_map = build_vocab_map(train_records, cfg.vocab, vocab_size, eos_ids)
-    lookup = None
-    if vocab_map is not None:
-        lookup = torch.full((vocab_size,), -1, dtype=torch.long)
-        lookup[vocab_map] = torch.arange(len(vocab_map))
+    lookup = vocab_lookup(vocab_map, vocab_size)
     draft = make_draft(target_model, layers)
     embedding = draft.model.embed_tokens.weight
     head = embedding if vocab_map is None else embedding[vocab_map]
@@ -167,12 +188,6 @@ def train_draft(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     steps_per_epoch = len(batches(train, cfg.batch_tokens, cfg.seed))
     total_steps = steps_per_epoch * cfg.epochs
-
-    def lr_at(step: int) -> float:
-        if step < cfg.warmup:
-            return cfg.lr * (step + 1) / cfg.warmup
-        progress_ = (step - cfg.warmup) / max(1, total_steps - cfg.warmup)
-        return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_))))
 
     state = {"epoch": 0, "batch": 0, "step": 0, "history": [], "loss_sum": 0.0, "loss_n": 0}
     checkpoint = run_dir / "checkpoint.pt"
@@ -193,12 +208,9 @@ def train_draft(
         state["history"].append({"epoch": 0, "agreement": before})
 
     def save_checkpoint():
-        # Written under another name and renamed: a killed run never leaves a partial checkpoint.
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save(
-            {"draft": trainable_state(draft), "optimizer": optimizer.state_dict(), "state": state}, tmp
+        save_atomic(
+            {"draft": trainable_state(draft), "optimizer": optimizer.state_dict(), "state": state}, checkpoint
         )
-        os.replace(tmp, checkpoint)
 
     last_save = time.time()
     while state["epoch"] < cfg.epochs:
@@ -216,7 +228,7 @@ def train_draft(
         for index in range(state["batch"], len(plan)):
             batch = [train[i] for i in plan[index]]
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(state["step"])
+                group["lr"] = cosine_lr(state["step"], cfg.lr, cfg.warmup, total_steps)
             logits, _ = draft_logits(draft, head, batch)
             targets = torch.cat([example.targets for example in batch])
             values = torch.cat([example.values for example in batch])

@@ -19,9 +19,10 @@ import torch
 from tqdm import tqdm
 
 from speckv.controllers import make_controller
-from speckv.decoding.drafters import make_drafter, model_drafter
+from speckv.decoding.drafters import Drafter, ModelTreeDrafter, make_drafter, model_drafter
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.models import LoadedModel
+from speckv.errors import SpecKVError
 
 
 @dataclass(frozen=True)
@@ -80,17 +81,22 @@ def hf_assisted_methods(gammas: tuple[int, ...]) -> list[Method]:
 
 def compare(
     target: LoadedModel,
-    draft: LoadedModel | None,
+    draft: Drafter | LoadedModel | None,
     prompts: list[list[int]],
     methods: list[Method],
     max_new_tokens: int,
     repeats: int = 3,
     progress: bool = True,
     gamma_max: int = 20,
+    assistant: LoadedModel | None = None,
 ) -> list[MethodResult]:
     """Run every method on every prompt `repeats` times; the first pass is preceded by a warm-up.
-    `gamma_max` caps the budget of our adaptive controllers."""
-    runners = {m.name: _runner(m, target, draft, max_new_tokens, gamma_max) for m in methods}
+    `gamma_max` caps the budget of our adaptive controllers. `draft` is the pair's drafter (a
+    draft model, or a drafter such as a feature head); HF assisted rows run `assistant`, by
+    default `draft` when it is a model."""
+    if assistant is None and isinstance(draft, LoadedModel):
+        assistant = draft
+    runners = {m.name: _runner(m, target, draft, assistant, max_new_tokens, gamma_max) for m in methods}
     results = {m.name: MethodResult(m) for m in methods}
     for runner in runners.values():  # first calls pay one-off costs (allocations, lazy inits)
         runner(prompts[0][:16])
@@ -121,20 +127,27 @@ def compare(
 
 
 def _runner(
-    method: Method, target: LoadedModel, draft: LoadedModel | None, max_new_tokens: int, gamma_max: int
+    method: Method,
+    target: LoadedModel,
+    draft: Drafter | LoadedModel | None,
+    assistant: LoadedModel | None,
+    max_new_tokens: int,
+    gamma_max: int,
 ) -> Callable[[list[int]], tuple[list[int], dict]]:
     if method.hf:
-        assistant = _hf_assistant(draft) if method.hf_assistant is not None else None
-        return lambda prompt: _hf_generate(
-            target, assistant, method.hf_assistant or {}, prompt, max_new_tokens
-        )
+        model = _hf_assistant(assistant) if method.hf_assistant is not None else None
+        return lambda prompt: _hf_generate(target, model, method.hf_assistant or {}, prompt, max_new_tokens)
     controller = drafter = None
     if method.controller:
         controller = make_controller(method.controller, gamma_max=gamma_max, compression=target.compression)
         if method.drafter:
             drafter = make_drafter(method.drafter, target, tree=controller.tree)
-        elif draft is not None:
+        elif isinstance(draft, LoadedModel):
             drafter = model_drafter(draft, target, tree=controller.tree)
+        elif draft is not None:
+            if controller.tree and not isinstance(draft, ModelTreeDrafter):
+                raise SpecKVError(f"{draft.name} drafts chains: {method.controller} needs a tree drafter")
+            drafter = draft
     decoder = SpeculativeDecoder(target, drafter, controller)
 
     def run(prompt: list[int]) -> tuple[list[int], dict]:
@@ -183,7 +196,7 @@ class _ScatterHead(torch.nn.Module):
 def _hf_assistant(draft: LoadedModel | None):
     """The same draft as a model HF's assisted generation accepts (full-vocabulary logits)."""
     if draft is None:
-        raise ValueError("HF assisted generation needs a draft")
+        raise SpecKVError("HF assisted generation needs a draft model (it cannot run a feature head)")
     if draft.vocab_map is None:
         return draft.model
     assistant = copy.copy(draft.model)

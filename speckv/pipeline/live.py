@@ -10,6 +10,7 @@ import pandas as pd
 
 from speckv.controllers import make_controller
 from speckv.costs import CostModel
+from speckv.decoding.drafters import Drafter
 from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
 from speckv.pipeline.compare import Method, compare, hf_assisted_methods
@@ -25,7 +26,7 @@ def live_methods(specs: list[str], hf_gammas: tuple[int, ...]) -> list[Method]:
 
 def live_evaluation(
     target: LoadedModel,
-    draft: LoadedModel,
+    draft: Drafter | LoadedModel,
     traces: list[Trace],
     prompts: list[list[int]],
     specs: list[str],
@@ -33,15 +34,20 @@ def live_evaluation(
     repeats: int = 3,
     hf_gammas: tuple[int, ...] = (2, 3, 4, 5, 6),
     progress: bool = True,
+    assistant: LoadedModel | None = None,
 ) -> pd.DataFrame:
-    """Measured tokens/s (median over repeats) beside the replay's modelled ones, per method."""
+    """Measured tokens/s (median over repeats) beside the replay's modelled ones, per method. HF
+    assisted rows run `assistant` (default: `draft` if it is a model; none: no HF assisted rows)."""
     max_new = {t.max_new_tokens for t in traces}
     if len(max_new) != 1:
         raise SpecKVError("the traces were recorded with different max_new_tokens")
-    methods = live_methods(specs, hf_gammas)
+    assistant = assistant or (draft if isinstance(draft, LoadedModel) else None)
+    methods = live_methods(specs, hf_gammas if assistant is not None else ())
     # Adaptive policies are capped at the profile's γ_max, so replay can follow every live run.
     gamma_max = min(t.gamma_max for t in traces)
-    results = compare(target, draft, prompts, methods, max_new.pop(), repeats, progress, gamma_max)
+    results = compare(
+        target, draft, prompts, methods, max_new.pop(), repeats, progress, gamma_max, assistant=assistant
+    )
     reference = results[0].outputs
     rows = []
     for method, result in zip(methods, results, strict=True):

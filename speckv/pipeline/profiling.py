@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from speckv.controllers import make_controller
 from speckv.decoding.cache import CachedModel
+from speckv.decoding.drafters import FeatureDrafter
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.models import LoadedModel, check_context
 from speckv.decoding.signals import signal_tensor
@@ -324,6 +325,8 @@ def record_trace(
     eos = tuple(sorted(target.eos_token_ids if eos_token_ids is None else eos_token_ids))
     decoder = SpeculativeDecoder(target, eos_token_ids=eos)
     tokens = decoder.generate(prompt_ids, max_new_tokens).token_ids
+    if isinstance(draft, FeatureDrafter):
+        return _feature_trace(target, draft, prompt_ids, tokens, max_new_tokens, gamma_max, eos)
     n, p = len(tokens), len(prompt_ids)
     # One draft pass over prompt + y[:-1]: the logits at p - 1 + t predict y[t].
     model = CachedModel(draft)
@@ -356,6 +359,29 @@ def record_trace(
         draft_tokens=draft_tokens,
         signals=signals,
         free=free,
+    )
+
+
+def _feature_trace(target, drafter, prompt_ids, tokens, max_new_tokens, gamma_max, eos) -> Trace:
+    """A feature head's trace: the chain of a step starting at every position (`Trace.chains`),
+    from the target's hidden states of one pass over prompt + tokens[:-1]."""
+    model = CachedModel(target)
+    hidden = model.feed(list(prompt_ids) + tokens[:-1], hidden_states=True).hidden_states
+    features = torch.stack([hidden[i][0] for i in drafter.target_hidden_layers], 1)
+    chains = drafter.chains_along(prompt_ids, tokens, features, gamma_max, set(eos))
+    nan = (float("nan"),) * 3
+    return Trace(
+        prompt_id="",
+        task="",
+        compression=target.compression,
+        prompt_len=len(prompt_ids),
+        max_new_tokens=max_new_tokens,
+        gamma_max=gamma_max,
+        eos_ids=eos,
+        tokens=tokens,
+        draft_tokens=[chain[0].token if chain else -1 for chain in chains],
+        signals=[(c[0].entropy, c[0].confidence, c[0].token_prob) if c else nan for c in chains],
+        chains=[[(x.token, (x.entropy, x.confidence, x.token_prob)) for x in chain] for chain in chains],
     )
 
 

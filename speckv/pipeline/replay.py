@@ -6,7 +6,10 @@ prediction at every position (its token and signals), and, at every position whe
 prediction is wrong, the draft's free-running continuation after its wrong token. A step starting
 at t whose draft matches y for L(t) consecutive tokens accepts min(L(t), γ) of γ drafted tokens;
 the signals of drafted tokens 1..L(t)+1 are the teacher-forced ones, later ones the free-running
-ones. `replay` drives a real `Controller` through exactly the calls the engine makes, so adaptive
+ones. That holds for a draft model, whose chain from t is its teacher-forced predictions while
+they match. A feature head's chain depends on where the step starts (it feeds its own states
+after the target's last verified position), so its trace stores the whole chain a step starting
+at each t drafts (`chains`), and L(t) is that chain's match with y. `replay` drives a real `Controller` through exactly the calls the engine makes, so adaptive
 and stopping policies replay exactly too, and charges each step the calibrated cost model.
 
 `oracle` is the best γ per step in hindsight: every prompt yields the same tokens under every
@@ -55,16 +58,35 @@ class Trace:
     signals: list[Signals]
     free: dict[int, list[tuple[int, Signals]]] = field(default_factory=dict)
     pair: str = ""
+    # Per position t, the chain (token, signals) a step starting at t drafts, up to gamma_max
+    # tokens, cut after an end-of-sequence token (empty where the drafter drafts nothing); None
+    # for drafters whose chain is their teacher-forced predictions (`free` then completes it).
+    chains: list[list[tuple[int, Signals]]] | None = None
 
     def __post_init__(self):
         n = len(self.tokens)
         if len(self.draft_tokens) != n or len(self.signals) != n:
             raise SpecKVError(f"trace {self.prompt_id}: tokens, draft tokens and signals differ in length")
-        self.run_length = run_lengths(np.asarray(self.tokens) == np.asarray(self.draft_tokens))
+        if self.chains is None:
+            self.run_length = run_lengths(np.asarray(self.tokens) == np.asarray(self.draft_tokens))
+            return
+        if len(self.chains) != n:
+            raise SpecKVError(f"trace {self.prompt_id}: {len(self.chains)} chains for {n} positions")
+        self.run_length = np.array([_matched(chain, self.tokens[t:]) for t, chain in enumerate(self.chains)])
 
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
+
+
+def _matched(chain: list[tuple[int, Signals]], following: list[int]) -> int:
+    """How many leading tokens of `chain` equal `following`."""
+    count = 0
+    for (token, _), expected in zip(chain, following, strict=False):
+        if token != expected:
+            break
+        count += 1
+    return count
 
 
 def run_lengths(match: np.ndarray) -> np.ndarray:
@@ -103,6 +125,10 @@ class TraceDrafter(Drafter):
                 f"a policy drafts {budget} tokens; the profile recorded at most "
                 f"{trace.gamma_max} (profile with a larger --gamma-max)"
             )
+        if trace.chains is not None:  # the recorded chain; shorter only where the drafter stopped
+            for token, signals in trace.chains[t][:budget]:
+                yield Proposal(token, *signals)
+            return
         run = int(trace.run_length[t])
         for position in range(1, budget + 1):
             token, signals = _drafted_token(trace, t, run, position)
@@ -263,6 +289,8 @@ TRACE_COLUMNS = (
     "free_confidence",
     "free_token_prob",
 )
+# Stored only for traces with per-start chains (feature heads).
+CHAIN_COLUMNS = ("chain_tokens", "chain_entropy", "chain_confidence", "chain_token_prob")
 
 
 def trace_to_frame(trace: Trace) -> pd.DataFrame:
@@ -270,7 +298,7 @@ def trace_to_frame(trace: Trace) -> pd.DataFrame:
     n = trace.n_tokens
     signals = np.asarray(trace.signals, dtype=float).reshape(n, 3)
     free = [trace.free.get(t, []) for t in range(n)]
-    return pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "pair": trace.pair,
             "compression": trace.compression,
@@ -294,6 +322,12 @@ def trace_to_frame(trace: Trace) -> pd.DataFrame:
         },
         columns=list(TRACE_COLUMNS),
     )
+    if trace.chains is not None:
+        for index, column in enumerate(CHAIN_COLUMNS):
+            frame[column] = [
+                [token if index == 0 else s[index - 1] for token, s in chain] for chain in trace.chains
+            ]
+    return frame
 
 
 def traces_from_frame(frame: pd.DataFrame) -> list[Trace]:
@@ -334,6 +368,21 @@ def traces_from_frame(frame: pd.DataFrame) -> list[Trace]:
                 signals=[(float(e), float(c), float(p)) for e, c, p in signals],
                 free=free,
                 pair=str(first["pair"]),
+                chains=_chains(rows) if _has_chains(rows) else None,
             )
         )
     return traces
+
+
+def _has_chains(rows: pd.DataFrame) -> bool:
+    """Chain columns with a list in every row (a frame that also holds other traces has NaN)."""
+    return "chain_tokens" in rows.columns and bool(
+        rows["chain_tokens"].map(lambda value: isinstance(value, list | np.ndarray)).all()
+    )
+
+
+def _chains(rows: pd.DataFrame) -> list[list[tuple[int, Signals]]]:
+    return [
+        [(int(token), (float(e), float(c), float(p))) for token, e, c, p in zip(*columns, strict=True)]
+        for columns in zip(*(rows[column] for column in CHAIN_COLUMNS), strict=True)
+    ]

@@ -4,6 +4,7 @@ n-gram candidates, and both in one tree."""
 from __future__ import annotations
 
 from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
+from speckv.decoding.drafters.feature import FeatureDrafter
 from speckv.decoding.drafters.hybrid import HybridTreeDrafter
 from speckv.decoding.drafters.model import ModelDrafter
 from speckv.decoding.drafters.ngram import NGramDrafter
@@ -13,15 +14,23 @@ from speckv.errors import SpecKVError
 
 
 def make_drafter(source: str, target: LoadedModel, tree: bool = False) -> Drafter:
-    """A drafter from its spec: `ngram[:MIN-MAX]` (model-free, default 1-4), a draft model loaded
-    for `target` (a token tree when `tree`, for tree controllers), or `DRAFT+ngram[:MIN-MAX]`: the
-    model's tree with n-gram candidates as an extra branch."""
+    """A drafter from its spec: `ngram[:MIN-MAX]` (model-free, default 1-4), a feature head's
+    directory (chains), a draft model loaded for `target` (a token tree when `tree`, for tree
+    controllers), or `DRAFT+ngram[:MIN-MAX]`: the model's tree with n-gram candidates as an extra
+    branch. The shipped name: `demo` (or `demo-model`), the demo target's draft model."""
     vocab_size = target.model.config.vocab_size
     base, plus, ngram = source.partition("+")
     if base.partition(":")[0] == "ngram" and not plus:
         return _ngram(base, vocab_size)
-    from speckv.decoding.draft_files import load_draft
+    from speckv.decoding.draft_files import draft_kind, load_draft, load_feature_drafter
 
+    if draft_kind(base) == "feature":
+        if tree:
+            raise SpecKVError(
+                f"'{base}' is a feature head, which drafts chains: use a chain controller (fixed:N, "
+                "speckv), or a draft model (e.g. demo-model) for trees"
+            )
+        return load_feature_drafter(base, target)
     drafter = model_drafter(load_draft(base, target), target, tree)
     if not plus:
         return drafter
@@ -50,6 +59,7 @@ def model_drafter(draft: LoadedModel, target: LoadedModel, tree: bool = False) -
 
 __all__ = [
     "Drafter",
+    "FeatureDrafter",
     "HybridTreeDrafter",
     "ModelDrafter",
     "ModelTreeDrafter",

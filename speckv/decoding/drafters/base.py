@@ -56,6 +56,14 @@ class Verdict:
         return len(self.accepted_tokens)
 
 
+def on_target_vocab(probs: torch.Tensor, vocab_map: torch.Tensor | None, vocab_size: int) -> torch.Tensor:
+    """A reduced-vocabulary distribution placed on the target's vocabulary (for rejection sampling)."""
+    if vocab_map is None:
+        return probs
+    full = torch.zeros(vocab_size, device=probs.device)
+    return full.index_copy_(0, vocab_map.to(probs.device), probs)
+
+
 class Drafter(ABC):
     """Proposes candidate tokens for the target to verify; one sequence at a time."""
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import torch
 
 from speckv.decoding.cache import CachedModel
-from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
+from speckv.decoding.drafters.base import Drafter, Proposal, Verdict, on_target_vocab
 from speckv.decoding.models import LoadedModel
 from speckv.decoding.signals import signal_tensor
 from speckv.decoding.verify import SamplingConfig, sample, warp_probs
@@ -43,7 +43,7 @@ class ModelDrafter(Drafter):
             else:
                 warped = warp_probs(logits, sampling).cpu()  # the generator lives on the CPU
                 index = sample(warped, generator)
-                probs = self._full_vocab(warped)
+                probs = on_target_vocab(warped, self.vocab_map, self.target_vocab_size)
             token = index if self.vocab_map is None else int(self.vocab_map[index])
             entropy, confidence, token_prob = signal_tensor(
                 torch.log_softmax(logits.float(), -1), index
@@ -53,9 +53,3 @@ class ModelDrafter(Drafter):
 
     def rollback(self, kept: int, verdict: Verdict) -> None:
         self.model.crop(kept)
-
-    def _full_vocab(self, probs: torch.Tensor) -> torch.Tensor:
-        if self.vocab_map is None:
-            return probs
-        full = torch.zeros(self.target_vocab_size, device=probs.device)
-        return full.index_copy_(0, self.vocab_map.to(probs.device), probs)
