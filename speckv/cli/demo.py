@@ -87,9 +87,9 @@ def run_demo(
         print(f"\n--- {item.id}: {item.text}")
         print(target.tokenizer.decode(tokens, skip_special_tokens=True).strip())
     threads = threads or torch.get_num_threads()
+    hf_rows = f" (HF assisted rows: {assistant.name})" if assistant.name != draft.name else ""
     print(
-        f"\nTarget {target.name} ({target.precision}), draft {draft.name} (HF assisted rows: "
-        f"{assistant.name}); {platform.processor() or platform.machine()}, "
+        f"\nTarget {target.name} ({target.precision}), draft {draft.name}{hf_rows}; {platform.processor() or platform.machine()}, "
         f"{threads} torch threads. Speed-up is against our target-only loop in the same run.\n"
     )
     print(speedup_table(results))
