@@ -285,7 +285,7 @@ def test_distill_cli_trains_saves_and_reloads_a_feature_head(tiny_model_dirs, ti
     out = tmp_path / "head"
     code = main(
         [
-            "distill", "--target", str(tiny_model_dirs["target"]), "--out", str(out), "--work-dir", str(tmp_path / "work"),
+            "distill", "--kind", "feature", "--target", str(tiny_model_dirs["target"]), "--out", str(out), "--work-dir", str(tmp_path / "work"),
             "--prompts", str(prompts), "--extra", "none", "--samples", "chat=2", "--new-tokens", "8",
             "--features", "1,2,-1", "--compression", "fp32", "--layers", "1", "--vocab", "0", "--epochs", "1",
             "--batch-tokens", "32", "--unroll", "2", "--threads", "1",

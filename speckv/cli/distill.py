@@ -49,9 +49,9 @@ def register(sub) -> None:
     parser.add_argument(
         "--kind",
         choices=("feature", "model"),
-        default="feature",
-        help="feature: a head drafting from the target's hidden states (default); model: a small "
-        "draft model (docs/draft.md)",
+        default="model",
+        help="model: a small draft model (default; the kind that ships, docs/draft.md); feature: a "
+        "head drafting from the target's hidden states (docs/feature-head.md)",
     )
     parser.add_argument("--layers", help="target layers that initialise the draft's layers (default 0,1)")
     parser.add_argument(

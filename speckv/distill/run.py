@@ -5,8 +5,8 @@ Three resumable stages under a work directory (default ~/.cache/speckv/distill/<
 1. generate (`speckv.distill.data`): the target's greedy and sampled continuations of the train
    prompts, with its top-k logits and hidden states, and two reference sets (held-out prompts of
    the benchmark tasks, and the unfamiliar prompts); one shard per batch.
-2. train: a feature head (`speckv.distill.feature_training`, the default) or a k-layer draft
-   model (`speckv.distill.training`), both initialised from target layers, checkpointed in
+2. train: a k-layer draft model (`speckv.distill.training`, the default) or a feature head
+   (`speckv.distill.feature_training`), both initialised from target layers, checkpointed in
    `train-<key>/` (the key of the kind and training settings but the epoch count), so an
    interrupted run continues where it stopped.
 3. save (`speckv.distill.saving`): the directory `speckv.decoding.draft_files` loads (see
@@ -41,7 +41,7 @@ class DistillConfig:
     name: str | None = None  # the draft's name in its manifest (default <target name>-draft)
     work_dir: Path | None = None  # data shards and checkpoints (default: `default_work_dir`)
     gen: GenConfig = field(default_factory=GenConfig)
-    train: TrainConfig | FeatureTrainConfig = field(default_factory=FeatureTrainConfig)
+    train: TrainConfig | FeatureTrainConfig = field(default_factory=TrainConfig)
     command: str | None = None  # the command line, recorded in the manifest
     max_batches: int = 0  # > 0: train on the first batches of the data plan only (`generate_data`)
     exclude: str = ""  # train prompts whose id starts with this are left out (a held-out source)
