@@ -15,6 +15,7 @@ Decoding keeps a plain per-layer key/value cache (`HeadCache`), rolled back by c
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -71,12 +72,17 @@ def rope_theta(config) -> float:
     return float(theta if theta is not None else 10000.0)
 
 
+@functools.lru_cache(maxsize=8)
+def _inverse_frequencies(dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """Computed once per shape, not per drafted token (`rotate` runs in the drafting loop)."""
+    return 1.0 / theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+
+
 def rotate(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary position embedding (the Llama convention: halves rotated) of x (..., T, d) at
     `positions` (..., T)."""
     d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    angles = positions.float()[..., None] * inv_freq
+    angles = positions.float()[..., None] * _inverse_frequencies(d, theta, x.device)
     cos = torch.cat([angles.cos(), angles.cos()], -1).to(x.dtype)
     sin = torch.cat([angles.sin(), angles.sin()], -1).to(x.dtype)
     first, second = x[..., : d // 2], x[..., d // 2 :]
