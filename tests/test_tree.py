@@ -202,6 +202,51 @@ def test_a_tree_yields_more_tokens_per_step_than_a_chain_of_its_size(tiny_target
     assert per_step["tree"] >= per_step["chain"]
 
 
+def _path_scores(draft, context, top_k, depth):
+    """Every path of the full top-k tree up to `depth`, with its log-probability, by plain passes."""
+    scores, frontier = {}, [((), 0.0)]
+    for _ in range(depth):
+        grown = []
+        for path, score in frontier:
+            with torch.no_grad():
+                logits = draft.model(torch.tensor([context + list(path)])).logits[0, -1]
+            values, indices = torch.log_softmax(logits.float(), -1).topk(top_k)
+            for logp, token in zip(values.tolist(), indices.tolist(), strict=True):
+                scores[(*path, token)] = score + logp
+                grown.append(((*path, token), score + logp))
+        frontier = grown
+    return scores
+
+
+@pytest.mark.parametrize("budget", [1, 3, 5, 9])
+def test_the_tree_is_the_budget_best_paths_of_the_draft(tiny_drafts, budget):
+    """With every candidate expandable per round, the proposals are exactly the `budget` paths of
+    highest draft probability, best first, though the tree grows one batched forward per round."""
+    draft = tiny_drafts["unrelated"]
+    context = [7, 3, 9, 11, 2]
+    drafter = ModelTreeDrafter(draft, top_k=2, width=64)
+    drafter.begin()
+    proposals = list(drafter.draft(context, budget, SamplingConfig(), None))
+    paths = []
+    for proposal in proposals:
+        paths.append((*(() if proposal.parent < 0 else paths[proposal.parent]), proposal.token))
+    scores = _path_scores(draft, context, 2, budget)
+    best = sorted(scores, key=lambda path: -scores[path])[:budget]
+    assert set(paths) == set(best)
+    got = [scores[path] for path in paths]
+    assert got == sorted(got, reverse=True)
+    assert drafter.forwards <= max(depths([p.parent for p in proposals]), default=0) + 1
+
+
+def test_a_tree_costs_one_draft_forward_per_round_not_per_node(tiny_target, tiny_drafts):
+    drafter = ModelTreeDrafter(tiny_drafts["close"], top_k=4, width=4)
+    decoder = SpeculativeDecoder(tiny_target, drafter, make_controller("tree:16"), eos_token_ids=())
+    rounds = nodes = 0
+    for record, _ in decoder.stream([7, 3, 9, 11, 2], max_new_tokens=40):
+        rounds, nodes = rounds + drafter.forwards, nodes + record.gamma
+    assert rounds * 2 < nodes  # 16 nodes cost a handful of draft passes, not 16
+
+
 def test_generate_with_a_tree_controller(capsys, tiny_model_dirs):
     from speckv.cli import main
 

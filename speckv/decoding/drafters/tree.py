@@ -1,20 +1,22 @@
-"""A token tree from the draft model, grown best-first by path probability (EAGLE-2's selection).
+"""A token tree from the draft model: expanded a batch of nodes per draft forward, the nodes with
+the best path probability proposed (EAGLE-2's selection).
 
-Each proposed node is the most probable path extension not yet proposed: its score is the draft's
-log-probability of the whole path from the root, so a node never scores above its parent and
-every prefix of the proposals is the best tree of its size under the draft's own estimate. The
-loop stops pulling when the controller's budget (the node count) is reached.
+A node's score is the draft's log-probability of the whole path from the root, so a node never
+scores above its parent, and the `budget` best-scoring nodes always form a tree. Growing it:
+each round feeds, in one draft pass with a tree attention mask (each node sees the sequence and
+its ancestors), the `width` best nodes not yet expanded, and adds their `top_k` children. A node
+whose score does not beat the budget-th best score found so far is never expanded: none of its
+descendants could enter the tree. So a step costs one draft forward per round (about one per
+depth) instead of one per node, which is what makes trees affordable on a CPU, where a forward
+over a few tokens costs about what one token does.
 
-A node's children need a draft forward on the node itself. Forwards are lazy and batched: before
-proposing the best pending candidate, every proposed node whose score still beats it is fed in
-one pass with a tree attention mask (each sees the sequence and its own ancestors), since only
-their children could outrank it. After verification the draft's cache keeps the sequence plus the
-fed nodes of the accepted path, gathered per layer.
+Proposals come best first, so every prefix of them is the best tree of its size (what
+`Controller.verify_count` relies on). After verification the draft's cache keeps the sequence
+plus the fed nodes of the accepted path, gathered per layer.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -30,27 +32,31 @@ from speckv.decoding.verify import SamplingConfig
 @dataclass
 class _Node:
     token: int
-    parent: int  # proposal index, -1 = root
+    parent: int  # node index, -1 = root
     depth: int
     score: float  # log-probability of the path from the root
+    signals: tuple[float, float, float]
     cache_position: int | None = None  # where the node sits in the draft's cache once fed
 
 
 class ModelTreeDrafter(Drafter):
-    """Proposes up to the budget's nodes, `top_k` children per expanded node at most."""
+    """Proposes up to the budget's nodes; `top_k` children per expanded node, `width` nodes
+    expanded per draft forward."""
 
-    def __init__(self, draft: LoadedModel, top_k: int = 4):
+    def __init__(self, draft: LoadedModel, top_k: int = 4, width: int = 4):
         self.loaded = draft
         self.name = f"{draft.name} tree:top{top_k}"
         self.vocab_map = draft.vocab_map
-        self.top_k = top_k
+        self.top_k, self.width = top_k, width
         self.model = CachedModel(draft)
+        self.forwards = 0  # draft forwards over tree nodes in the last step (the rounds)
         self._nodes: list[_Node] = []
+        self._proposed: list[int] = []  # node index of each proposal
         self._base = 0
 
     def begin(self) -> None:
         self.model.reset()
-        self._nodes, self._base = [], 0
+        self._nodes, self._proposed, self._base = [], [], 0
 
     def draft(
         self,
@@ -64,50 +70,50 @@ class ModelTreeDrafter(Drafter):
         root_logits = self.model.feed(context[self.model.length :], keep=1).logits[0, -1]
         self._base = self.model.length
         self._nodes = []
-        pending: list[tuple[float, int, int, int, tuple[float, float, float]]] = []
-        order = 0
-        for token, signals, logp in self._children(root_logits):
-            heapq.heappush(pending, (-logp, order, -1, token, signals))
-            order += 1
-        unexpanded: list[int] = []
-        while (pending or unexpanded) and len(self._nodes) < budget:
-            best = -pending[0][0] if pending else float("-inf")
-            worth = [i for i in unexpanded if self._nodes[i].score > best]
-            if worth:  # only children of these can outrank the best pending candidate
-                unexpanded = [i for i in unexpanded if i not in worth]
-                for index, logits in zip(worth, self._expand(worth), strict=True):
-                    for token, signals, logp in self._children(logits):
-                        heapq.heappush(
-                            pending, (-(self._nodes[index].score + logp), order, index, token, signals)
-                        )
-                        order += 1
-                continue
-            negative_score, _, parent, token, signals = heapq.heappop(pending)
-            depth = 0 if parent < 0 else self._nodes[parent].depth + 1
-            self._nodes.append(_Node(token, parent, depth, -negative_score))
-            unexpanded.append(len(self._nodes) - 1)
-            yield Proposal(token, *signals, parent=parent)
+        self._add_children(-1, root_logits)
+        self.forwards = 0
+        unexpanded = list(range(len(self._nodes)))
+        while True:
+            scores = sorted((node.score for node in self._nodes), reverse=True)
+            threshold = scores[budget - 1] if len(scores) >= budget else float("-inf")
+            unexpanded.sort(key=lambda i: -self._nodes[i].score)
+            batch = [i for i in unexpanded[: self.width] if self._nodes[i].score > threshold]
+            batch = [i for i in batch if self._nodes[i].depth + 1 < budget]  # a chain is the deepest tree
+            if not batch:
+                break
+            unexpanded = [i for i in unexpanded if i not in batch]
+            for index, logits in zip(batch, self._expand(batch), strict=True):
+                first = len(self._nodes)
+                self._add_children(index, logits)
+                unexpanded.extend(range(first, len(self._nodes)))
+            self.forwards += 1
+        # Best first; a tie goes to the older node, so a parent always precedes its children.
+        self._proposed = sorted(range(len(self._nodes)), key=lambda i: (-self._nodes[i].score, i))[:budget]
+        number = {}
+        for n, index in enumerate(self._proposed):
+            node = self._nodes[index]
+            number[index] = n
+            yield Proposal(node.token, *node.signals, parent=-1 if node.parent < 0 else number[node.parent])
 
-    def _children(self, logits: torch.Tensor) -> list[tuple[int, tuple[float, float, float], float]]:
-        """The top-k next tokens (target ids) with their signals and log-probabilities."""
+    def _add_children(self, parent: int, logits: torch.Tensor) -> None:
+        """The top-k next tokens (target ids) after `parent`, as nodes with their signals."""
         log_probs = torch.log_softmax(logits.float(), -1)
         values, indices = log_probs.topk(min(self.top_k, log_probs.shape[-1]))
-        out = []
+        base_score, depth = (0.0, 0) if parent < 0 else (self._nodes[parent].score, self._nodes[parent].depth + 1)
         for logp, index in zip(values.tolist(), indices.tolist(), strict=True):
             token = index if self.vocab_map is None else int(self.vocab_map[index])
             signals = tuple(signal_tensor(log_probs, index).tolist())
-            out.append((token, signals, logp))
-        return out
+            self._nodes.append(_Node(token, parent, depth, base_score + logp, signals))
 
     def _expand(self, indices: list[int]) -> torch.Tensor:
-        """One draft pass over these proposed nodes; their next-token logits, one row each."""
+        """One draft pass over these nodes; their next-token logits, one row each."""
         length, count = self.model.length, len(indices)
         attention = torch.zeros(count, length + count, dtype=torch.bool)
         attention[:, : self._base] = True
         for row, index in enumerate(indices):
             attention[row, length + row] = True
             ancestor = self._nodes[index].parent
-            while ancestor >= 0:  # fed before: a node is expanded after its parent was
+            while ancestor >= 0:  # fed before: a node exists only once its parent was expanded
                 attention[row, self._nodes[ancestor].cache_position] = True
                 ancestor = self._nodes[ancestor].parent
             self._nodes[index].cache_position = length + row
@@ -121,10 +127,10 @@ class ModelTreeDrafter(Drafter):
             self.model.crop(kept)
             return
         fed = []
-        for index in verdict.path:
-            position = self._nodes[index].cache_position
+        for proposal in verdict.path:
+            position = self._nodes[self._proposed[proposal]].cache_position
             if position is None:
                 break
             fed.append(position)
         self.model.keep_positions(list(range(self._base)) + fed)
-        self._nodes = []
+        self._nodes, self._proposed = [], []
