@@ -99,7 +99,9 @@ class ModelTreeDrafter(Drafter):
         """The top-k next tokens (target ids) after `parent`, as nodes with their signals."""
         log_probs = torch.log_softmax(logits.float(), -1)
         values, indices = log_probs.topk(min(self.top_k, log_probs.shape[-1]))
-        base_score, depth = (0.0, 0) if parent < 0 else (self._nodes[parent].score, self._nodes[parent].depth + 1)
+        base_score, depth = (
+            (0.0, 0) if parent < 0 else (self._nodes[parent].score, self._nodes[parent].depth + 1)
+        )
         for logp, index in zip(values.tolist(), indices.tolist(), strict=True):
             token = index if self.vocab_map is None else int(self.vocab_map[index])
             signals = tuple(signal_tensor(log_probs, index).tolist())
