@@ -17,6 +17,7 @@ class TokenSignals:
     entropy: float  # bits, of the draft's next-token distribution
     confidence: float  # the distribution's largest probability
     token_prob: float  # probability of the token actually proposed
+    parent: int | None = None  # proposal index of the node it follows (-1: the root; None: a chain)
 
 
 @dataclass
@@ -38,6 +39,9 @@ class StepRecord:
     controller_time_s: float = 0.0
     drafted: int = 0
     depth: int = 0  # longest root path of the verified tree (= gamma for a chain)
+    # Parent of each drafted node in proposal order (-1: the root), all drafted ones until
+    # verification, then the verified ones; i - 1 for node i of a chain.
+    parents: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -305,7 +305,9 @@ def test_distill_cli_trains_saves_and_reloads_a_feature_head(tiny_model_dirs, ti
     with pytest.raises(SpecKVError, match="feature head, not a draft model"):
         load_draft(str(out), target)
     with pytest.raises(SpecKVError, match="drafts chains"):
-        make_drafter(str(out), target, tree=True)
+        make_drafter(str(out), target, tree=True)  # tree:N cannot plan a chain
+    # a controller that plans trees or chains (speckv with a tree model) gets the head's chains
+    assert not make_drafter(str(out), target, tree=True, chains_ok=True).branches
     with pytest.raises(SpecKVError, match="made for another target"):
         make_drafter(str(out), loaded(tiny_model(seed=0, hidden=64), "wider"))
 

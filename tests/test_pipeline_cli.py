@@ -116,9 +116,12 @@ def test_pipeline_end_to_end(capsys, tmp_path, tiny_model_dirs):
     assert code == 0 and set(load_costs(tmp_path / "merged.json")) == {"int8"}, err
 
     controller = tmp_path / "ctrl.json"
-    code, out, err = run(capsys, "train", "--profile", profile, "--out", controller, "--compare", "linear")
+    code, out, err = run(
+        capsys, "train", "--profile", profile, "--out", controller, "--compare", "linear", "--trees"
+    )
     assert code == 0, err
     assert "| mlp16 |" in out and "| linear |" in out and controller.exists()
+    assert "tree model:" in out and "tree_model" in json.loads(controller.read_text())
 
     evaluation = tmp_path / "eval"
     code, out, err = run(

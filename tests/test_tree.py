@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 
 import numpy as np
@@ -245,6 +246,10 @@ def test_a_tree_costs_one_draft_forward_per_round_not_per_node(tiny_target, tiny
     for record, _ in decoder.stream([7, 3, 9, 11, 2], max_new_tokens=40):
         rounds, nodes = rounds + drafter.forwards, nodes + record.gamma
     assert rounds * 2 < nodes  # 16 nodes cost a handful of draft passes, not 16
+    # proposals are lazy: a loop that stops pulling after two nodes paid at most two rounds
+    drafter.begin()
+    first_two = list(itertools.islice(drafter.draft([7, 3, 9, 11, 2], 16, SamplingConfig(), None), 2))
+    assert len(first_two) == 2 and drafter.forwards <= 2
 
 
 def test_generate_with_a_tree_controller(capsys, tiny_model_dirs):

@@ -66,7 +66,11 @@ def run(args) -> int:
     sampling = SamplingConfig(args.temperature, args.top_p, args.seed)
 
     target = load_model("demo" if args.demo else args.target, compression, args.device, args.fp32_head)
-    draft = make_drafter(draft_source, target, tree=controller.tree) if draft_source else None
+    draft = (
+        make_drafter(draft_source, target, controller.tree, not controller.needs_tree)
+        if draft_source
+        else None
+    )
     decoder = SpeculativeDecoder(target, draft, controller, sampling)
     encoded = [(item_id, encode_prompt(target.tokenizer, text, raw=args.raw)) for item_id, text in items]
     for item_id, prompt_ids in encoded:  # every prompt fits, before any decoding starts

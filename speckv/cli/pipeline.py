@@ -59,6 +59,11 @@ def _add_calibrate(sub) -> None:
     parser.add_argument("--prompts", default="paper", help="prompts to time on (default paper)")
     parser.add_argument("--per-task", type=int, default=1, help="prompts per task (default 1)")
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens per timed run (default 48)")
+    parser.add_argument(
+        "--gamma-max",
+        type=int,
+        help="widest step timed, t_verify up to γ+1 tokens (default: the profile's; 16 for trees of 16 nodes)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="passes over prompts × γ (default 2)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (use the live runs' setting)")
@@ -80,6 +85,12 @@ def _add_train(sub) -> None:
         choices=SPLITS,
         help="prompts to fit on (default dev: the demo draft was distilled on train)",
     )
+    parser.add_argument(
+        "--trees",
+        action="store_true",
+        help="also fit the tree model (loads the profile's draft), so speckv sizes token trees",
+    )
+    parser.add_argument("--device", default="cpu", help="for the draft pass of --trees")
     parser.set_defaults(func=run_train)
 
 
@@ -231,6 +242,10 @@ def run_calibrate(args) -> int:
     set_threads(getattr(args, "threads", None))
     settings, _ = read_settings(args.profile)
     compressions = _unique_list(args.compression, "--compression") or list(settings.compressions)
+    if args.gamma_max is not None:
+        from speckv.controllers import check_gamma
+
+        check_gamma(args.gamma_max, "--gamma-max")
     out = check_output_path(args.out or Path(args.profile) / "cost.json")
     costs = load_costs(out) if out.exists() else {}
     if args.merge:  # levels timed elsewhere (e.g. in parallel, one process per core): no timing here
@@ -247,7 +262,7 @@ def run_calibrate(args) -> int:
         for prompt in prompts:
             check_context(target, draft, len(prompt), args.new_tokens)
         costs[compression] = calibrate(
-            target, draft, prompts, settings.gamma_max, args.new_tokens, args.repeats
+            target, draft, prompts, args.gamma_max or settings.gamma_max, args.new_tokens, args.repeats
         )
         save_costs(costs, out, {"target": settings.target, "draft": settings.draft})
         cost = costs[compression]
@@ -301,7 +316,7 @@ def run_train(args) -> int:
     unknown = [k for k in compare_kinds if k not in KINDS]
     if unknown:
         raise SpecKVError(f"unknown predictor kinds {unknown}; choose from {', '.join(KINDS)}")
-    settings, _ = read_settings(args.profile)
+    settings, prompts = read_settings(args.profile)
     result = train_controller(
         traces,
         _costs(args),
@@ -309,12 +324,36 @@ def run_train(args) -> int:
         compare_kinds=compare_kinds,
         info={"pair": settings.pair, "profile": str(args.profile), "split": args.split},
     )
-    path = result.models.save(args.out)
     print(markdown_table(result.metrics, digits=4))
+    if args.trees:
+        _fit_trees(result.models, traces, prompts, settings, args)
+    path = result.models.save(args.out)
     print(
         f"controller written to {path} ({path.stat().st_size / 1024:.0f} KiB); use --controller speckv:{path}"
     )
     return 0
+
+
+def _fit_trees(models, traces, prompts, settings, args) -> None:
+    from speckv.decoding.models import LoadedModel
+    from speckv.pipeline.training import is_validation
+    from speckv.pipeline.tree_training import fit_tree_model, tree_rows
+
+    _, draft = _pair_loader(settings.target, settings.draft, args.device)(models.compressions[0])
+    if not isinstance(draft, LoadedModel):
+        raise SpecKVError(
+            "--trees fits the tree model of a draft model; this profile's drafter is a feature head"
+        )
+    token_ids = {prompt["id"]: list(prompt["token_ids"]) for prompt in prompts}
+    rows = tree_rows(traces, token_ids, draft, models.compressions)
+    validation = rows["prompt_id"].map(is_validation).to_numpy()
+    models.tree_model, scores = fit_tree_model(rows, models.compressions, validation, args.kind)
+    models.info["tree"] = {**scores, "rows": len(rows)}
+    print(
+        f"tree model: {len(rows)} candidate rows, validation AUC {scores['auc']:.3f}, Brier "
+        f"{scores['brier']:.4f}; accepted: top choice {scores['base_rate_top_choice']:.3f}, "
+        f"others {scores['base_rate_other']:.3f}"
+    )
 
 
 def run_evaluate(args) -> int:

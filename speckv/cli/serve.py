@@ -64,7 +64,9 @@ def build_app(args):
     target = load_model("demo" if args.demo else args.target, compression, args.device, args.fp32_head)
     draft = None
     if draft_source:
-        first = make_drafter(draft_source, target, tree=controller.tree)  # loads a draft model once
+        first = make_drafter(
+            draft_source, target, controller.tree, not controller.needs_tree
+        )  # loads a draft model once
         # A draft model or a feature head is shared by every request's drafter; a model-free
         # drafter is remade per request.
         if first.loaded is not None:
@@ -72,7 +74,7 @@ def build_app(args):
         elif isinstance(first, FeatureDrafter):
             draft = first.fresh
         else:
-            draft = lambda: make_drafter(draft_source, target, tree=controller.tree)  # noqa: E731
+            draft = lambda: make_drafter(draft_source, target, controller.tree, not controller.needs_tree)  # noqa: E731
     served = ServedModel(target, draft, controller, args.model_name or target.name)
     return create_app(served, args.max_running, args.max_queue, args.default_max_tokens)
 

@@ -33,6 +33,15 @@ class Controller(ABC):
     # Budgets count nodes of a token tree, which a drafter that can branch should build.
     tree: bool = False
 
+    @property
+    def needs_tree(self) -> bool:
+        """Only meaningful with a drafter that branches (a chain drafter would misread its budget)."""
+        return self.tree
+
+    def bind(self, drafter) -> None:
+        """The decoder's drafter (None: target only), once, before decoding: a controller that
+        plans trees and chains differently reads `drafter.branches` here."""
+
     def reset(self) -> None:
         """Called before each generation: forget per-sequence state."""
 

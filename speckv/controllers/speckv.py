@@ -9,6 +9,15 @@ larger E[tokens](γ) − λ·time(γ), where E[tokens] = 1 + Σ_i Π_{j≤i} a_j
 t_verify(γ + 1) + t_step from the calibrated cost model, and λ the tokens per second the
 controller achieves (fitted on training prompts): this maximises long-run tokens per second.
 `speckv-step` makes the same choice once per step, before drafting (no per-token stop).
+
+With a drafter that makes token trees (best first), and a controller file that holds a tree
+model, `speckv` sizes trees instead: the tree model gives P(node accepted | its parent accepted)
+from the node's own signals, so a node is reached with the product along its path. Drafting goes
+on while the newest node's reach pays for one more node, λ·(t_draft + the verify pass's growth
+by a token): in best-first order the next node is worth about as much. Then the controller
+verifies the prefix of n nodes maximising 1 + Σ reach − λ·t_verify(n + 1) at the target's
+compression level. Where verification is nearly flat in width (bf16 on a CPU with native bf16)
+that keeps many nodes; where it is steep (fp32) few.
 `speckv-paper` is the paper's objective: γ ∈ {2, 4, 6, 8} maximising predicted tokens per step,
 clip(â)·γ + 1, with the paper's step-level predictor fed the previous step's signals (the
 step's own signals, which the paper used, do not exist when γ is chosen).
@@ -51,6 +60,7 @@ CONTEXT_FEATURES = (
 TOKEN_FEATURES = ("entropy", "confidence", "token_prob")
 PAPER_CONTEXT = ("prev_mean_draft_entropy", "prev_mean_draft_confidence", "prev_max_draft_entropy")
 PAPER_CONTEXT += ("prev_min_draft_confidence", "first_step")
+NODE_FEATURES = (*TOKEN_FEATURES, "top_choice")
 
 
 def compression_features(compressions) -> tuple[str, ...]:
@@ -67,6 +77,15 @@ def token_features(compressions) -> tuple[str, ...]:
 
 def paper_features(compressions) -> tuple[str, ...]:
     return (*PAPER_CONTEXT, *compression_features(compressions), "gamma")
+
+
+def tree_features(compressions) -> tuple[str, ...]:
+    return (*compression_features(compressions), *NODE_FEATURES)
+
+
+def top_choice(confidence, token_prob):
+    """1 where the node is its parent's most probable child (its probability is the largest)."""
+    return (np.asarray(token_prob) >= np.asarray(confidence) - 1e-6).astype(float)
 
 
 class SequenceContext:
@@ -88,7 +107,9 @@ class SequenceContext:
             return
         values, decay = self.values, self.decay
         recent = values[1]
-        for i in range(min(record.accepted + 1, record.gamma)):
+        # A tree's accepted path runs along its depth: read it as a chain that long.
+        length = record.depth or record.gamma
+        for i in range(min(record.accepted + 1, length)):
             recent += decay * ((1.0 if i < record.accepted else 0.0) - recent)
         entropy = values[3]
         for e in record.draft_entropy:
@@ -97,7 +118,7 @@ class SequenceContext:
         self.values = [
             0.0,
             recent,
-            record.accepted / record.gamma,
+            record.accepted / length,
             entropy,
             sum(entropies) / len(entropies),
             sum(confidences) / len(confidences),
@@ -120,6 +141,7 @@ class ControllerModels:
     context_decay: float = 0.3
     probe_every: int = 8  # after this many steps without drafting, draft one token to look again
     info: dict = field(default_factory=dict)
+    tree_model: AcceptancePredictor | None = None  # P(node accepted | parent accepted); trees
 
     def to_dict(self) -> dict:
         return {
@@ -135,6 +157,7 @@ class ControllerModels:
             "rates": self.rates,
             "probe_every": self.probe_every,
             "info": self.info,
+            **({"tree_model": self.tree_model.to_dict()} if self.tree_model is not None else {}),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -164,6 +187,9 @@ class ControllerModels:
                 context_decay=float(document["context_decay"]),
                 probe_every=int(document.get("probe_every", 8)),
                 info=document.get("info", {}),
+                tree_model=AcceptancePredictor.from_dict(document["tree_model"], f"{path} tree model")
+                if "tree_model" in document
+                else None,
             )
             models._check()
         except SpecKVError:
@@ -188,6 +214,8 @@ class ControllerModels:
             "prior model": (self.prior_model, context_features(self.compressions)),
             "paper model": (self.paper_model, paper_features(self.compressions)),
         }
+        if self.tree_model is not None:
+            expected["tree model"] = (self.tree_model, tree_features(self.compressions))
         for name, (model, features) in expected.items():
             if tuple(model.feature_names) != features:
                 raise ValueError(f"the {name} does not take the features {', '.join(features)}")
@@ -248,6 +276,24 @@ class SpecKVController(Controller):
         self._reached = 1.0  # P(all tokens drafted so far are accepted)
         self._reach = [1.0]  # the same after each drafted token (index i: after token i)
         self._idle = 0  # steps in a row without drafting
+        # Trees: λ·t_verify(n + 1) for verifying n nodes, as far as the cost model measured.
+        self.tree = per_token and models.tree_model is not None
+        self.tree_max = min(gamma_max, models.costs[compression].gamma_max)
+        self._tree_charges = models.rates[compression] * np.asarray(models.costs[compression].t_verify_s)
+        self._node_x = np.zeros(len(tree_features(models.compressions)))
+        self._node_x[: len(one_hot)] = one_hot
+        self._tree_steps = models.rates[compression] * (
+            models.costs[compression].t_draft_s + np.diff(models.costs[compression].t_verify_s)
+        )  # index i: λ·(one more node's drafting + verify pass growth from i + 1 to i + 2 tokens)
+        self._branching = False  # the bound drafter makes trees (and a tree model is there)
+        self._node_reach: list[float] = []
+
+    @property
+    def needs_tree(self) -> bool:
+        return False  # with a chain drafter it plans chains
+
+    def bind(self, drafter) -> None:
+        self._branching = self.tree and drafter is not None and drafter.branches
 
     def reset(self) -> None:
         self.context.reset()
@@ -269,9 +315,14 @@ class SpecKVController(Controller):
             self._idle = 0
             return 1  # the probe: one token
         self._idle = 0
+        if self._branching:
+            self._node_reach = []
+            return self.tree_max
         return self.gamma_max if self.per_token else best
 
     def continue_drafting(self, signals) -> bool:
+        if self._branching:
+            return self._tree_goes_on(signals)
         if not self.per_token:
             return True
         i = signals.position
@@ -285,6 +336,8 @@ class SpecKVController(Controller):
 
     def verify_count(self, record) -> int:
         """The prefix j maximising E[tokens] − λ·t_verify(j + 1); the drafting is already paid."""
+        if self._branching:
+            return self._tree_count(record)
         for i in range(len(self._reach) - 1, len(record.draft_confidence)):  # tokens not seen yet
             self._observe(record.draft_entropy[i], record.draft_confidence[i], record.draft_token_prob[i])
         expected = np.cumsum(self._reach)  # E[tokens] when verifying j = 0, 1, …: 1 + Σ_{i≤j} reach_i
@@ -296,6 +349,36 @@ class SpecKVController(Controller):
         x[self._n_context :] = (entropy, confidence, token_prob)
         self._reached *= _clip01(self.models.token_model.predict_fast(x)[0])
         self._reach.append(self._reached)
+
+    def _tree_goes_on(self, signals) -> bool:
+        i = signals.position
+        chance = self._node_chance([signals.entropy], [signals.confidence], [signals.token_prob])[0]
+        parent = i - 2 if signals.parent is None else signals.parent
+        self._node_reach.append(chance * (1.0 if parent < 0 else self._node_reach[parent]))
+        return i < self.tree_max and self._node_reach[-1] > self._tree_steps[i]
+
+    def _node_chance(self, entropy, confidence, token_prob) -> np.ndarray:
+        """The tree model's P(node accepted | parent accepted), one per node."""
+        rows = np.repeat(self._node_x[None], len(entropy), axis=0)
+        rows[:, -len(NODE_FEATURES) :] = np.column_stack(
+            [entropy, confidence, token_prob, top_choice(confidence, token_prob)]
+        )
+        return np.clip(self.models.tree_model.predict_fast(rows), 0.0, 1.0)
+
+    def _tree_count(self, record) -> int:
+        """The best-first prefix of n nodes maximising 1 + Σ reach − λ·t_verify(n + 1), where a
+        node's reach is the product of the tree model's P(accepted | parent accepted) along its path."""
+        n = min(len(record.draft_confidence), self.tree_max)
+        if n == 0:
+            return 0
+        chance = self._node_chance(
+            record.draft_entropy[:n], record.draft_confidence[:n], record.draft_token_prob[:n]
+        )
+        reach = np.empty(n)
+        for i, parent in enumerate(record.parents[:n]):
+            reach[i] = chance[i] * (1.0 if parent < 0 else reach[parent])
+        value = np.concatenate([[0.0], np.cumsum(reach)]) - self._tree_charges[: n + 1]
+        return int(np.argmax(value))
 
     def end_step(self, record) -> None:
         self.context.update(record)

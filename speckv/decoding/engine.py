@@ -49,6 +49,8 @@ class SpeculativeDecoder:
         self.eos_ids = frozenset(target.eos_token_ids if eos_token_ids is None else eos_token_ids)
         hidden_layers = draft.target_hidden_layers if draft is not None else ()
         self.verifier = TargetVerifier(target, sampling, hidden_layers)
+        if controller is not None:
+            controller.bind(draft)
         self._streaming = False
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int = 128) -> GenerationResult:

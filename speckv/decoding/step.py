@@ -84,14 +84,15 @@ def run_step(
             record.draft_confidence.append(proposal.confidence)
             record.draft_token_prob.append(proposal.token_prob)
             drafted.append(proposal.token)
-            parents.append(position - 2 if proposal.parent is None else proposal.parent)
+            parent = position - 2 if proposal.parent is None else proposal.parent
+            parents.append(parent)
             if proposal.probs is not None:
                 draft_probs.append(proposal.probs)
             if proposal.token in eos_ids or position >= budget:
                 break
             asked = clock()
             go_on = controller.continue_drafting(
-                TokenSignals(position, proposal.entropy, proposal.confidence, proposal.token_prob)
+                TokenSignals(position, proposal.entropy, proposal.confidence, proposal.token_prob, parent)
             )
             asking += clock() - asked
             if not go_on:
@@ -99,6 +100,7 @@ def run_step(
         record.controller_time_s += asking
         record.draft_time_s = clock() - draft_start - asking
     record.drafted = len(drafted)
+    record.parents = parents
     if draft_probs and len(draft_probs) != len(drafted):
         raise SpecKVError(f"drafter {drafter.name} gave distributions for some proposals but not all")
     if drafted and sampling.greedy:
@@ -107,6 +109,7 @@ def run_step(
         if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= len(drafted):
             raise SpecKVError(f"{controller.describe()} asked to verify {keep!r} of {len(drafted)} tokens")
         drafted, parents = drafted[:keep], parents[:keep]  # a prefix of a tree is a tree
+        record.parents = parents
         record.controller_time_s += clock() - asked
 
     verify_start = clock()

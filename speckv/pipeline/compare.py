@@ -141,11 +141,13 @@ def _runner(
     if method.controller:
         controller = make_controller(method.controller, gamma_max=gamma_max, compression=target.compression)
         if method.drafter:
-            drafter = make_drafter(method.drafter, target, tree=controller.tree)
+            drafter = make_drafter(
+                method.drafter, target, tree=controller.tree, chains_ok=not controller.needs_tree
+            )
         elif isinstance(draft, LoadedModel):
             drafter = model_drafter(draft, target, tree=controller.tree)
         elif draft is not None:
-            if controller.tree and not isinstance(draft, ModelTreeDrafter):
+            if controller.needs_tree and not isinstance(draft, ModelTreeDrafter):
                 raise SpecKVError(f"{draft.name} drafts chains: {method.controller} needs a tree drafter")
             drafter = draft
     decoder = SpeculativeDecoder(target, drafter, controller)

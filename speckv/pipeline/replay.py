@@ -160,7 +160,7 @@ def replay(
 ) -> PolicyRun:
     """Run `controller` on `trace` through the engine's own step (greedy); time from `cost` (NaN
     without)."""
-    if controller.tree:
+    if controller.needs_tree:
         raise SpecKVError(
             f"{controller.describe()} budgets tree nodes; replay scores chains (evaluate trees live)"
         )

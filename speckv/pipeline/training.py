@@ -150,7 +150,9 @@ def train_controller(
         model = AcceptancePredictor(name, features).fit(fit_rows, fit_rows["accepted"])
         seconds = time.perf_counter() - started
         predicted = model.predict(tokens[held], clip=True)
-        records.append(_scores(name, tokens[held]["accepted"].to_numpy(), predicted, seconds, len(fit_rows)))
+        records.append(
+            prediction_scores(name, tokens[held]["accepted"].to_numpy(), predicted, seconds, len(fit_rows))
+        )
         if name == kind:
             chosen_predictions = predicted
     calibration = calibration_table(tokens[held]["accepted"].to_numpy(), chosen_predictions)
@@ -230,7 +232,9 @@ def _throughput(traces: list[Trace], controller: Controller, cost: CostModel) ->
     return sum(r.tokens for r in runs) / sum(r.time_s for r in runs)
 
 
-def _scores(kind: str, actual: np.ndarray, predicted: np.ndarray, seconds: float, rows: int) -> dict:
+def prediction_scores(
+    kind: str, actual: np.ndarray, predicted: np.ndarray, seconds: float, rows: int
+) -> dict:
     return {
         "kind": kind,
         "fit_rows": rows,

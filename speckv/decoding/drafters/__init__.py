@@ -13,11 +13,12 @@ from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
 
 
-def make_drafter(source: str, target: LoadedModel, tree: bool = False) -> Drafter:
+def make_drafter(source: str, target: LoadedModel, tree: bool = False, chains_ok: bool = False) -> Drafter:
     """A drafter from its spec: `ngram[:MIN-MAX]` (model-free, default 1-4), a feature head's
     directory (chains), a draft model loaded for `target` (a token tree when `tree`, for tree
     controllers), or `DRAFT+ngram[:MIN-MAX]`: the model's tree with n-gram candidates as an extra
-    branch. The shipped name: `demo` (or `demo-model`), the demo target's draft model."""
+    branch. The shipped name: `demo` (or `demo-model`), the demo target's draft model.
+    `chains_ok`: the controller also plans chains (a feature head is then no error)."""
     vocab_size = target.model.config.vocab_size
     base, plus, ngram = source.partition("+")
     if base.partition(":")[0] == "ngram" and not plus:
@@ -25,7 +26,7 @@ def make_drafter(source: str, target: LoadedModel, tree: bool = False) -> Drafte
     from speckv.decoding.draft_files import draft_kind, load_draft, load_feature_drafter
 
     if draft_kind(base) == "feature":
-        if tree:
+        if tree and not chains_ok:
             raise SpecKVError(
                 f"'{base}' is a feature head, which drafts chains: use a chain controller (fixed:N, "
                 "speckv), or a draft model (e.g. demo-model) for trees"

@@ -69,6 +69,7 @@ class Drafter(ABC):
 
     name: str = "drafter"
     target_hidden_layers: tuple[int, ...] = ()
+    branches: bool = False  # proposes token trees (proposals name their parents)
     loaded: LoadedModel | None = None  # the draft model it runs, if any (context limits, baselines)
 
     def begin(self) -> None:

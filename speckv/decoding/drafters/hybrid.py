@@ -25,6 +25,8 @@ from speckv.decoding.verify import SamplingConfig
 class HybridTreeDrafter(Drafter):
     """A `ModelTreeDrafter` plus at most `ngram_tokens` n-gram candidates as a first branch."""
 
+    branches = True
+
     def __init__(self, model_tree: ModelTreeDrafter, ngram: NGramDrafter, ngram_tokens: int = 4):
         self.model_tree, self.ngram, self.ngram_tokens = model_tree, ngram, ngram_tokens
         self.loaded = model_tree.loaded

@@ -1,18 +1,19 @@
-"""A token tree from the draft model: expanded a batch of nodes per draft forward, the nodes with
-the best path probability proposed (EAGLE-2's selection).
+"""A token tree from the draft model: a batch of nodes expanded per draft forward, the nodes with
+the best path probability proposed, best first (EAGLE-2's selection).
 
 A node's score is the draft's log-probability of the whole path from the root, so a node never
-scores above its parent, and the `budget` best-scoring nodes always form a tree. Growing it:
-each round feeds, in one draft pass with a tree attention mask (each node sees the sequence and
-its ancestors), the `width` best nodes not yet expanded, and adds their `top_k` children. A node
-whose score does not beat the budget-th best score found so far is never expanded: none of its
-descendants could enter the tree. So a step costs one draft forward per round (about one per
-depth) instead of one per node, which is what makes trees affordable on a CPU, where a forward
-over a few tokens costs about what one token does.
+scores above its parent, and the best n nodes always form a tree. Proposals come best first,
+lazily: the best node not yet proposed is proposed as soon as no unexpanded node scores above
+it (only their children could outrank it). Otherwise a round feeds, in one draft pass with a
+tree attention mask (each node sees the sequence and its ancestors), the `width` best unexpanded
+nodes that could still enter the tree (score above the budget-th best found so far) and adds
+their `top_k` children. So a step costs one draft forward per round, about one per depth, not
+one per node: on a CPU a forward over a few tokens costs about what one token does. And since
+the loop stops pulling when the controller says so, a small tree pays only the rounds it needed.
 
-Proposals come best first, so every prefix of them is the best tree of its size (what
-`Controller.verify_count` relies on). After verification the draft's cache keeps the sequence
-plus the fed nodes of the accepted path, gathered per layer.
+Every prefix of the proposals is the best tree of its size (what `Controller.verify_count`
+relies on). After verification the draft's cache keeps the sequence plus the fed nodes of the
+accepted path, gathered per layer.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class ModelTreeDrafter(Drafter):
     """Proposes up to the budget's nodes; `top_k` children per expanded node, `width` nodes
     expanded per draft forward."""
 
+    branches = True
+
     def __init__(self, draft: LoadedModel, top_k: int = 4, width: int = 4):
         self.loaded = draft
         self.name = f"{draft.name} tree:top{top_k}"
@@ -69,31 +72,52 @@ class ModelTreeDrafter(Drafter):
         # such in sampling too (speckv.decoding.tree.sampling_tree_accept), which stays exact.
         root_logits = self.model.feed(context[self.model.length :], keep=1).logits[0, -1]
         self._base = self.model.length
-        self._nodes = []
+        self._nodes, self._proposed = [], []
         self._add_children(-1, root_logits)
         self.forwards = 0
-        unexpanded = list(range(len(self._nodes)))
-        while True:
-            scores = sorted((node.score for node in self._nodes), reverse=True)
-            threshold = scores[budget - 1] if len(scores) >= budget else float("-inf")
-            unexpanded.sort(key=lambda i: -self._nodes[i].score)
-            batch = [i for i in unexpanded[: self.width] if self._nodes[i].score > threshold]
-            batch = [i for i in batch if self._nodes[i].depth + 1 < budget]  # a chain is the deepest tree
-            if not batch:
-                break
-            unexpanded = [i for i in unexpanded if i not in batch]
+        waiting = list(range(len(self._nodes)))  # not proposed yet
+        unexpanded = list(waiting)
+        number: dict[int, int] = {}  # node index -> proposal index
+        while waiting and len(self._proposed) < budget:
+            # Best first; a tie goes to the older node, so a parent always precedes its children.
+            best = min(waiting, key=lambda i: (-self._nodes[i].score, i))
+            blocking = [
+                i for i in unexpanded if (-self._nodes[i].score, i) < (-self._nodes[best].score, best)
+            ]
+            if not blocking:
+                waiting.remove(best)
+                node = self._nodes[best]
+                number[best] = len(self._proposed)
+                self._proposed.append(best)
+                yield Proposal(
+                    node.token, *node.signals, parent=-1 if node.parent < 0 else number[node.parent]
+                )
+                continue
+            batch, pruned = self._round(unexpanded, budget)
+            unexpanded = [i for i in unexpanded if i not in batch and i not in pruned]
             for index, logits in zip(batch, self._expand(batch), strict=True):
                 first = len(self._nodes)
                 self._add_children(index, logits)
+                waiting.extend(range(first, len(self._nodes)))
                 unexpanded.extend(range(first, len(self._nodes)))
             self.forwards += 1
-        # Best first; a tie goes to the older node, so a parent always precedes its children.
-        self._proposed = sorted(range(len(self._nodes)), key=lambda i: (-self._nodes[i].score, i))[:budget]
-        number = {}
-        for n, index in enumerate(self._proposed):
-            node = self._nodes[index]
-            number[index] = n
-            yield Proposal(node.token, *node.signals, parent=-1 if node.parent < 0 else number[node.parent])
+
+    def _round(self, unexpanded: list[int], budget: int) -> tuple[list[int], list[int]]:
+        """(the nodes to expand in one pass, the nodes never worth expanding). A node's children
+        can enter the tree only if they outrank the room-th best node waiting (room = proposals
+        left; a child scores at most its parent, and loses ties to older nodes) and fit within
+        the budget's depth (a chain is the deepest tree). Both limits only tighten, so a node
+        that fails them is dropped for good."""
+        proposed = set(self._proposed)
+        room = budget - len(proposed)
+        waiting = sorted((n.score for i, n in enumerate(self._nodes) if i not in proposed), reverse=True)
+        threshold = waiting[room - 1] if len(waiting) >= room else float("-inf")
+        useful, pruned = [], []
+        for i in sorted(unexpanded, key=lambda i: (-self._nodes[i].score, i)):
+            node = self._nodes[i]
+            fits = node.depth + 2 <= budget and node.score > threshold
+            (useful if fits else pruned).append(i)
+        return useful[: self.width], pruned
 
     def _add_children(self, parent: int, logits: torch.Tensor) -> None:
         """The top-k next tokens (target ids) after `parent`, as nodes with their signals."""
