@@ -1,11 +1,14 @@
 """Chains, token trees and n-gram candidates, live on held-out prompts, per task.
 
     python benchmarks/tree_speed.py                                  # auto precision, 2 prompts per task
-    python benchmarks/tree_speed.py --compression nf4 --trees 4,8,16 --per-task 3
+    python benchmarks/tree_speed.py --compression int8 --controller runs/tree/ctrl.json --per-task 3
 
-For each task of the four benchmark sets: the target alone, chains (fixed γ), trees of 4/8/16/32
-nodes grown best-first by the same draft, the second tree size with an n-gram branch, the n-gram
-drafter alone, side by side in one run (median of --repeats passes). Writes `tree_speed-<precision>` into benchmarks/RESULTS.md.
+For each task of the four benchmark sets, side by side in one run (median of --repeats passes):
+the target alone, chains (fixed γ), trees of 4/8/16/32 nodes grown best-first by the same draft,
+the second tree size with an n-gram branch, the n-gram drafter alone, and with `--controller` (a
+SpecKV controller file holding a tree model, `speckv train --trees`) SpecKV on chains and SpecKV
+sizing trees. Tokens per step, and the distribution of nodes SpecKV verified per step, follow each
+table. Writes `tree_speed-<precision>` into benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -13,25 +16,34 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from speckv import datasets
 from speckv.cli.options import configure_threads
+from speckv.controllers.speckv import ControllerModels
 from speckv.decoding.draft_files import load_draft
 from speckv.decoding.models import encode_prompt, load_model
-from speckv.pipeline.compare import Method, compare, speedup_table, write_results_section
+from speckv.errors import SpecKVError
+from speckv.pipeline.compare import Method, MethodResult, compare, speedup_table, write_results_section
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
+TREE_SPECKV = "tree SpecKV"
 
 
-def methods(gammas: list[int], trees: list[int], ngram: list[int]) -> list[Method]:
+def methods(
+    gammas: list[int], trees: list[int], ngram: list[int], controllers: dict[str, str]
+) -> list[Method]:
     return [
         Method("target only (speckv)"),
         *(Method(f"chain fixed γ={g}", controller=f"fixed:{g}") for g in gammas),
+        *([Method("chain SpecKV", controller=f"speckv:{controllers['chain']}")] if controllers else []),
         *(Method(f"tree:{n}", controller=f"tree:{n}") for n in trees),
+        *([Method(TREE_SPECKV, controller=f"speckv:{controllers['tree']}")] if controllers else []),
         *(
             Method(f"tree:{n} + n-gram branch", controller=f"tree:{n}", drafter="demo+ngram")
             for n in trees[1:2]
@@ -40,13 +52,39 @@ def methods(gammas: list[int], trees: list[int], ngram: list[int]) -> list[Metho
     ]
 
 
+def split_controller(path: str, work: Path) -> dict[str, str]:
+    """The controller as given (trees) and the same file without its tree model (chains)."""
+    models = ControllerModels.load(path)
+    if models.tree_model is None:
+        raise SpecKVError(f"{path} holds no tree model: train it with `speckv train --trees`")
+    models.tree_model = None
+    return {"tree": path, "chain": str(models.save(work / "chain-only.json"))}
+
+
+def node_distribution(results: list[MethodResult]) -> str:
+    """How many nodes SpecKV verified per drafting step, as shares."""
+    verified = next((r.verified for r in results if r.method.name == TREE_SPECKV), [])
+    if not verified:
+        return ""
+    counts = Counter(verified)
+    shares = "  ".join(f"{n}: {counts[n] / len(verified):.0%}" for n in sorted(counts))
+    mean = sum(verified) / len(verified)
+    return f"Nodes verified per drafting step by tree SpecKV (mean {mean:.1f}): {shares}\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--compression", default="auto", help="target level (default auto)")
     parser.add_argument("--draft", default="demo")
+    parser.add_argument("--controller", help="SpecKV controller with a tree model (adds the SpecKV rows)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--per-task", type=int, default=2, help="held-out prompts per task")
+    parser.add_argument("--per-task", type=int, default=2, help="prompts per task")
+    parser.add_argument(
+        "--split",
+        default="test",
+        help="prompts to run (default test: held out from the draft, and from a controller fitted on dev)",
+    )
     parser.add_argument("--gammas", default="2,3,4", help="chain γ values")
     parser.add_argument("--trees", default="4,8,16,32", help="tree sizes (nodes)")
     parser.add_argument("--ngram", default="2,4", help="γ of the n-gram drafter rows")
@@ -61,24 +99,26 @@ def main() -> None:
 
     target = load_model("demo", args.compression, "cpu")
     draft = load_draft(args.draft, target)
-    chosen = methods(numbers(args.gammas), numbers(args.trees), numbers(args.ngram))
+    work = Path(tempfile.mkdtemp(prefix="tree_speed-"))
+    controllers = split_controller(args.controller, work) if args.controller else {}
+    chosen = methods(numbers(args.gammas), numbers(args.trees), numbers(args.ngram), controllers)
     started = time.time()
     sections = []
     for task in args.tasks.split(","):
         datasets.fetch(task, progress=False)
-        items = datasets.load_prompts(task, split="heldout", per_task=args.per_task)
+        items = datasets.load_prompts(task, split=args.split, per_task=args.per_task)
         prompts = [encode_prompt(target.tokenizer, item.text) for item in items]
         results = compare(target, draft, prompts, chosen, args.max_new_tokens, args.repeats)
         per_step = "  ".join(f"{r.method.name}: {r.new_tokens / max(r.steps, 1):.2f}" for r in results[1:])
         sections.append(
             f"#### {task} ({len(prompts)} prompts)\n\n{speedup_table(results)}\n\n"
-            f"Tokens per step: {per_step}\n"
+            f"Tokens per step: {per_step}\n\n{node_distribution(results)}"
         )
         print(sections[-1], flush=True)
     command = "python benchmarks/tree_speed.py " + " ".join(sys.argv[1:])
     body = (
         f"### Chains, trees and n-grams, target {target.precision}, draft {draft.name}\n\n"
-        f"`{command.strip()}` — held-out prompts, {args.max_new_tokens} new tokens, greedy, "
+        f"`{command.strip()}` — {args.split}-split prompts, {args.max_new_tokens} new tokens, greedy, "
         f"median of {args.repeats} passes. Machine: {platform.machine()}, {torch.get_num_threads()} "
         f"torch threads. Run took {time.time() - started:.0f} s.\n\n" + "\n".join(sections)
     )

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
-from speckv.controllers.fixed import FixedController
-from speckv.decoding.drafters.feature import FeatureDrafter
+from speckv.controllers.fixed import FixedController, TreeController
+from speckv.decoding.drafters.feature import FeatureDrafter, FeatureTreeDrafter
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.feature_head import FeatureHead, FeatureHeadConfig
 from speckv.decoding.models import LoadedModel
@@ -151,11 +151,28 @@ def test_greedy_output_equals_the_target_alone(target, gamma):
         assert accepted > 0  # the head is initialised from the target's layers: it agrees sometimes
 
 
-def test_head_cache_and_features_follow_the_kept_sequence(target):
+@pytest.mark.parametrize("nodes", [1, 4, 8])
+def test_greedy_head_trees_equal_the_target_alone(target, nodes):
+    layers = feature_indices("1,2,-1", target.model.config.num_hidden_layers)
+    drafter = FeatureTreeDrafter(_drafter(target, make_head(target, layers)), top_k=3)
+    alone = SpeculativeDecoder(target, None)
+    decoder = SpeculativeDecoder(target, drafter, TreeController(nodes))
+    branched = 0
+    for prompt in _prompts():
+        result = decoder.generate(prompt, 24)
+        assert result.token_ids == alone.generate(prompt, 24).token_ids
+        branched += sum(step.depth < step.gamma for step in result.steps)
+    assert branched > 0 or nodes == 1
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_head_cache_and_features_follow_the_kept_sequence(target, tree):
     layers = feature_indices("1,2,-1", target.model.config.num_hidden_layers)
     head = make_head(target, layers)
-    drafter = _drafter(target, head)
-    decoder = SpeculativeDecoder(target, drafter, FixedController(4))
+    chain = _drafter(target, head)
+    drafter = FeatureTreeDrafter(chain) if tree else chain
+    decoder = SpeculativeDecoder(target, drafter, TreeController(6) if tree else FixedController(4))
+    drafter = chain  # a tree drafter keeps features and the cache in the chain drafter it wraps
     prompt = _prompts()[1]
     tokens = list(prompt)
     for _record, new in decoder.stream(prompt, 20):
@@ -180,9 +197,11 @@ def test_head_cache_and_features_follow_the_kept_sequence(target):
                 torch.testing.assert_close(v0, v, atol=1e-4, rtol=1e-4)
 
 
-def test_sampling_follows_the_target_distribution():
+@pytest.mark.parametrize("tree", [False, True])
+def test_sampling_follows_the_target_distribution(tree):
     """The head drafts from the second token on (the first comes from the target's prefill): given
-    the first token, the next two follow the target's distribution (χ², 2400 seeded runs)."""
+    the first token, the next two follow the target's distribution (χ², 2400 seeded runs), with
+    chains and with trees."""
     from tests.conftest import SMALL_VOCAB, chi_square_p, exact_first_two, loaded, tiny_model
 
     small = loaded(tiny_model(seed=10, vocab=SMALL_VOCAB, head_scale=6.0, eos=0), "small-target")
@@ -191,9 +210,10 @@ def test_sampling_follows_the_target_distribution():
     counts: dict[int, np.ndarray] = {}
     drafted = 0
     for seed in range(2400):
-        decoder = SpeculativeDecoder(
-            small, _drafter(small, head), FixedController(3), SamplingConfig(1.0, seed=seed), ()
-        )
+        drafter, controller = _drafter(small, head), FixedController(3)
+        if tree:
+            drafter, controller = FeatureTreeDrafter(drafter, top_k=2), TreeController(4)
+        decoder = SpeculativeDecoder(small, drafter, controller, SamplingConfig(1.0, seed=seed), ())
         result = decoder.generate(prompt, 3)
         first, second, third = result.token_ids
         counts.setdefault(first, np.zeros((SMALL_VOCAB, SMALL_VOCAB)))[second, third] += 1

@@ -55,7 +55,7 @@ def test_pipeline_end_to_end(capsys, tmp_path, tiny_model_dirs):
         "--gamma-max",
         4,
         "--sweep",
-        "fixed:2,heuristic",
+        "fixed:2,heuristic,tree:4",
         "--out",
         profile,
     )
@@ -73,7 +73,7 @@ def test_pipeline_end_to_end(capsys, tmp_path, tiny_model_dirs):
         "--gamma-max",
         4,
         "--sweep",
-        "fixed:2,heuristic",
+        "fixed:2,heuristic,tree:4",
         "--out",
         profile,
     )
@@ -156,7 +156,16 @@ def test_pipeline_end_to_end(capsys, tmp_path, tiny_model_dirs):
         .all()
     )
     consistency = pd.read_csv(evaluation / "consistency.csv")
-    assert set(consistency["controller"]) == {"fixed:2", "heuristic"}
+    assert set(consistency["controller"]) == {"fixed:2", "heuristic"}  # tree:4 is not replayable
+    from speckv.pipeline.profiling import load_steps
+
+    trees = load_steps(profile).query("controller == 'tree:4'")  # the profile records tree steps
+    assert (
+        len(trees)
+        and (trees["depth"] <= trees["gamma"]).all()
+        and (trees["accepted"] <= trees["depth"]).all()
+    )
+    assert (trees["parents"].map(len) == trees["gamma"]).all()
     assert (consistency["replayed_exactly"] == consistency["live_runs"]).all()
     live = pd.read_csv(evaluation / "live.csv")
     assert live["same_output"].all()

@@ -46,7 +46,7 @@ def register(sub) -> None:
 
 def build_app(args):
     """Check the options, load the models once and build the app (no server started)."""
-    from speckv.decoding.drafters import FeatureDrafter, make_drafter
+    from speckv.decoding.drafters import FeatureDrafter, FeatureTreeDrafter, make_drafter
     from speckv.decoding.models import load_model, resolve_compression, resolve_device
     from speckv.server import ServedModel, create_app
 
@@ -71,7 +71,7 @@ def build_app(args):
         # drafter is remade per request.
         if first.loaded is not None:
             draft = first.loaded
-        elif isinstance(first, FeatureDrafter):
+        elif isinstance(first, FeatureDrafter | FeatureTreeDrafter):
             draft = first.fresh
         else:
             draft = lambda: make_drafter(draft_source, target, controller.tree, not controller.needs_tree)  # noqa: E731

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from speckv.controllers import make_controller
-from speckv.decoding.drafters import Drafter, ModelTreeDrafter, make_drafter, model_drafter
+from speckv.decoding.drafters import Drafter, make_drafter, model_drafter
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
@@ -46,6 +46,7 @@ class MethodResult:
     accepted: int = 0
     drafted: int = 0
     outputs: list[list[int]] = field(default_factory=list)  # first repeat, per prompt
+    verified: list[int] = field(default_factory=list)  # first repeat: nodes verified per drafting step
 
     @property
     def median_tokens_per_s(self) -> float:
@@ -119,6 +120,7 @@ def compare(
                     result.steps += stats.get("steps", 0)
                     result.accepted += stats.get("accepted", 0)
                     result.drafted += stats.get("drafted", 0)
+                    result.verified += stats.get("verified", [])
                 bar.update()
         for name, (count, seconds) in totals.items():
             results[name].tokens_per_s.append(count / seconds)
@@ -147,7 +149,7 @@ def _runner(
         elif isinstance(draft, LoadedModel):
             drafter = model_drafter(draft, target, tree=controller.tree)
         elif draft is not None:
-            if controller.needs_tree and not isinstance(draft, ModelTreeDrafter):
+            if controller.needs_tree and not draft.branches:
                 raise SpecKVError(f"{draft.name} drafts chains: {method.controller} needs a tree drafter")
             drafter = draft
     decoder = SpeculativeDecoder(target, drafter, controller)
@@ -158,6 +160,7 @@ def _runner(
             "steps": len(result.steps),
             "accepted": sum(s.accepted for s in result.steps),
             "drafted": sum(s.gamma for s in result.steps),
+            "verified": [s.gamma for s in result.steps if s.drafted],
         }
         return result.token_ids, stats
 

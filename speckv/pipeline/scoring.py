@@ -95,15 +95,21 @@ def replay_policies(
 def replay_consistency(traces: list[Trace], steps: pd.DataFrame, gamma_max: int) -> pd.DataFrame:
     """Per compression × controller of the profile's live sweep: how many live runs the replay
     reproduces step for step (γ drafted, accepted, tokens emitted). Each live run had a fresh
-    controller, so each replay gets one too."""
+    controller, so each replay gets one too. Tree controllers (tree:N) are left out: a trace
+    records one draft continuation per position, so their steps cannot be replayed."""
     if steps.empty:
         return pd.DataFrame()
+    replayable = [
+        spec
+        for spec in steps["controller"].unique()
+        if not make_controller(spec, gamma_max=gamma_max).needs_tree
+    ]
     by_unit = {
         key: part for key, part in steps.groupby(["compression", "prompt_id", "controller"], sort=False)
     }
     counts: dict[tuple[str, str], list[int]] = {}
     for trace in traces:
-        for spec in steps["controller"].unique():
+        for spec in replayable:
             live = by_unit.get((trace.compression, trace.prompt_id, spec))
             if live is None:
                 continue

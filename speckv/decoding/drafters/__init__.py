@@ -1,21 +1,21 @@
-"""Drafters behind one interface (`base.Drafter`): the small-model draft (chains or trees),
-n-gram candidates, and both in one tree."""
+"""Drafters behind one interface (`base.Drafter`): the small-model draft and the feature head
+(each chains or trees), n-gram candidates, and a draft model's tree with an n-gram branch."""
 
 from __future__ import annotations
 
 from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
-from speckv.decoding.drafters.feature import FeatureDrafter
+from speckv.decoding.drafters.feature import FeatureDrafter, FeatureTreeDrafter
 from speckv.decoding.drafters.hybrid import HybridTreeDrafter
 from speckv.decoding.drafters.model import ModelDrafter
 from speckv.decoding.drafters.ngram import NGramDrafter
-from speckv.decoding.drafters.tree import ModelTreeDrafter
+from speckv.decoding.drafters.tree import ModelTreeDrafter, TreeDrafter
 from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
 
 
 def make_drafter(source: str, target: LoadedModel, tree: bool = False, chains_ok: bool = False) -> Drafter:
     """A drafter from its spec: `ngram[:MIN-MAX]` (model-free, default 1-4), a feature head's
-    directory (chains), a draft model loaded for `target` (a token tree when `tree`, for tree
+    directory (chains; trees for tree:N), a draft model loaded for `target` (a token tree when `tree`, for tree
     controllers), or `DRAFT+ngram[:MIN-MAX]`: the model's tree with n-gram candidates as an extra
     branch. The shipped name: `demo` (or `demo-model`), the demo target's draft model.
     `chains_ok`: the controller also plans chains (a feature head is then no error)."""
@@ -26,12 +26,11 @@ def make_drafter(source: str, target: LoadedModel, tree: bool = False, chains_ok
     from speckv.decoding.draft_files import draft_kind, load_draft, load_feature_drafter
 
     if draft_kind(base) == "feature":
-        if tree and not chains_ok:
-            raise SpecKVError(
-                f"'{base}' is a feature head, which drafts chains: use a chain controller (fixed:N, "
-                "speckv), or a draft model (e.g. demo-model) for trees"
-            )
-        return load_feature_drafter(base, target)
+        if plus:
+            raise SpecKVError(f"'{source}': n-gram branches join a draft model's tree, not a feature head's")
+        chain = load_feature_drafter(base, target)
+        # SpecKV's tree model is fitted on a draft model's signals: with a head it plans chains.
+        return FeatureTreeDrafter(chain) if tree and not chains_ok else chain
     drafter = model_drafter(load_draft(base, target), target, tree)
     if not plus:
         return drafter
@@ -61,9 +60,11 @@ def model_drafter(draft: LoadedModel, target: LoadedModel, tree: bool = False) -
 __all__ = [
     "Drafter",
     "FeatureDrafter",
+    "FeatureTreeDrafter",
     "HybridTreeDrafter",
     "ModelDrafter",
     "ModelTreeDrafter",
+    "TreeDrafter",
     "NGramDrafter",
     "Proposal",
     "Verdict",

@@ -1,4 +1,4 @@
-"""The feature drafter: drafts with a feature head (`speckv.decoding.feature_head`) from the
+"""The feature drafters: chains and token trees drafted with a feature head (`speckv.decoding.feature_head`) from the
 target's own hidden states, which the verify pass returns (`target_hidden_layers`).
 
 Positions whose target features are known (the prompt after the first pass, then every accepted
@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from speckv.decoding.drafters.base import Drafter, Proposal, Verdict, on_target_vocab
+from speckv.decoding.drafters.tree import TreeDrafter
 from speckv.decoding.feature_head import FeatureHead, HeadCache
 from speckv.decoding.signals import signal_tensor
 from speckv.decoding.verify import SamplingConfig, sample, warp_probs
@@ -120,3 +121,60 @@ class FeatureDrafter(Drafter):
         self.features = new if self.features is None else torch.cat([self.features, new])
         # Positions from the first drafted one on were fed the head's own states: recomputed.
         self.cache.crop(kept - verdict.accepted - 1)
+
+
+class FeatureTreeDrafter(TreeDrafter):
+    """A feature head's token trees (`tree:N`): a node is fed the head's own output at its parent
+    as its state, as a chain's drafted tokens are. Features and the head's cache are kept by the
+    chain drafter it wraps: after verification every tree row is dropped, and the accepted path
+    is fed again with the target's true features next step."""
+
+    def __init__(self, chain: FeatureDrafter, top_k: int = 4, width: int = 4):
+        super().__init__(chain.vocab_map, top_k, width)
+        self.chain = chain
+        self.name = f"{chain.name} tree:top{top_k}"
+        self.target_hidden_layers = chain.target_hidden_layers
+        self._root_output: torch.Tensor | None = None
+
+    def fresh(self) -> FeatureTreeDrafter:
+        return FeatureTreeDrafter(self.chain.fresh(), self.top_k, self.width)
+
+    def begin(self) -> None:
+        self.chain.begin()
+        self._nodes, self._proposed = [], []
+
+    def _root(self, context: list[int]) -> torch.Tensor | None:
+        chain, n = self.chain, len(context)
+        if chain.features is None or len(chain.features) < n - 1 or n < 2:
+            return None  # the target has not yet seen the context (the first step of a sequence)
+        start = chain.cache.length + 1
+        with torch.inference_mode():
+            last = chain._feed(context[start:n], chain.head.fused(chain.features[start - 1 : n - 1]), start)
+            self._root_output = last[0, -1]
+            return chain.head.logits(last)[0, -1]
+
+    def _cache_length(self) -> int:
+        return self.chain.cache.length
+
+    def _forward(self, indices: list[int], attention: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        head, cache = self.chain.head, self.chain.cache
+        device = head.fuse.weight.device
+        nodes = [self._nodes[i] for i in indices]
+        states = torch.stack(
+            [self._root_output if n.parent < 0 else self._nodes[n.parent].output for n in nodes]
+        )
+        with torch.inference_mode():
+            out, kvs = head(
+                torch.tensor([[n.token for n in nodes]], device=device),
+                states[None],
+                torch.tensor([positions], device=device),
+                past=cache.kv,
+                mask=attention[None, None].to(device),
+            )
+            cache.append(kvs)
+            for node, row in zip(nodes, out[0], strict=True):
+                node.output = row
+            return head.logits(out)[0]
+
+    def _keep(self, kept: int, verdict: Verdict, fed: list[int] | None) -> None:
+        self.chain.rollback(kept, verdict)

@@ -1,5 +1,6 @@
-"""A token tree from the draft model: a batch of nodes expanded per draft forward, the nodes with
-the best path probability proposed, best first (EAGLE-2's selection).
+"""Token trees from a drafter's own forward (a draft model, a feature head): a batch of nodes
+expanded per draft forward, the nodes with the best path probability proposed, best first
+(EAGLE-2's selection).
 
 A node's score is the draft's log-probability of the whole path from the root, so a node never
 scores above its parent, and the best n nodes always form a tree. Proposals come best first,
@@ -12,12 +13,14 @@ one per node: on a CPU a forward over a few tokens costs about what one token do
 the loop stops pulling when the controller says so, a small tree pays only the rounds it needed.
 
 Every prefix of the proposals is the best tree of its size (what `Controller.verify_count`
-relies on). After verification the draft's cache keeps the sequence plus the fed nodes of the
-accepted path, gathered per layer.
+relies on). `TreeDrafter` is that search; a subclass says what a forward over nodes is and what
+its state keeps after verification: `ModelTreeDrafter` keeps the sequence plus the fed nodes of
+the accepted path in the draft model's cache, gathered per layer.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -38,28 +41,41 @@ class _Node:
     score: float  # log-probability of the path from the root
     signals: tuple[float, float, float]
     cache_position: int | None = None  # where the node sits in the draft's cache once fed
+    output: torch.Tensor | None = None  # what the forward that fed it returned, if a subclass keeps it
 
 
-class ModelTreeDrafter(Drafter):
+class TreeDrafter(Drafter):
     """Proposes up to the budget's nodes; `top_k` children per expanded node, `width` nodes
-    expanded per draft forward."""
+    expanded per forward. Subclasses implement `_root`, `_forward` and `_keep`."""
 
     branches = True
 
-    def __init__(self, draft: LoadedModel, top_k: int = 4, width: int = 4):
-        self.loaded = draft
-        self.name = f"{draft.name} tree:top{top_k}"
-        self.vocab_map = draft.vocab_map
+    def __init__(self, vocab_map: torch.Tensor | None, top_k: int, width: int):
+        self.vocab_map = vocab_map
         self.top_k, self.width = top_k, width
-        self.model = CachedModel(draft)
-        self.forwards = 0  # draft forwards over tree nodes in the last step (the rounds)
+        self.forwards = 0  # forwards over tree nodes in the last step (the rounds)
         self._nodes: list[_Node] = []
         self._proposed: list[int] = []  # node index of each proposal
-        self._base = 0
+        self._base = 0  # cache length before the tree
+        self._first = 0  # position of the tree's depth-0 nodes
 
-    def begin(self) -> None:
-        self.model.reset()
-        self._nodes, self._proposed, self._base = [], [], 0
+    @abstractmethod
+    def _root(self, context: list[int]) -> torch.Tensor | None:
+        """Catch up with `context` (the cache then holds `_cache_length()` entries); the logits
+        of the token after it, or None to draft nothing this step."""
+
+    @abstractmethod
+    def _cache_length(self) -> int: ...
+
+    @abstractmethod
+    def _forward(self, indices: list[int], attention: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """Feed these nodes in one pass with this boolean attention over cache + nodes; their
+        next-token logits, one row each."""
+
+    @abstractmethod
+    def _keep(self, kept: int, verdict: Verdict, fed: list[int] | None) -> None:
+        """After verification: `fed` = cache positions of the accepted path's fed nodes (a prefix
+        of the path); None when this step grew no tree."""
 
     def draft(
         self,
@@ -70,11 +86,12 @@ class ModelTreeDrafter(Drafter):
     ) -> Iterator[Proposal]:
         # Candidates are the draft's top-k, fixed by the context: verification treats them as
         # such in sampling too (speckv.decoding.tree.sampling_tree_accept), which stays exact.
-        root_logits = self.model.feed(context[self.model.length :], keep=1).logits[0, -1]
-        self._base = self.model.length
-        self._nodes, self._proposed = [], []
+        self._nodes, self._proposed, self.forwards = [], [], 0
+        root_logits = self._root(context)
+        if root_logits is None:
+            return
+        self._base, self._first = self._cache_length(), len(context)
         self._add_children(-1, root_logits)
-        self.forwards = 0
         waiting = list(range(len(self._nodes)))  # not proposed yet
         unexpanded = list(waiting)
         number: dict[int, int] = {}  # node index -> proposal index
@@ -132,8 +149,9 @@ class ModelTreeDrafter(Drafter):
             self._nodes.append(_Node(token, parent, depth, base_score + logp, signals))
 
     def _expand(self, indices: list[int]) -> torch.Tensor:
-        """One draft pass over these nodes; their next-token logits, one row each."""
-        length, count = self.model.length, len(indices)
+        """One forward over these nodes: each sees the cache before the tree, its ancestors and
+        itself, at the position of its depth."""
+        length, count = self._cache_length(), len(indices)
         attention = torch.zeros(count, length + count, dtype=torch.bool)
         attention[:, : self._base] = True
         for row, index in enumerate(indices):
@@ -143,20 +161,46 @@ class ModelTreeDrafter(Drafter):
                 attention[row, self._nodes[ancestor].cache_position] = True
                 ancestor = self._nodes[ancestor].parent
             self._nodes[index].cache_position = length + row
-        positions = [self._base + self._nodes[i].depth for i in indices]
+        return self._forward(indices, attention, [self._first + self._nodes[i].depth for i in indices])
+
+    def rollback(self, kept: int, verdict: Verdict) -> None:
+        fed = None
+        if self._nodes:
+            fed = []
+            for proposal in verdict.path:
+                position = self._nodes[self._proposed[proposal]].cache_position
+                if position is None:
+                    break
+                fed.append(position)
+        self._keep(kept, verdict, fed)
+        self._nodes, self._proposed = [], []
+
+
+class ModelTreeDrafter(TreeDrafter):
+    """A draft model's token trees, in its own KV cache."""
+
+    def __init__(self, draft: LoadedModel, top_k: int = 4, width: int = 4):
+        super().__init__(draft.vocab_map, top_k, width)
+        self.loaded = draft
+        self.name = f"{draft.name} tree:top{top_k}"
+        self.model = CachedModel(draft)
+
+    def begin(self) -> None:
+        self.model.reset()
+        self._nodes, self._proposed = [], []
+
+    def _root(self, context: list[int]) -> torch.Tensor:
+        return self.model.feed(context[self.model.length :], keep=1).logits[0, -1]
+
+    def _cache_length(self) -> int:
+        return self.model.length
+
+    def _forward(self, indices: list[int], attention: torch.Tensor, positions: list[int]) -> torch.Tensor:
         tokens = [self._nodes[i].token for i in indices]
         return self.model.feed_masked(tokens, attention, positions).logits[0]
 
-    def rollback(self, kept: int, verdict: Verdict) -> None:
-        """Keep the sequence and the accepted path's fed nodes (a prefix of the path)."""
-        if not self._nodes:  # this step drafted nothing
+    def _keep(self, kept: int, verdict: Verdict, fed: list[int] | None) -> None:
+        if fed is None:
             self.model.crop(kept)
-            return
-        fed = []
-        for proposal in verdict.path:
-            position = self._nodes[self._proposed[proposal]].cache_position
-            if position is None:
-                break
-            fed.append(position)
-        self.model.keep_positions(list(range(self._base)) + fed)
-        self._nodes, self._proposed = [], []
+        else:
+            self.model.keep_positions(list(range(self._base)) + fed)
