@@ -7,7 +7,7 @@ For each task of the four benchmark sets, side by side in one run (median of --r
 the target alone, chains (fixed γ), trees of 4/8/16/32 nodes grown best-first by the same draft,
 the second tree size with an n-gram branch, the n-gram drafter alone, and with `--controller` (a
 SpecKV controller file holding a tree model, `speckv train --trees`) SpecKV on chains and SpecKV
-sizing trees. Tokens per step, and the distribution of nodes SpecKV verified per step, follow each
+sizing trees (alone and with the n-gram branch). Tokens per step, and the distribution of nodes SpecKV verified per step, follow each
 table. Writes `tree_speed-<precision>` into benchmarks/RESULTS.md.
 """
 
@@ -43,7 +43,18 @@ def methods(
         *(Method(f"chain fixed γ={g}", controller=f"fixed:{g}") for g in gammas),
         *([Method("chain SpecKV", controller=f"speckv:{controllers['chain']}")] if controllers else []),
         *(Method(f"tree:{n}", controller=f"tree:{n}") for n in trees),
-        *([Method(TREE_SPECKV, controller=f"speckv:{controllers['tree']}")] if controllers else []),
+        *(
+            [
+                Method(TREE_SPECKV, controller=f"speckv:{controllers['tree']}"),
+                Method(
+                    f"{TREE_SPECKV} + n-gram branch",
+                    controller=f"speckv:{controllers['tree']}",
+                    drafter="demo+ngram",
+                ),
+            ]
+            if controllers
+            else []
+        ),
         *(
             Method(f"tree:{n} + n-gram branch", controller=f"tree:{n}", drafter="demo+ngram")
             for n in trees[1:2]
