@@ -108,3 +108,23 @@ def test_generate_with_the_ngram_drafter(capsys, tiny_model_dirs):
     assert speculative["config"]["draft"] == "ngram:1-3"
     assert main([*common, "--no-draft"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == speculative["token_ids"]
+
+
+@pytest.mark.parametrize(("low", "high", "gamma"), [(1, 4, 4), (2, 6, 8), (3, 3, 2)])
+def test_offline_ngram_replay_equals_the_live_engine(tiny_target, low, high, gamma):
+    """benchmarks/ngram_match.py chooses match lengths by replaying the n-gram drafter along the
+    target's continuation: exactly what the engine does live."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from ngram_match import replay_ngram
+
+    base = [7, 3, 9, 11, 2]
+    prompt = base + reference_greedy(tiny_target.model, base, 12) + [5] + base
+    drafter = NGramDrafter(tiny_target.model.config.vocab_size, low, high)
+    decoder = SpeculativeDecoder(tiny_target, drafter, make_controller(f"fixed:{gamma}"), eos_token_ids=())
+    live = decoder.generate(prompt, 30)
+    replayed = replay_ngram(prompt, live.token_ids, low, high, gamma)
+    assert replayed == [(s.gamma, s.accepted) for s in live.steps]
+    assert sum(a for _, a in replayed) >= 5

@@ -11,7 +11,8 @@ from speckv.errors import SpecKVError
 CONTROLLER_HELP = (
     "fixed:N | tree:N (N tree nodes, best-first) | heuristic[:N] (HF schedule from N, default 5) | "
     "confidence[:TAU] (HF-style adaptive threshold, default 0.4) | confidence-fixed[:TAU] | "
-    "speckv[:PATH][@LEVEL] | speckv-step[:PATH] | speckv-paper[:PATH] (learned; no PATH: the shipped one)"
+    "speckv[:PATH][@LEVEL] (learned; sizes token trees when PATH holds a tree model) | speckv-step[:PATH] | "
+    "speckv-paper[:PATH] (no PATH: the shipped one)"
 )
 
 

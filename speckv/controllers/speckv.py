@@ -306,6 +306,7 @@ class SpecKVController(Controller):
         self._gains[1:] = np.cumsum(prior**self._powers)
         self._reached = 1.0
         self._reach = [1.0]
+        self._node_reach = []
         # Value of drafting γ tokens over not drafting: expected extra tokens − λ·extra time.
         best = int(np.argmax(self._gains - self._charges))
         if best == 0:
@@ -316,7 +317,6 @@ class SpecKVController(Controller):
             return 1  # the probe: one token
         self._idle = 0
         if self._branching:
-            self._node_reach = []
             return self.tree_max
         return self.gamma_max if self.per_token else best
 
