@@ -72,7 +72,8 @@ def test_tree_drafting_stops_when_a_node_no_longer_pays():
     assert controller.continue_drafting(TokenSignals(1, 1.0, 0.6, 0.6, parent=-1))  # reach 0.5
     assert controller.continue_drafting(TokenSignals(2, 1.0, 0.6, 0.3, parent=-1))  # a sibling: 0.5
     assert controller.continue_drafting(TokenSignals(3, 1.0, 0.6, 0.6, parent=0))  # 0.25
-    assert not controller.continue_drafting(TokenSignals(4, 1.0, 0.6, 0.6, parent=2))  # 0.125
+    assert controller.continue_drafting(TokenSignals(4, 1.0, 0.6, 0.3, parent=2))  # 0.125, a side node
+    assert not controller.continue_drafting(TokenSignals(5, 1.0, 0.6, 0.6, parent=2))  # 0.125, top choice
     # a chain drafter bound instead: the chain plan again (per-token reach 0.5, 0.25, 0.125)
     controller.bind(ModelDrafter.__new__(ModelDrafter))
     assert controller.begin_step() == 8 and controller.continue_drafting(TokenSignals(1, 1.0, 0.5, 0.5))
@@ -134,6 +135,8 @@ def test_tree_rows_label_the_draft_candidates_against_the_target(traces):
     assert np.array_equal(first["accepted"].to_numpy(), expected)
     assert (first["top_choice"].to_numpy().reshape(-1, 3) == [1, 0, 0]).all()
     assert (first["comp_fp32"] == 1).all()
+    # the sequence context a controller has at each position: the first step's, then later ones
+    assert (first["first_step"].iloc[:3] == 1).all() and (first["first_step"].iloc[-3:] == 0).all()
 
 
 def test_fit_tree_model_is_calibrated_on_held_out_prompts(traces):

@@ -345,7 +345,7 @@ def _fit_trees(models, traces, prompts, settings, args) -> None:
             "--trees fits the tree model of a draft model; this profile's drafter is a feature head"
         )
     token_ids = {prompt["id"]: list(prompt["token_ids"]) for prompt in prompts}
-    rows = tree_rows(traces, token_ids, draft, models.compressions)
+    rows = tree_rows(traces, token_ids, draft, models.compressions, decay=models.context_decay)
     validation = rows["prompt_id"].map(is_validation).to_numpy()
     models.tree_model, scores = fit_tree_model(rows, models.compressions, validation, args.kind)
     models.info["tree"] = {**scores, "rows": len(rows)}

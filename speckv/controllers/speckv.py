@@ -12,9 +12,9 @@ controller achieves (fitted on training prompts): this maximises long-run tokens
 
 With a drafter that makes token trees (best first), and a controller file that holds a tree
 model, `speckv` sizes trees instead: the tree model gives P(node accepted | its parent accepted)
-from the node's own signals, so a node is reached with the product along its path. Drafting goes
-on while the newest node's reach pays for one more node, λ·(t_draft + the verify pass's growth
-by a token): in best-first order the next node is worth about as much. Then the controller
+from the sequence context and the node's own signals, so a node is reached with the product along its path. Drafting stops
+at the first top-choice node whose reach does not pay for one more node, λ·(t_draft + the verify
+pass's growth by a token): in best-first order later nodes are less probable. Then the controller
 verifies the prefix of n nodes maximising 1 + Σ reach − λ·t_verify(n + 1) at the target's
 compression level. Where verification is nearly flat in width (bf16 on a CPU with native bf16)
 that keeps many nodes; where it is steep (fp32) few.
@@ -80,7 +80,7 @@ def paper_features(compressions) -> tuple[str, ...]:
 
 
 def tree_features(compressions) -> tuple[str, ...]:
-    return (*compression_features(compressions), *NODE_FEATURES)
+    return (*context_features(compressions), *NODE_FEATURES)
 
 
 def top_choice(confidence, token_prob):
@@ -281,7 +281,7 @@ class SpecKVController(Controller):
         self.tree_max = min(gamma_max, models.costs[compression].gamma_max)
         self._tree_charges = models.rates[compression] * np.asarray(models.costs[compression].t_verify_s)
         self._node_x = np.zeros(len(tree_features(models.compressions)))
-        self._node_x[: len(one_hot)] = one_hot
+        self._node_x[len(CONTEXT_FEATURES) : self._n_context] = one_hot
         self._tree_steps = models.rates[compression] * (
             models.costs[compression].t_draft_s + np.diff(models.costs[compression].t_verify_s)
         )  # index i: λ·(one more node's drafting + verify pass growth from i + 1 to i + 2 tokens)
@@ -302,6 +302,7 @@ class SpecKVController(Controller):
     def begin_step(self) -> int:
         x = self._x
         x[: len(CONTEXT_FEATURES)] = self.context.values
+        self._node_x[: len(CONTEXT_FEATURES)] = self.context.values
         prior = _clip01(self.models.prior_model.predict_fast(x[: self._n_context])[0])
         self._gains[1:] = np.cumsum(prior**self._powers)
         self._reached = 1.0
@@ -355,7 +356,12 @@ class SpecKVController(Controller):
         chance = self._node_chance([signals.entropy], [signals.confidence], [signals.token_prob])[0]
         parent = i - 2 if signals.parent is None else signals.parent
         self._node_reach.append(chance * (1.0 if parent < 0 else self._node_reach[parent]))
-        return i < self.tree_max and self._node_reach[-1] > self._tree_steps[i]
+        if i >= self.tree_max:
+            return False
+        # A side node's low reach says nothing of the main path still to come; a top choice that
+        # does not pay means the best paths have run out (later nodes are less probable).
+        side = top_choice(signals.confidence, signals.token_prob) == 0
+        return bool(side or self._node_reach[-1] > self._tree_steps[i])
 
     def _node_chance(self, entropy, confidence, token_prob) -> np.ndarray:
         """The tree model's P(node accepted | parent accepted), one per node."""

@@ -44,7 +44,7 @@ VALIDATION_FRACTION = 0.2
 PROBE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
 
 
-class _Recorder(Controller):
+class ContextRecorder(Controller):
     """A fixed-γ policy that logs the controller's decision-time features of every step."""
 
     def __init__(self, gamma: int, decay: float):
@@ -75,7 +75,7 @@ def training_rows(
         one_hot = [1.0 if c == trace.compression else 0.0 for c in compressions]
         ids = (trace.prompt_id, trace.task, trace.compression)
         for gamma in gamma_list:
-            recorder = _Recorder(gamma, decay)
+            recorder = ContextRecorder(gamma, decay)
             replay(trace, recorder)
             for context, record in recorder.steps:
                 if record.gamma == 0:

@@ -7,8 +7,9 @@ any tree: in greedy verification a node whose parent was accepted sits in the ta
 continuation, so the draft's candidates there are its top-k after the target's tokens, and a
 candidate is accepted exactly when it is the target's next token. One teacher-forced draft pass
 over prompt + continuation gives every such row: the top-k at each generated position with the
-signals a tree node carries (entropy, confidence, its probability, whether it is the top choice)
-and 1/0 for "is the target's token". Rows of the validation prompts score the fit.
+signals a tree node carries (entropy, confidence, its probability, whether it is the top choice),
+the sequence context a controller has there (from replaying a fixed-γ chain policy, as the
+chain models' rows do), and 1/0 for "is the target's token". Rows of the validation prompts score the fit.
 """
 
 from __future__ import annotations
@@ -19,14 +20,28 @@ import torch
 from tqdm import tqdm
 
 from speckv.controllers.predictor import AcceptancePredictor
-from speckv.controllers.speckv import compression_features, top_choice, tree_features
+from speckv.controllers.speckv import CONTEXT_FEATURES, compression_features, top_choice, tree_features
 from speckv.decoding.cache import CachedModel
 from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
-from speckv.pipeline.replay import Trace
-from speckv.pipeline.training import calibration_table, prediction_scores
+from speckv.pipeline.replay import Trace, replay
+from speckv.pipeline.training import ContextRecorder, calibration_table, prediction_scores
 
 TOP_K = 4  # the tree drafter's children per node (speckv.decoding.drafters.tree)
+CONTEXT_GAMMA = 4  # the chain policy whose steps give the sequence context of each position
+
+
+def contexts_along(trace: Trace, decay: float) -> np.ndarray:
+    """The controller's sequence context (`SequenceContext` values) before the step that emits
+    each position, replaying fixed γ = CONTEXT_GAMMA: what a controller knows at that point."""
+    recorder = ContextRecorder(CONTEXT_GAMMA, decay)
+    replay(trace, recorder)
+    out = np.empty((trace.n_tokens, len(CONTEXT_FEATURES)))
+    t = 0
+    for before, record in recorder.steps:
+        out[t : t + record.tokens_produced] = before
+        t += record.tokens_produced
+    return out
 
 
 def tree_rows(
@@ -36,8 +51,10 @@ def tree_rows(
     compressions: tuple[str, ...],
     top_k: int = TOP_K,
     progress: bool = True,
+    decay: float = 0.3,
 ) -> pd.DataFrame:
-    """One row per (generated position, draft candidate): level one-hot, node signals, accepted."""
+    """One row per (generated position, draft candidate): sequence context, level one-hot, node
+    signals, accepted."""
     rows = []
     for trace in tqdm(traces, desc="tree rows", disable=not progress):
         if trace.chains is not None:
@@ -64,6 +81,9 @@ def tree_rows(
             {
                 "prompt_id": trace.prompt_id,
                 "compression": trace.compression,
+                **dict(
+                    zip(CONTEXT_FEATURES, np.repeat(contexts_along(trace, decay), top_k, 0).T, strict=True)
+                ),
                 **dict(zip(compression_features(compressions), one_hot, strict=True)),
                 "entropy": np.repeat(entropy, top_k),
                 "confidence": np.repeat(values[:, 0], top_k),
