@@ -152,3 +152,25 @@ def test_fit_tree_model_is_calibrated_on_held_out_prompts(traces):
     other = rows[rows["top_choice"] == 0].head(50)
     assert model.predict(top).mean() > model.predict(other).mean() + 0.3
     assert scores["auc"] > 0.8
+
+
+def test_sampling_with_speckv_trees_follows_the_target_distribution():
+    """Where SpecKV stops a tree depends on the draft's signals only, so sampling stays exact (χ²)."""
+    from conftest import SMALL_VOCAB, chi_square_p, exact_first_two, tiny_model
+
+    from speckv.decoding.verify import SamplingConfig
+
+    target = loaded(tiny_model(seed=10, vocab=SMALL_VOCAB, head_scale=6.0, eos=0), "small-target")
+    draft = loaded(tiny_model(seed=11, vocab=SMALL_VOCAB, head_scale=6.0, eos=0), "small-draft")
+    exact = exact_first_two(target.model, [3, 1], SamplingConfig(1.0))
+    counts = np.zeros((SMALL_VOCAB, SMALL_VOCAB))
+    drafter = ModelTreeDrafter(draft, top_k=2)
+    sizes = set()
+    for seed in range(1200):
+        controller = SpecKVController(tree_models(0.6, [10.0] * 9, 0.2, t_draft=0.5), "fp32", gamma_max=8)
+        decoder = SpeculativeDecoder(target, drafter, controller, SamplingConfig(1.0, seed=seed), ())
+        result = decoder.generate([3, 1], 3)
+        counts[result.token_ids[0], result.token_ids[1]] += 1
+        sizes.update(step.gamma for step in result.steps if step.drafted)
+    assert len(sizes) > 1  # the controller sized the trees differently from step to step
+    assert chi_square_p(counts, exact) > 1e-3
