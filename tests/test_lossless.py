@@ -170,6 +170,15 @@ def test_check_lossless_command(capsys, monkeypatch, tiny_model_dirs):
     code, out, _ = run(capsys, *common, "--compression", "bf16", "--json")
     assert code == 0
     assert '"lossless": true' in out.splitlines()[-1]
+    # a tree controller checks token trees (the drafter generate would build), not chains
+    from speckv.decoding.drafters import ModelTreeDrafter
+
+    grown = []
+    original = ModelTreeDrafter.draft
+    monkeypatch.setattr(ModelTreeDrafter, "draft", lambda self, *a: grown.append(1) or original(self, *a))
+    trees = [*common[:-2], "--controller", "tree:6", "--compression", "fp32"]  # no --gamma
+    code, out, err = run(capsys, *trees)
+    assert code == 0 and "identical to target-only" in out and grown, err
     monkeypatch.setattr(engine, "TargetVerifier", AcceptEverything)
     code, out, err = run(capsys, *common, "--compression", "fp32", "--max-new-tokens", "40")
     assert code == 1

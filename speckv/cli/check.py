@@ -40,7 +40,7 @@ def register(sub) -> None:
 def run(args) -> int:
     import json
 
-    from speckv.controllers import check_gamma
+    from speckv.controllers import check_gamma, make_controller
     from speckv.decoding.drafters import make_drafter
     from speckv.decoding.models import encode_prompt, load_model, resolve_compression, resolve_device
     from speckv.pipeline.lossless import check_prompt, describe, failures, summary
@@ -61,7 +61,9 @@ def run(args) -> int:
     items = prompt_items(args)
 
     target = load_model("demo" if args.demo else args.target, compression, args.device, args.fp32_head)
-    draft = make_drafter(draft_source, target)
+    # Trees for a controller that budgets tree nodes (or sizes trees), as `generate` builds them.
+    controller = make_controller(spec, gamma_max=args.gamma_max, compression=target.compression)
+    draft = make_drafter(draft_source, target, controller.tree, not controller.needs_tree)
     checks = []
     for item_id, text in items:
         prompt_ids = encode_prompt(target.tokenizer, text, raw=args.raw)
