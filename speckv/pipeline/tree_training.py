@@ -2,14 +2,15 @@
 profile.
 
 A draft's path probability is not a calibrated acceptance probability, so the controller maps a
-node's own signals to one, fitted here. The rows come from the profile's traces without running
+node's signals and the sequence context to one, fitted here. The rows come from the profile's traces without running
 any tree: in greedy verification a node whose parent was accepted sits in the target's own
 continuation, so the draft's candidates there are its top-k after the target's tokens, and a
 candidate is accepted exactly when it is the target's next token. One teacher-forced draft pass
 over prompt + continuation gives every such row: the top-k at each generated position with the
 signals a tree node carries (entropy, confidence, its probability, whether it is the top choice),
 the sequence context a controller has there (from replaying a fixed-γ chain policy, as the
-chain models' rows do), and 1/0 for "is the target's token". Rows of the validation prompts score the fit.
+chain models' rows do), and 1/0 for "is the target's token". Rows of the validation prompts
+score the fit.
 """
 
 from __future__ import annotations
