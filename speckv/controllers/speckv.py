@@ -353,9 +353,8 @@ class SpecKVController(Controller):
 
     def _tree_goes_on(self, signals) -> bool:
         i = signals.position
-        chance = self._node_chance([signals.entropy], [signals.confidence], [signals.token_prob])[0]
         parent = i - 2 if signals.parent is None else signals.parent
-        self._node_reach.append(chance * (1.0 if parent < 0 else self._node_reach[parent]))
+        self._observe_nodes([signals.entropy], [signals.confidence], [signals.token_prob], [parent])
         if i >= self.tree_max:
             return False
         # A side node's low reach says nothing of the main path still to come; a top choice that
@@ -363,13 +362,17 @@ class SpecKVController(Controller):
         side = top_choice(signals.confidence, signals.token_prob) == 0
         return bool(side or self._node_reach[-1] > self._tree_steps[i])
 
-    def _node_chance(self, entropy, confidence, token_prob) -> np.ndarray:
-        """The tree model's P(node accepted | parent accepted), one per node."""
+    def _observe_nodes(self, entropy, confidence, token_prob, parents) -> None:
+        """Append the reach of these nodes: the tree model's P(node accepted | parent accepted)
+        times the parent's reach."""
         rows = np.repeat(self._node_x[None], len(entropy), axis=0)
         rows[:, -len(NODE_FEATURES) :] = np.column_stack(
             [entropy, confidence, token_prob, top_choice(confidence, token_prob)]
         )
-        return np.clip(self.models.tree_model.predict_fast(rows), 0.0, 1.0)
+        chance = np.clip(self.models.tree_model.predict_fast(rows), 0.0, 1.0)
+        reach = self._node_reach
+        for c, parent in zip(chance.tolist(), parents, strict=True):
+            reach.append(c * (1.0 if parent < 0 else reach[parent]))
 
     def _tree_count(self, record) -> int:
         """The best-first prefix of n nodes maximising 1 + Σ reach − λ·t_verify(n + 1), where a
@@ -377,13 +380,15 @@ class SpecKVController(Controller):
         n = min(len(record.draft_confidence), self.tree_max)
         if n == 0:
             return 0
-        chance = self._node_chance(
-            record.draft_entropy[:n], record.draft_confidence[:n], record.draft_token_prob[:n]
-        )
-        reach = np.empty(n)
-        for i, parent in enumerate(record.parents[:n]):
-            reach[i] = chance[i] * (1.0 if parent < 0 else reach[parent])
-        value = np.concatenate([[0.0], np.cumsum(reach)]) - self._tree_charges[: n + 1]
+        seen = len(self._node_reach)  # nodes observed while drafting; the rest read from the record
+        if seen < n:
+            self._observe_nodes(
+                record.draft_entropy[seen:n],
+                record.draft_confidence[seen:n],
+                record.draft_token_prob[seen:n],
+                record.parents[seen:n],
+            )
+        value = np.concatenate([[0.0], np.cumsum(self._node_reach[:n])]) - self._tree_charges[: n + 1]
         return int(np.argmax(value))
 
     def end_step(self, record) -> None:

@@ -47,17 +47,25 @@ class FeatureDrafter(Drafter):
         generator: torch.Generator | None,
     ) -> Iterator[Proposal]:
         n = len(context)
-        known = 0 if self.features is None else len(self.features)
-        if budget < 1 or known < n - 1 or n < 2:
-            return  # the target has not yet seen the context (the first step of a sequence)
-        start = self.cache.length + 1
+        last = self.catch_up(context) if budget >= 1 else None
+        if last is None:
+            return
         with torch.inference_mode():
-            states = self.head.fused(self.features[start - 1 : n - 1])
-            last = self._feed(context[start:n], states, start)
             for position in range(n, n + budget):
                 proposal = self._propose(last, sampling, generator)
                 yield proposal
                 last = self._feed([proposal.token], last[0, -1:], position)  # only if the loop asks for more
+
+    def catch_up(self, context: list[int]) -> torch.Tensor | None:
+        """Feed the context positions the head has not seen, with their true features; the
+        outputs (the last one drafts the next token), or None when the target has not yet seen
+        the context (the first step of a sequence)."""
+        n = len(context)
+        if self.features is None or len(self.features) < n - 1 or n < 2:
+            return None
+        start = self.cache.length + 1
+        with torch.inference_mode():
+            return self._feed(context[start:n], self.head.fused(self.features[start - 1 : n - 1]), start)
 
     def _propose(self, last: torch.Tensor, sampling: SamplingConfig, generator) -> Proposal:
         logits = self.head.logits(last)[0, -1].float()
@@ -144,14 +152,12 @@ class FeatureTreeDrafter(TreeDrafter):
         self._nodes, self._proposed = [], []
 
     def _root(self, context: list[int]) -> torch.Tensor | None:
-        chain, n = self.chain, len(context)
-        if chain.features is None or len(chain.features) < n - 1 or n < 2:
-            return None  # the target has not yet seen the context (the first step of a sequence)
-        start = chain.cache.length + 1
+        last = self.chain.catch_up(context)
+        if last is None:
+            return None
+        self._root_output = last[0, -1]
         with torch.inference_mode():
-            last = chain._feed(context[start:n], chain.head.fused(chain.features[start - 1 : n - 1]), start)
-            self._root_output = last[0, -1]
-            return chain.head.logits(last)[0, -1]
+            return self.chain.head.logits(last)[0, -1]
 
     def _cache_length(self) -> int:
         return self.chain.cache.length

@@ -98,10 +98,8 @@ class TreeDrafter(Drafter):
         while waiting and len(self._proposed) < budget:
             # Best first; a tie goes to the older node, so a parent always precedes its children.
             best = min(waiting, key=lambda i: (-self._nodes[i].score, i))
-            blocking = [
-                i for i in unexpanded if (-self._nodes[i].score, i) < (-self._nodes[best].score, best)
-            ]
-            if not blocking:
+            rank = (-self._nodes[best].score, best)
+            if not any((-self._nodes[i].score, i) < rank for i in unexpanded):
                 waiting.remove(best)
                 node = self._nodes[best]
                 number[best] = len(self._proposed)
