@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
@@ -21,9 +20,8 @@ from speckv import datasets
 from speckv.cli.options import configure_threads
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.models import encode_prompt, load_model
-from speckv.pipeline.compare import write_results_section
+from speckv.util.benchmark_header import write_section
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
 BACKENDS = {
     "fp32": "plain dtype",
     "bf16": "plain dtype",
@@ -91,15 +89,11 @@ def main() -> None:
         f"| {lvl} | {BACKENDS[lvl.partition('+')[0]]} | {tps:.1f} | {tps / base:.2f}× | {agr:.3f} |"
         for lvl, tps, agr in rows
     ]
-    command = " ".join(["python benchmarks/compression.py", *sys.argv[1:]])
     body = (
-        f"### Compression levels of the demo target on this CPU\n\n`{command}` — {len(prompts)} held-out prompts, "
-        f"{args.tokens} tokens, batch 1, {torch.get_num_threads()} torch threads, median of {args.repeats}.\n\n"
-        + "\n".join(lines)
-        + "\n"
+        f"### Compression levels of the demo target on this CPU\n\n{len(prompts)} held-out prompts, "
+        f"{args.tokens} tokens, batch 1, median of {args.repeats}.\n\n" + "\n".join(lines) + "\n"
     )
-    print(body)
-    write_results_section(RESULTS, "compression", body)
+    print(write_section("compression", body, level=",".join(row[0] for row in rows)))
 
 
 def _teacher_forced_argmax(loaded, prompt: list[int], continuation: list[int]) -> torch.Tensor:

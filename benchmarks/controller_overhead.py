@@ -15,8 +15,6 @@ Writes its table into benchmarks/RESULTS.md (section `controller_overhead`) unle
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
 from pathlib import Path
 from time import perf_counter_ns
 
@@ -35,11 +33,10 @@ from speckv.controllers.speckv import (
     token_features,
 )
 from speckv.costs import CostModel
-from speckv.pipeline.compare import write_results_section
 from speckv.records import StepRecord, TokenSignals
+from speckv.util.benchmark_header import write_section
 from speckv.util.reporting import markdown_table
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
 BUDGET_US = 20.0
 
 
@@ -168,16 +165,12 @@ def main() -> None:
         )
     table = markdown_table(pd.DataFrame(rows), digits=2)
     per_decision = max(r["median_us"] for r in rows[:6])
-    command = "python benchmarks/controller_overhead.py " + " ".join(sys.argv[1:])
     body = (
-        f"### SpecKV controller decision overhead\n\n`{command.strip()}` — controller: {source}. "
-        f"Machine: {platform.processor() or platform.machine()}, 1 torch thread, numpy {np.__version__}. "
+        f"### SpecKV controller decision overhead\n\nController: {source}; numpy {np.__version__}. "
         f"Each call timed alone (perf_counter_ns); budget {BUDGET_US:.0f} µs per decision; "
         f"slowest single decision (median): {per_decision:.1f} µs.\n\n{table}\n"
     )
-    print(body)
-    if not args.no_write:
-        write_results_section(RESULTS, "controller_overhead", body)
+    print(write_section("controller_overhead", body, level=level, write=not args.no_write))
 
 
 if __name__ == "__main__":

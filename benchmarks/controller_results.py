@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from speckv.pipeline.compare import write_results_section
 from speckv.pipeline.evaluation import REPORT_DIR, read_evaluation
 from speckv.pipeline.report import write_report
+from speckv.util.benchmark_header import RESULTS, write_section
 from speckv.util.reporting import markdown_table
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
 REPLAY_COLUMNS = [
     "compression", "policy", "chosen", "tokens_per_step", "mean_gamma", "acceptance",
     "tokens_per_s", "ci_low", "ci_high", "speedup", "oracle_share",
@@ -91,7 +90,9 @@ def main() -> int:
             markdown_table(live[[c for c in LIVE_COLUMNS if c in live.columns]], digits=2),
             markdown_table(pd.read_csv(tables / "live_verdict.csv"), digits=3),
         ]
-    write_results_section(RESULTS, f"controller-{meta['pair']}", "\n\n".join(parts))
+    levels = ",".join(dict.fromkeys(str(level) for level in replay["compression"]))
+    threads = meta.get("threads", "not recorded (see the commands)")  # `speckv evaluate`'s, not this script's
+    write_section(f"controller-{meta['pair']}", "\n\n".join(parts), level=levels, threads=threads)
     print(f"wrote section controller-{meta['pair']} of {RESULTS}", file=sys.stderr)
     return 0
 

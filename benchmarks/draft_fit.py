@@ -25,9 +25,7 @@ from speckv.decoding.draft_files import load_draft
 from speckv.decoding.models import load_model
 from speckv.distill.data import GenConfig, default_work_dir
 from speckv.distill.measure import loaded_agreement
-from speckv.pipeline.compare import write_results_section
-
-RESULTS = Path(__file__).parent / "RESULTS.md"
+from speckv.util.benchmark_header import write_section
 
 
 def main() -> None:
@@ -72,16 +70,13 @@ def main() -> None:
                 agreement = loaded_agreement(draft, sample)
                 cells = " | ".join(f"{agreement.get(task, float('nan')):.3f}" for task in tasks)
                 lines.append(f"| {name} | {label} ({len(sample)}) | {cells} |")
-    command = "python benchmarks/draft_fit.py " + " ".join(sys.argv[1:])
     body = (
-        "### Draft agreement on train vs held-out prompts, demo target fp32\n\n"
-        f"`{command.strip()}` — teacher-forced greedy agreement along the target's greedy continuations "
+        f"### Draft agreement on train vs held-out prompts, demo target {target.precision}\n\n"
+        "Teacher-forced greedy agreement along the target's greedy continuations "
         f"(128 tokens): {args.per_task} train prompts per task from `{work.name}`, and the distill "
         "held-out reference.\n\n" + "\n".join(lines) + "\n"
     )
-    print(body)
-    if not args.no_write:
-        write_results_section(RESULTS, "draft_fit", body)
+    print(write_section("draft_fit", body, level=target.precision, write=not args.no_write))
 
 
 if __name__ == "__main__":

@@ -31,9 +31,8 @@ from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.models import load_model
 from speckv.distill.data import UNFAMILIAR, GenConfig, default_work_dir
 from speckv.distill.measure import cost_ratio, loaded_agreement, loaded_head_agreement
-from speckv.pipeline.compare import write_results_section
+from speckv.util.benchmark_header import write_section
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
 GAMMA = 5
 
 
@@ -139,21 +138,17 @@ def main() -> None:
         costs.append(
             f"{name}: {draft_s * 1000:.1f} ms per drafted token, target {target_s * 1000:.1f} ms ({ratio:.3f})"
         )
-    command = "python benchmarks/drafter_quality.py " + " ".join(sys.argv[1:])
     body = (
         f"### Drafters of the demo target on prompts they never saw, target {target.precision}\n\n"
-        f"`{command.strip()}` — teacher-forced agreement along the target's greedy continuation "
+        "Teacher-forced agreement along the target's greedy continuation "
         f"(128 tokens) of each reference prompt; live greedy runs at fixed γ={GAMMA} on the same "
-        "prompts (the feature head's first step, where the target reads the prompt, is not counted); "
-        f"{torch.get_num_threads()} thread(s).\n\n"
+        "prompts (the feature head's first step, where the target reads the prompt, is not counted).\n\n"
         + "\n".join(lines)
         + "\n\nDraft cost (batch 1, fastest of 5, alternating with the target): "
         + "; ".join(costs)
         + ".\n"
     )
-    print(body)
-    if not args.no_write:
-        write_results_section(RESULTS, "drafter_quality", body)
+    print(write_section("drafter_quality", body, level=target.precision, write=not args.no_write))
 
 
 if __name__ == "__main__":

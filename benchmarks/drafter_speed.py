@@ -11,20 +11,14 @@ Held-out prompts of every task, greedy, median of the passes; writes section
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
 import time
-from pathlib import Path
-
-import torch
 
 from speckv import datasets
 from speckv.cli.options import configure_threads
 from speckv.decoding.draft_files import load_draft
 from speckv.decoding.models import encode_prompt, load_model
-from speckv.pipeline.compare import Method, compare, hf_assisted_methods, speedup_table, write_results_section
-
-RESULTS = Path(__file__).parent / "RESULTS.md"
+from speckv.pipeline.compare import Method, compare, hf_assisted_methods, speedup_table
+from speckv.util.benchmark_header import write_section
 
 
 def main() -> None:
@@ -57,19 +51,16 @@ def main() -> None:
     assistant = load_draft(args.assistant, target)
     started = time.time()
     results = compare(target, None, prompts, methods, args.max_new_tokens, args.repeats, assistant=assistant)
-    command = "python benchmarks/drafter_speed.py " + " ".join(sys.argv[1:])
     body = (
         f"### Drafters of the demo target, live, target {target.precision}\n\n"
-        f"`{command.strip()}` — {len(prompts)} held-out prompts ({args.per_task} per task), "
-        f"{args.max_new_tokens} new tokens, greedy, median of {args.repeats} passes; HF assisted rows "
-        f"run {assistant.name}. {platform.machine()}, {torch.get_num_threads()} torch threads; "
-        f"run took {time.time() - started:.0f} s. At bf16 an output may differ from target-only's at a "
-        "near-tie of the target's logits (docs/engine.md; `speckv check-lossless` checks that every "
-        f"divergence is one).\n\n{speedup_table(results)}\n"
+        f"{len(prompts)} held-out prompts ({args.per_task} per task), {args.max_new_tokens} new tokens, "
+        f"greedy, median of {args.repeats} passes; HF assisted rows run {assistant.name}; run took "
+        f"{time.time() - started:.0f} s. At bf16 an output may differ from target-only's at a near-tie "
+        "of the target's logits (docs/engine.md; `speckv check-lossless` checks that every divergence "
+        f"is one).\n\n{speedup_table(results)}\n"
     )
-    print(body)
-    if not args.no_write:
-        write_results_section(RESULTS, f"drafter_speed-{target.precision}", body)
+    name = f"drafter_speed-{target.precision}"
+    print(write_section(name, body, level=target.precision, write=not args.no_write))
 
 
 if __name__ == "__main__":

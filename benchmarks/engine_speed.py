@@ -3,17 +3,14 @@
     python benchmarks/engine_speed.py                       # fp32, 128 tokens, 8 prompts, median of 3
     python benchmarks/engine_speed.py --compression int8 --gammas 2,3,4
 
-Writes its table into benchmarks/RESULTS.md (section `engine_speed-<compression>`), with the
-command line, machine and versions, and prints it.
+Writes its table into benchmarks/RESULTS.md (section `engine_speed-<compression>`) under the
+suite's run header (speckv.util.benchmark_header), and prints it.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
 import time
-from pathlib import Path
 
 import torch
 import transformers
@@ -22,9 +19,8 @@ from speckv import datasets
 from speckv.cli.options import configure_threads
 from speckv.decoding.draft_files import load_draft
 from speckv.decoding.models import encode_prompt, load_model
-from speckv.pipeline.compare import Method, compare, hf_assisted_methods, speedup_table, write_results_section
-
-RESULTS = Path(__file__).parent / "RESULTS.md"
+from speckv.pipeline.compare import Method, compare, hf_assisted_methods, speedup_table
+from speckv.util.benchmark_header import write_section
 
 
 def default_methods(gammas: tuple[int, ...] = (2, 3, 4, 5), with_hf: bool = True) -> list[Method]:
@@ -77,22 +73,18 @@ def main() -> None:
     started = time.time()
     results = compare(target, draft, prompts, methods, args.max_new_tokens, args.repeats)
     table = speedup_table(results)
-    command = "python benchmarks/engine_speed.py " + " ".join(sys.argv[1:])
     body = (
         f"### Demo pair, target {target.precision}, draft {draft.name if draft else 'none'}\n\n"
-        f"`{command.strip()}` — {len(prompts)} held-out prompts ({args.per_task} per task), "
+        f"{len(prompts)} held-out prompts ({args.per_task} per task), "
         f"{args.max_new_tokens} new tokens, greedy, tokens/s = total tokens / total time per pass, "
-        f"median of {args.repeats} passes (each pass listed). Machine: {platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads; torch {torch.__version__}, transformers {transformers.__version__}. "
+        f"median of {args.repeats} passes (each pass listed); transformers {transformers.__version__}. "
         f"Run took {time.time() - started:.0f} s.\n\n{table}\n"
     )
-    print(body)
-    if not args.no_write:
-        # One section per setting; runs with more than one thread get their own (a 2-core CPU
-        # verifies several tokens relatively cheaper with 2 threads, so the ratios differ).
-        threads = "" if torch.get_num_threads() == 1 else f"-{torch.get_num_threads()}threads"
-        name = f"engine_speed-{target.precision}-{'draft' if draft else 'no-draft'}{threads}"
-        write_results_section(RESULTS, name, body)
+    # One section per setting; runs with more than one thread get their own (a 2-core CPU
+    # verifies several tokens relatively cheaper with 2 threads, so the ratios differ).
+    threads = "" if torch.get_num_threads() == 1 else f"-{torch.get_num_threads()}threads"
+    name = f"engine_speed-{target.precision}-{'draft' if draft else 'no-draft'}{threads}"
+    print(write_section(name, body, level=target.precision, write=not args.no_write))
 
 
 if __name__ == "__main__":

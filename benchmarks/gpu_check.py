@@ -15,7 +15,6 @@ exits 1 if any level is not lossless or failed.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from speckv.decoding.draft_files import load_draft
 from speckv.decoding.models import LoadedModel, check_compression, encode_prompt, load_model
 from speckv.pipeline.compare import Method, compare, speedup_table
 from speckv.pipeline.lossless import NEAR_TIE_ULPS, PromptCheck, check_prompt, describe, failures
+from speckv.util.benchmark_header import default_command, format_header, run_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from verify_cost import cost_table  # noqa: E402  (a sibling script)
@@ -168,18 +168,15 @@ def _speed_section(target: LoadedModel, draft: LoadedModel, prompts, args, row: 
     ]
 
 
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        where = torch.cuda.get_device_name(torch.device(device))
-    else:
-        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+def versions() -> str:
+    """The libraries the levels load through (the suite header gives the machine and torch)."""
     try:
         import bitsandbytes
 
         bnb = bitsandbytes.__version__
     except Exception:  # reported as absent; the nf4/int8 levels then say why they failed
         bnb = "absent"
-    return f"{where}; torch {torch.__version__}, transformers {transformers.__version__}, bitsandbytes {bnb}"
+    return f"transformers {transformers.__version__}, bitsandbytes {bnb}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,12 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["level", "precision", "lossless", "differ", "divergences", "cost", "speed"]
     summary = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     summary += ["| " + " | ".join(str(r.get(c, "–")) for c in columns) + " |" for r in rows]
-    command = " ".join(["python benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
+    command = default_command([str(Path(__file__)), *(sys.argv[1:] if argv is None else argv)])
     header = [
         f"# GPU readiness check{' (dry run: CPU, tiny random models)' if args.dry_run else ''}",
         "",
-        f"`{command}` — {machine(args.device)}; {len(prompts)} prompts, {args.max_new_tokens} new tokens, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}, {time.time() - started:.0f} s.",
+        format_header(run_info(level=",".join(levels), command=command)),
+        "",
+        f"Device {args.device}; {versions()}; {len(prompts)} prompts, {args.max_new_tokens} new tokens, "
+        f"{time.time() - started:.0f} s.",
         "",
         "cost: forward time at k=1 and its ratio at the largest k; speed: the fastest speculative row "
         "against our target-only loop.",

@@ -23,13 +23,11 @@ from speckv.cli.options import configure_threads, split_list
 from speckv.decoding.cache import CachedModel
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.models import LoadedModel, encode_prompt, load_model
-from speckv.pipeline.compare import write_results_section
 from speckv.pipeline.lossless import ulp
+from speckv.util.benchmark_header import write_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from verify_cost import forward_ms  # noqa: E402  (a sibling script)
-
-RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
 def argmaxes(
@@ -99,17 +97,12 @@ def main() -> None:
             f"{times[0]:.1f} | {times[1]:.1f} |"
         )
         print(lines[-1], file=sys.stderr)
-    command = " ".join(["python benchmarks/near_ties.py", *sys.argv[1:]])
     body = (
-        f"### Argmax flips between a {args.k}-token and a 1-token pass, demo target\n\n`{command}` — "
-        f"{len(prompts)} paper prompts, the fp32 target's {args.tokens}-token greedy continuations, "
-        f"{threads} torch thread(s); times: median of 9 forwards on a 200-token cache.\n\n"
-        + "\n".join(lines)
-        + "\n"
+        f"### Argmax flips between a {args.k}-token and a 1-token pass, demo target\n\n"
+        f"{len(prompts)} paper prompts, the fp32 target's {args.tokens}-token greedy continuations; "
+        "times: median of 9 forwards on a 200-token cache.\n\n" + "\n".join(lines) + "\n"
     )
-    print(body)
-    if not args.no_write:
-        write_results_section(RESULTS, "near_ties", body)
+    print(write_section("near_ties", body, level=args.levels, threads=threads, write=not args.no_write))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ predicts (no draft cost: t_verify(γ' + 1) + t_step per step, γ' = tokens propo
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -23,11 +22,10 @@ from speckv.costs import load_costs
 from speckv.datasets import in_split
 from speckv.decoding.drafters import NGramDrafter
 from speckv.decoding.verify import SamplingConfig
-from speckv.pipeline.compare import write_results_section
 from speckv.pipeline.profiling import load_traces, read_settings
+from speckv.util.benchmark_header import write_section
 from speckv.util.reporting import markdown_table
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
 RANGES = ((1, 2), (1, 4), (2, 4), (3, 4), (2, 6), (3, 8), (4, 8))
 
 
@@ -98,16 +96,17 @@ def main() -> None:
     best = table.loc[table.groupby("task", sort=False)["modelled speed-up"].idxmax()]
     overall = frame.groupby(["range", "gamma"], sort=False).sum(numeric_only=True)
     overall = (overall["target_seconds"] / overall["seconds"]).rename("modelled speed-up").reset_index()
-    command = "python benchmarks/ngram_match.py " + " ".join(sys.argv[1:])
     body = (
-        f"### N-gram match lengths, target {args.compression}\n\n`{command}` — exact greedy replay of the "
+        f"### N-gram match lengths, target {args.compression}\n\nExact greedy replay of the "
         f"n-gram drafter along {len(traces)} {args.split}-split traces of `{args.profile}`, modelled with "
         f"its cost model.\n\nAll tasks together:\n\n{markdown_table(overall, digits=3)}\n\n"
         f"Best per task:\n\n{markdown_table(best, digits=3)}\n\nEvery setting:\n\n{markdown_table(table, digits=3)}\n"
     )
-    print(body)
-    if not args.no_write:
-        write_results_section(RESULTS, "ngram_match", body)
+    # A replay: no model runs, so torch's thread count does not enter the numbers.
+    text = write_section(
+        "ngram_match", body, level=args.compression, threads="n/a (replay)", write=not args.no_write
+    )
+    print(text)
 
 
 if __name__ == "__main__":

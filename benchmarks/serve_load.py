@@ -27,13 +27,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
 PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",
     "Explain in three sentences why the sky is blue.",
@@ -171,6 +169,16 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def server_option(extra: list[str], name: str) -> str | None:
+    """The value of `name` among the options passed to `speckv serve` (`--name V` or `--name=V`)."""
+    for i, part in enumerate(extra):
+        if part == name and i + 1 < len(extra):
+            return extra[i + 1]
+        if part.startswith(name + "="):
+            return part.partition("=")[2]
+    return None
+
+
 def percentiles(values: list[float]) -> tuple[str, str]:
     if not values:
         return "–", "–"
@@ -186,7 +194,6 @@ def report(outcomes: list[Outcome], wall_s: float, spec: dict[str, float], args,
     tpot = percentiles([o.tpot_s for o in done if o.tpot_s is not None])
     acceptance = spec["accepted"] / spec["draft_tokens"] if spec["draft_tokens"] else 0.0
     per_draft = spec["accepted"] / spec["drafts"] if spec["drafts"] else 0.0
-    command = " ".join(["python benchmarks/serve_load.py", *sys.argv[1:]])
     server = "`speckv serve --demo " + " ".join(extra) + "`" if args.demo else f"server at {args.url}"
     lines = [
         "| clients | requests | errors | tokens/s | TTFT p50 (ms) | TTFT p95 | TPOT p50 (ms) | TPOT p95 "
@@ -197,7 +204,7 @@ def report(outcomes: list[Outcome], wall_s: float, spec: dict[str, float], args,
     ]
     body = (
         f"### Serving load, {args.clients} concurrent streaming client{'s' if args.clients > 1 else ''}\n\n"
-        f"`{command}` — {server}, "
+        f"{server}, "
         f"greedy chat requests of at most {args.max_tokens} tokens, {tokens} tokens in {wall_s:.1f} s "
         f"on {os.cpu_count()} CPUs.\n\n" + "\n".join(lines) + "\n"
     )
@@ -241,11 +248,16 @@ def main() -> None:
             stop_server(process)
     spec = {key: after[key] - before[key] for key in COUNTERS}
     body = report(outcomes, wall_s, spec, args, extra)
-    print(body)
-    if not args.no_results:
-        from speckv.pipeline.compare import write_results_section
+    from speckv.util.benchmark_header import write_section  # imports torch: after the run
 
-        write_results_section(RESULTS, f"serve_load-c{args.clients}", body)
+    # The server's settings, not this client's: what `--demo` passed it, else unknown here.
+    known = "server default" if args.demo else "the server's (not known here)"
+    level = server_option(extra, "--compression") or known
+    threads = server_option(extra, "--threads") or known
+    text = write_section(
+        f"serve_load-c{args.clients}", body, level=level, threads=threads, write=not args.no_results
+    )
+    print(text)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,10 @@ table. Writes `tree_speed-<precision>` into benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-
-import torch
 
 from speckv import datasets
 from speckv.cli.options import configure_threads
@@ -29,9 +25,9 @@ from speckv.controllers.speckv import ControllerModels
 from speckv.decoding.draft_files import load_draft
 from speckv.decoding.models import encode_prompt, load_model
 from speckv.errors import SpecKVError
-from speckv.pipeline.compare import Method, MethodResult, compare, speedup_table, write_results_section
+from speckv.pipeline.compare import Method, MethodResult, compare, speedup_table
+from speckv.util.benchmark_header import write_section
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
 TREE_SPECKV = "tree SpecKV"
 
 
@@ -126,15 +122,13 @@ def main() -> None:
             f"Tokens per step: {per_step}\n\n{node_distribution(results)}"
         )
         print(sections[-1], flush=True)
-    command = "python benchmarks/tree_speed.py " + " ".join(sys.argv[1:])
     body = (
         f"### Chains, trees and n-grams, target {target.precision}, draft {draft.name}\n\n"
-        f"`{command.strip()}` — {args.split}-split prompts, {args.max_new_tokens} new tokens, greedy, "
-        f"median of {args.repeats} passes. Machine: {platform.machine()}, {torch.get_num_threads()} "
-        f"torch threads. Run took {time.time() - started:.0f} s.\n\n" + "\n".join(sections)
+        f"{args.split}-split prompts, {args.max_new_tokens} new tokens, greedy, "
+        f"median of {args.repeats} passes. Run took {time.time() - started:.0f} s.\n\n" + "\n".join(sections)
     )
     if not args.no_write:
-        write_results_section(RESULTS, f"tree_speed-{target.precision}", body)
+        write_section(f"tree_speed-{target.precision}", body, level=target.precision)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,13 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
 from speckv.cli.options import configure_threads, split_list
 from speckv.decoding.models import load_model
-from speckv.pipeline.compare import write_results_section
-
-RESULTS = Path(__file__).parent / "RESULTS.md"
+from speckv.util.benchmark_header import write_section
 
 
 def forward_ms(model, k: int, repeats: int, context: int = 200, vocab: int | None = None) -> float:
@@ -84,18 +81,17 @@ def main() -> None:
     args = parser.parse_args()
     thread_counts = [int(t) for t in split_list(args.threads)] or [configure_threads(None)]
     ks = [int(k) for k in split_list(args.ks)]
-    command = " ".join(["python benchmarks/verify_cost.py", *sys.argv[1:]])
     for level in split_list(args.compression):
         target = load_model(args.target, level, args.device, args.fp32_head)
         print(f"{target.precision}:", file=sys.stderr)
         lines = cost_table(target.model, ks, thread_counts, args.repeats)
         body = (
-            f"### Target forward time (ms) by tokens per pass, {target.name} {target.precision}\n\n`{command}` — "
-            f"median of {args.repeats}, on a 200-token KV cache, {args.device}.\n\n" + "\n".join(lines) + "\n"
+            f"### Target forward time (ms) by tokens per pass, {target.name} {target.precision}\n\n"
+            f"Median of {args.repeats}, on a 200-token KV cache, {args.device}.\n\n" + "\n".join(lines) + "\n"
         )
-        print(body)
-        if not args.no_write:
-            write_results_section(RESULTS, f"verify_cost-{target.precision}", body)
+        threads = ",".join(str(t) for t in thread_counts)  # the table has one row per count
+        name = f"verify_cost-{target.precision}"
+        print(write_section(name, body, level=target.precision, threads=threads, write=not args.no_write))
         del target
 
 

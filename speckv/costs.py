@@ -54,6 +54,13 @@ class CostModel:
         return prompt_len * per_token
 
 
+def envelope(t_verify) -> np.ndarray:
+    """The monotone envelope of a verify curve: t(k) ← min over j ≥ k of t(j). On CPUs a wider pass
+    can cost less than a narrower one (GEMM kernels switch with the shape: on an AVX2 EPYC 6 tokens
+    cost less than 4 or 5), and a check of k tokens may then run the cheaper, wider pass."""
+    return np.minimum.accumulate(np.asarray(t_verify, float)[::-1])[::-1]
+
+
 def save_costs(models: dict[str, CostModel], path: str | Path, meta: dict | None = None) -> None:
     document = costs_to_dict(models, {**environment(), **(meta or {})})
     atomic_write_text(path, json.dumps(document, indent=1))
@@ -83,11 +90,45 @@ def costs_to_dict(models: dict[str, CostModel], meta: dict | None = None) -> dic
     }
 
 
-def environment() -> dict:
+# The CPU features that decide which kernels a pass runs (and so its cost curve).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "neon")
+
+
+def parse_cpuinfo(text: str) -> tuple[str | None, list[str]]:
+    """(CPU model name, the `CPU_FLAGS` present, in that order) from the text of /proc/cpuinfo."""
+    model, flags = None, None
+    for line in text.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "model name" and model is None:
+            model = " ".join(value.split())
+        elif key in ("flags", "Features") and flags is None:
+            flags = set(value.split())
+    return model, [flag for flag in CPU_FLAGS if flag in (flags or ())]
+
+
+def cpu_description() -> str:
+    """The CPU model and its kernel-relevant flags, e.g. "AMD EPYC (avx2 avx512f avx512_bf16)"."""
+    try:
+        model, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+    except OSError:  # not Linux: the platform's processor name only
+        model, flags = None, []
+    model = model or platform.processor() or platform.machine()
+    return f"{model} ({' '.join(flags)})" if flags else model
+
+
+def device_description(device: str = "cpu") -> str:
+    """What a cost curve was measured on: the GPU's name, or the CPU model and flags."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return cpu_description()
+
+
+def environment(device: str = "cpu") -> dict:
     """Where the numbers were measured: they hold for this machine and thread count only."""
     return {
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "device": device_description(device),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }

@@ -22,6 +22,15 @@ EOS_ID = 1
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def measured_costs_cache(tmp_path_factory):
+    """Cost curves measured by the tests go to a folder of their own, not the user's cache."""
+    folder = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("speckv.pipeline.local_costs.cache_dir", lambda: folder)
+        yield folder
+
+
 def tiny_config(vocab: int = VOCAB, layers: int = 2, hidden: int = 32, eos: int = EOS_ID) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab,

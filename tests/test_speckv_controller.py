@@ -51,7 +51,6 @@ def hand_models(accept: float = 0.5, paper_slope: float = -0.09) -> ControllerMo
         prior_model=constant(accept, context_features(LEVELS)),
         paper_model=constant(1.0, paper_features(LEVELS), paper_slope),
         costs={"fp32": FLAT, "int8": dataclasses.replace(FLAT, compression="int8", t_draft_s=100.0)},
-        rates={"fp32": 0.14, "int8": 0.14},
     )
 
 
@@ -157,9 +156,9 @@ def test_training_reports_every_kind_and_saves_a_small_file(trained):
     assert path.stat().st_size < 64 * 1024
     models = ControllerModels.load(path)
     assert models.info["token_rows"] > 0 and models.info["calibration"]
-    for level in LEVELS:  # λ is the rate the controller reaches on training prompts
+    assert "rates" not in json.loads(path.read_text())  # λ is derived where the controller runs
+    for level in LEVELS:  # replayed on the training prompts, it keeps up with the best baseline
         fitted = models.info["rates"][level]
-        assert models.rates[level] == fitted["rate"] > 0
         assert fitted["achieved"] >= 0.95 * max(fitted["best_fixed"], fitted["target_only"])
 
 
@@ -174,7 +173,9 @@ def test_loaded_controller_decides_alike_and_stays_lossless(tiny_target, trained
     )
     for trace in traces[:3]:
         assert replay(trace, original).gammas == replay(trace, make_controller(spec)).gammas
-    decoder = SpeculativeDecoder(tiny_target, draft, make_controller(spec), eos_token_ids=())
+    live_controller = make_controller(spec)
+    live_controller.follow_costs = False  # decide on the modelled costs, as replay does
+    decoder = SpeculativeDecoder(tiny_target, draft, live_controller, eos_token_ids=())
     target_only = SpeculativeDecoder(tiny_target, eos_token_ids=())
     for prompt, trace in zip(PROMPTS[:3], traces[:3], strict=True):
         live = decoder.generate(prompt, 32)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import platform
-
-from speckv.cli.options import add_precision_options, add_threads_option, configure_threads
+from speckv.cli.options import add_costs_option, add_precision_options, add_threads_option, configure_threads
 from speckv.errors import SpecKVError
 
 
@@ -13,6 +11,7 @@ def register(sub) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="timed passes; the table shows the median")
     parser.add_argument("--gamma", type=int, default=3, help="γ for the fixed-γ rows (default 3)")
+    add_costs_option(parser)
     add_precision_options(parser)
     add_threads_option(parser)
     parser.set_defaults(func=run)
@@ -25,10 +24,12 @@ def run(args) -> int:
     if args.repeats < 1 or args.max_new_tokens < 1:
         raise SpecKVError("--repeats and --max-new-tokens must be at least 1")
     threads = configure_threads(args.threads)
-    return run_demo(args.max_new_tokens, args.repeats, args.gamma, args.compression, args.fp32_head, threads)
+    return run_demo(
+        args.max_new_tokens, args.repeats, args.gamma, args.compression, args.fp32_head, threads, args.costs
+    )
 
 
-def demo_methods(gamma: int, compression: str = "fp32") -> list:
+def demo_methods(gamma: int, compression: str = "fp32", costs: str = "auto") -> list:
     """The demo's rows; the shipped learned controller only at a level it was trained for."""
     from speckv.controllers import default_controller
     from speckv.pipeline.compare import Method, hf_assisted_methods
@@ -40,7 +41,7 @@ def demo_methods(gamma: int, compression: str = "fp32") -> list:
         Method(f"speckv fixed γ={gamma}", controller=f"fixed:{gamma}"),
         Method("speckv heuristic", controller="heuristic"),
         Method("speckv confidence", controller="confidence"),
-        *([Method("speckv SpecKV (learned, shipped)", controller="speckv")] if learned else []),
+        *([Method("speckv SpecKV (learned, shipped)", controller="speckv", costs=costs)] if learned else []),
         *hf_assisted_methods((gamma,))[:2],
     ]
 
@@ -52,10 +53,12 @@ def run_demo(
     compression: str = "auto",
     fp32_head: bool | None = None,
     threads: int | None = None,
+    costs: str = "auto",
 ) -> int:
     import torch
 
     from speckv.controllers.speckv import shipped_levels
+    from speckv.costs import device_description
     from speckv.datasets import load_prompts
     from speckv.decoding.draft_files import load_draft
     from speckv.decoding.drafters import make_drafter
@@ -71,7 +74,7 @@ def run_demo(
     assistant = load_draft("demo-model", target) if draft.loaded is None else draft.loaded
     items = load_prompts("paper", per_task=1)
     prompts = [encode_prompt(target.tokenizer, item.text) for item in items]
-    methods = demo_methods(gamma, target.compression)
+    methods = demo_methods(gamma, target.compression, costs)
     if not any(m.controller == "speckv" for m in methods):
         print(
             f"(The shipped learned controller knows {', '.join(shipped_levels()) or 'no level'}, not "
@@ -89,9 +92,12 @@ def run_demo(
     threads = threads or torch.get_num_threads()
     hf_rows = f" (HF assisted rows: {assistant.name})" if assistant.name != draft.name else ""
     print(
-        f"\nTarget {target.name} ({target.precision}), draft {draft.name}{hf_rows}; {platform.processor() or platform.machine()}, "
-        f"{threads} torch threads. Speed-up is against our target-only loop in the same run.\n"
+        f"\nTarget {target.name} ({target.precision}), draft {draft.name}{hf_rows}; {device_description()}, "
+        f"{threads} torch threads. Speed-up is against our target-only loop in the same run."
     )
+    for source in sorted({r.cost_source for r in results if r.cost_source}):
+        print(f"SpecKV's cost curve: {source}.")
+    print()
     print(speedup_table(results))
     if target.compression != "fp32" and any(r.outputs != results[0].outputs for r in results):
         print(

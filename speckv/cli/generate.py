@@ -5,9 +5,11 @@ from __future__ import annotations
 import sys
 
 from speckv.cli.options import (
+    add_costs_option,
     add_model_options,
     add_policy_options,
     add_prompt_options,
+    apply_costs,
     chosen_controller,
     chosen_pair,
     configure_threads,
@@ -25,6 +27,7 @@ def register(sub) -> None:
     )
     add_model_options(parser)
     add_policy_options(parser)
+    add_costs_option(parser)
     add_prompt_options(parser)
     decoding = parser.add_argument_group("decoding")
     decoding.add_argument("--max-new-tokens", type=int, default=128)
@@ -71,6 +74,7 @@ def run(args) -> int:
         if draft_source
         else None
     )
+    apply_costs(args, controller, target, draft)
     decoder = SpeculativeDecoder(target, draft, controller, sampling)
     encoded = [(item_id, encode_prompt(target.tokenizer, text, raw=args.raw)) for item_id, text in items]
     for item_id, prompt_ids in encoded:  # every prompt fits, before any decoding starts
@@ -97,6 +101,7 @@ def run(args) -> int:
                     "precision": target.precision,
                     "threads": threads,
                     "controller": controller.describe() if controller else None,
+                    "costs": getattr(controller, "cost_source", None),
                     "temperature": args.temperature,
                     "top_p": args.top_p,
                     "max_new_tokens": args.max_new_tokens,

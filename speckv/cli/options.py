@@ -66,6 +66,24 @@ def add_policy_options(parser) -> None:
     )
 
 
+def add_costs_option(parser) -> None:
+    """--costs: the cost curve a SpecKV controller plans with."""
+    from speckv.pipeline.local_costs import COSTS_HELP
+
+    parser.add_argument("--costs", default="auto", metavar="auto|shipped|FILE", help=COSTS_HELP)
+
+
+def apply_costs(args, controller, target, drafter) -> str | None:
+    """Give a SpecKV controller the curve of --costs (measured on first use: a progress bar, then
+    cached); says on stderr where it came from. None for controllers that plan without costs."""
+    from speckv.pipeline.local_costs import give_costs
+
+    source = give_costs(controller, args.costs, target, drafter)
+    if source is not None:
+        print(f"speckv: SpecKV plans with the {target.precision} cost curve {source}", file=sys.stderr)
+    return source
+
+
 def add_prompt_options(parser) -> None:
     """--prompt or --prompts (with --split, --limit), and --raw."""
     prompts = parser.add_argument_group("prompts")

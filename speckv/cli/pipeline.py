@@ -50,8 +50,21 @@ def _add_calibrate(sub) -> None:
     parser = sub.add_parser(
         "calibrate", help="measure the cost model (t_draft, t_verify(k)) per compression on this machine"
     )
-    parser.add_argument("--profile", required=True, metavar="DIR", help="profile whose models to time")
-    parser.add_argument("--compression", help="comma-separated levels (default: the profile's)")
+    parser.add_argument("--profile", metavar="DIR", help="profile whose models to time")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="measure the curve SpecKV plans with (--costs auto) for --demo or --target/--draft now, "
+        "in seconds, and cache it; the profile's models with --profile",
+    )
+    parser.add_argument("--demo", action="store_true", help="with --quick: the demo pair")
+    parser.add_argument("--target", help="with --quick: the target (directory, .gguf or cached HF id)")
+    parser.add_argument(
+        "--draft", help="with --quick: the draft model (default with --demo: the shipped one)"
+    )
+    parser.add_argument(
+        "--compression", help="comma-separated levels (default: the profile's; auto with --quick)"
+    )
     parser.add_argument("--out", help="cost model JSON (default DIR/cost.json; levels are merged in)")
     parser.add_argument(
         "--merge", nargs="+", metavar="FILE", help="only merge the levels of these cost files into --out"
@@ -239,6 +252,10 @@ def run_calibrate(args) -> int:
     from speckv.pipeline.calibrate import calibrate
     from speckv.pipeline.profiling import read_settings
 
+    if args.quick:
+        return _quick_calibrate(args)
+    if not args.profile:
+        raise SpecKVError("calibrate needs --profile DIR (or --quick with --demo or --target/--draft)")
     set_threads(getattr(args, "threads", None))
     settings, _ = read_settings(args.profile)
     compressions = _unique_list(args.compression, "--compression") or list(settings.compressions)
@@ -272,6 +289,47 @@ def run_calibrate(args) -> int:
             f"[{verify}] ms, t_step {1e3 * cost.t_step_s:.2f} ms"
         )
     print(f"cost model written to {out}")
+    return 0
+
+
+def _quick_calibrate(args) -> int:
+    """`calibrate --quick`: this machine's curve for a pair, measured now and cached for --costs auto."""
+    from speckv.cli.options import configure_threads
+    from speckv.controllers.speckv import SHIPPED, ControllerModels
+    from speckv.decoding.models import LoadedModel, resolve_compression, resolve_device
+    from speckv.decoding.sources import DEMO_TARGET_NAME
+    from speckv.pipeline.local_costs import local_costs
+    from speckv.pipeline.profiling import read_settings
+
+    if args.profile:
+        settings, _ = read_settings(args.profile)
+        target_source, draft_source = settings.target, settings.draft
+    elif args.demo == bool(args.target):
+        raise SpecKVError("calibrate --quick needs --demo, --target SRC --draft SRC, or --profile DIR")
+    else:
+        target_source, draft_source = (
+            ("demo", args.draft or "demo-model") if args.demo else (args.target, args.draft)
+        )
+    if not draft_source:
+        raise SpecKVError("calibrate --quick needs --draft SRC: the draft model to time")
+    threads = configure_threads(args.threads)
+    device = resolve_device(args.device)
+    levels = _unique_list(args.compression, "--compression") or ["auto"]
+    load = _pair_loader(target_source, draft_source, str(device))
+    for level in levels:
+        target, draft = load(resolve_compression(level, device))
+        if not isinstance(draft, LoadedModel):
+            raise SpecKVError(f"{draft_source} is a feature head: --quick times a draft model")
+        widths = args.gamma_max or 8
+        if target.name == DEMO_TARGET_NAME and args.gamma_max is None:  # what the shipped controller plans
+            widths = ControllerModels.load(SHIPPED).gamma_max
+        chosen = local_costs("auto", target, draft, widths, remeasure=True)
+        cost = chosen.cost
+        verify = ", ".join(f"{1e3 * t:.1f}" for t in cost.t_verify_s)
+        print(
+            f"{target.precision}, {threads} thread(s): t_draft {1e3 * cost.t_draft_s:.2f} ms, "
+            f"t_verify(1..{cost.gamma_max + 1}) [{verify}] ms — {chosen.source}"
+        )
     return 0
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 
 from speckv.cli.options import (
+    add_costs_option,
     add_model_options,
     add_policy_options,
+    apply_costs,
     chosen_controller,
     chosen_pair,
     configure_threads,
@@ -25,6 +27,7 @@ def register(sub) -> None:
     models = add_model_options(parser)
     models.add_argument("--model-name", help="the model id clients send (default: the target's name)")
     add_policy_options(parser)
+    add_costs_option(parser)
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     server.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -67,6 +70,7 @@ def build_app(args):
         first = make_drafter(
             draft_source, target, controller.tree, not controller.needs_tree
         )  # loads a draft model once
+        apply_costs(args, controller, target, first)  # every request's controller copies this one
         # A draft model or a feature head is shared by every request's drafter; a model-free
         # drafter is remade per request.
         if first.loaded is not None:

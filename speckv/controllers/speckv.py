@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from speckv.controllers.base import Controller
+from speckv.controllers.live import LiveAcceptance, LiveCosts, RateTracker, derive_rate
 from speckv.controllers.predictor import AcceptancePredictor
-from speckv.costs import CostModel, costs_from_dict, costs_to_dict
+from speckv.costs import CostModel, costs_from_dict, costs_to_dict, envelope
 from speckv.errors import SpecKVError
 from speckv.util.files import atomic_write_text
 
@@ -129,7 +130,9 @@ class SequenceContext:
 
 @dataclass
 class ControllerModels:
-    """Everything a SpecKV controller file holds."""
+    """Everything a SpecKV controller file holds. Nothing in it is specific to one machine's speed
+    but `costs`, the curves of the machine it was fitted on, stored as `fallback_costs`: used only
+    where no curve of the machine it runs on is given (`--costs shipped`, or replay)."""
 
     compressions: tuple[str, ...]
     gamma_max: int
@@ -137,7 +140,6 @@ class ControllerModels:
     prior_model: AcceptancePredictor
     paper_model: AcceptancePredictor
     costs: dict[str, CostModel]
-    rates: dict[str, float]  # λ per compression level: the tokens/s a drafted token must beat
     context_decay: float = 0.3
     probe_every: int = 8  # after this many steps without drafting, draft one token to look again
     info: dict = field(default_factory=dict)
@@ -153,8 +155,7 @@ class ControllerModels:
             "token_model": self.token_model.to_dict(),
             "prior_model": self.prior_model.to_dict(),
             "paper_model": self.paper_model.to_dict(),
-            "costs": costs_to_dict(self.costs),
-            "rates": self.rates,
+            "fallback_costs": costs_to_dict(self.costs),
             "probe_every": self.probe_every,
             "info": self.info,
             **({"tree_model": self.tree_model.to_dict()} if self.tree_model is not None else {}),
@@ -182,8 +183,8 @@ class ControllerModels:
                 token_model=AcceptancePredictor.from_dict(document["token_model"], f"{path} token model"),
                 prior_model=AcceptancePredictor.from_dict(document["prior_model"], f"{path} prior model"),
                 paper_model=AcceptancePredictor.from_dict(document["paper_model"], f"{path} paper model"),
-                costs=costs_from_dict(document["costs"], f"{path} costs"),
-                rates={level: float(rate) for level, rate in document["rates"].items()},
+                # Files before version 0.2 call them `costs` (and carry rates λ, now derived live).
+                costs=costs_from_dict(document.get("fallback_costs") or document["costs"], f"{path} costs"),
                 context_decay=float(document["context_decay"]),
                 probe_every=int(document.get("probe_every", 8)),
                 info=document.get("info", {}),
@@ -221,16 +222,12 @@ class ControllerModels:
                 raise ValueError(f"the {name} does not take the features {', '.join(features)}")
             if model.predict_fast(np.zeros(len(features))).shape != (1,):  # weights of the right shapes
                 raise ValueError(f"the {name}'s layers do not give one output")
-        missing = [c for c in self.compressions if c not in self.costs or c not in self.rates]
+        missing = [c for c in self.compressions if c not in self.costs]
         if missing:
-            raise ValueError(f"no cost model or rate for {', '.join(missing)}")
+            raise ValueError(f"no cost model for {', '.join(missing)}")
 
     def one_hot(self, compression: str) -> list[float]:
-        if (
-            compression not in self.compressions
-            or compression not in self.costs
-            or compression not in self.rates
-        ):
+        if compression not in self.compressions or compression not in self.costs:
             raise SpecKVError(
                 f"this SpecKV controller knows compression levels {', '.join(self.compressions)}, "
                 f"not {compression}; profile and train with it"
@@ -246,47 +243,66 @@ class SpecKVController(Controller):
     """Ours: per-token re-planning (`per_token=True`, `speckv`) or one γ per step (`speckv-step`).
 
     Long-run tokens per second is a ratio of sums over steps; a policy maximises it when every
-    step maximises E[tokens] − λ·time with λ the rate achieved (Dinkelbach). λ per compression
-    level is fitted on the training prompts (`speckv.pipeline.training.fit_rates`).
+    step maximises E[tokens] − λ·time with λ the rate achieved (Dinkelbach). λ starts from the
+    cost curve and the acceptance model (`live.derive_rate`) and follows the rate the controller
+    achieves in the sequence; the cost curve is the one `costs` gives (measured on this machine,
+    `speckv.pipeline.local_costs`; else the file's fallback) and follows the measured step times
+    unless `follow_costs` is off (exact replay of live runs); predicted acceptance is calibrated
+    against what the sequence shows (`live.LiveAcceptance`).
 
     When no drafting pays (predicted), `begin_step` returns 0: the step is a plain target step,
     which the engine supports. Nothing is observed in such a step, so after `probe_every` of them
-    in a row the controller drafts one token to look again."""
+    in a row the controller drafts one token to look again; each probe that finds nothing doubles
+    the wait (up to `PROBE_LIMIT`), so on text where drafting never pays probing costs ~1%."""
 
-    def __init__(self, models: ControllerModels, compression: str, gamma_max: int, per_token: bool = True):
+    PROBE_LIMIT = 64
+
+    def __init__(
+        self,
+        models: ControllerModels,
+        compression: str,
+        gamma_max: int,
+        per_token: bool = True,
+        costs: CostModel | None = None,
+        follow_costs: bool = True,
+    ):
         self.models = models
         self.per_token = per_token
         self.name = "speckv" if per_token else "speckv-step"
-        one_hot = models.one_hot(compression)
-        self.gamma_max = min(gamma_max, models.gamma_max, models.costs[compression].gamma_max)
+        self.compression = compression
+        self.follow_costs = follow_costs
+        self.cost_source = "given" if costs is not None else "fallback (the controller file's)"
+        self._one_hot = models.one_hot(compression)
+        self._gamma_cap = gamma_max
         self.context = SequenceContext(models.context_decay)
-        self._n_context = len(CONTEXT_FEATURES) + len(one_hot)
+        self.acceptance = LiveAcceptance()
+        self.rate = RateTracker()
+        self._n_context = len(CONTEXT_FEATURES) + len(self._one_hot)
         self._x = np.zeros(self._n_context + len(TOKEN_FEATURES))
-        self._x[len(CONTEXT_FEATURES) : self._n_context] = one_hot
-        # λ·step time: the tokens a step of each length must yield to pay for its time
-        self._charges = (
-            models.rates[compression] * models.costs[compression].step_times()[: self.gamma_max + 1]
-        )
-        # λ·target pass over k = 1..γ_max+1 tokens: what verifying a prefix costs once drafted
-        self._verify_charges = models.rates[compression] * np.asarray(
-            models.costs[compression].t_verify_s[: self.gamma_max + 1]
-        )
-        self._powers = np.arange(1, self.gamma_max + 1)
-        self._gains = np.zeros(self.gamma_max + 1)  # Σ_{m≤k} a^m for tokens not yet drafted
+        self._x[len(CONTEXT_FEATURES) : self._n_context] = self._one_hot
+        self._node_x = np.zeros(len(tree_features(models.compressions)))
+        self._node_x[len(CONTEXT_FEATURES) : self._n_context] = self._one_hot
+        self.tree = per_token and models.tree_model is not None
+        self._branching = False  # the bound drafter makes trees (and a tree model is there)
         self._reached = 1.0  # P(all tokens drafted so far are accepted)
         self._reach = [1.0]  # the same after each drafted token (index i: after token i)
-        self._idle = 0  # steps in a row without drafting
-        # Trees: λ·t_verify(n + 1) for verifying n nodes, as far as the cost model measured.
-        self.tree = per_token and models.tree_model is not None
-        self.tree_max = min(gamma_max, models.costs[compression].gamma_max)
-        self._tree_charges = models.rates[compression] * np.asarray(models.costs[compression].t_verify_s)
-        self._node_x = np.zeros(len(tree_features(models.compressions)))
-        self._node_x[len(CONTEXT_FEATURES) : self._n_context] = one_hot
-        self._tree_steps = models.rates[compression] * (
-            models.costs[compression].t_draft_s + np.diff(models.costs[compression].t_verify_s)
-        )  # index i: λ·(one more node's drafting + verify pass growth from i + 1 to i + 2 tokens)
-        self._branching = False  # the bound drafter makes trees (and a tree model is there)
+        self._raw: list[float] = []  # the token model's own prediction for each drafted token
         self._node_reach: list[float] = []
+        self.costs = LiveCosts(costs or models.costs[compression])
+        self.use_costs(self.costs.prior, self.cost_source)
+
+    def use_costs(self, cost: CostModel, source: str = "given") -> None:
+        """Plan with `cost` (e.g. the curve measured on this machine) from now on."""
+        if cost.compression != self.compression:
+            raise SpecKVError(f"a {cost.compression} cost model for a {self.compression} target")
+        self.costs.use(cost)
+        self.cost_source = source
+        self.gamma_max = min(self._gamma_cap, self.models.gamma_max, cost.gamma_max)
+        self.tree_max = min(self._gamma_cap, cost.gamma_max)
+        self._powers = np.arange(1, self.gamma_max + 1)
+        self._gains = np.zeros(self.gamma_max + 1)  # Σ_{m≤k} a^m for tokens not yet drafted
+        self._idle, self._probe_gap = 0, self.models.probe_every  # steps without drafting; wait
+        self.reset()
 
     @property
     def needs_tree(self) -> bool:
@@ -297,26 +313,48 @@ class SpecKVController(Controller):
 
     def reset(self) -> None:
         self.context.reset()
-        self._idle = 0
+        self.acceptance.reset()
+        self._idle, self._probe_gap = 0, self.models.probe_every
+        self._x[: len(CONTEXT_FEATURES)] = self.context.values
+        prior = _clip01(self.models.prior_model.predict_fast(self._x[: self._n_context])[0])
+        curve = self.costs.t_verify()
+        self.rate.start(derive_rate(prior, self.costs.prior, curve), curve[0] + self.costs.prior.t_step_s)
+
+    def _plan(self) -> None:
+        """λ times what steps cost now: planning uses the monotone envelope of the curve (a wider,
+        cheaper pass stands in for a narrower one); choosing a prefix to verify, the curve itself."""
+        rate, t_draft = self.rate.rate, self.costs.t_draft_s
+        measured = self.costs.t_verify()
+        curve = envelope(measured)
+        gammas = np.arange(self.gamma_max + 1)
+        # λ·step time: the tokens a step of each length must yield to pay for its time
+        self._charges = rate * (gammas * t_draft + curve[: self.gamma_max + 1] + self.costs.prior.t_step_s)
+        # λ·target pass over k = 1.. tokens: what verifying a prefix costs once drafted
+        self._verify_charges = rate * measured
+        # trees: index i is λ·(one more node's drafting + the pass's growth from i + 1 to i + 2 tokens)
+        self._tree_steps = rate * (t_draft + np.diff(curve))
 
     def begin_step(self) -> int:
         x = self._x
         x[: len(CONTEXT_FEATURES)] = self.context.values
         self._node_x[: len(CONTEXT_FEATURES)] = self.context.values
-        prior = _clip01(self.models.prior_model.predict_fast(x[: self._n_context])[0])
+        prior = self.acceptance.correct(self.models.prior_model.predict_fast(x[: self._n_context])[0])
+        self._plan()
         self._gains[1:] = np.cumsum(prior**self._powers)
         self._reached = 1.0
         self._reach = [1.0]
+        self._raw = []
         self._node_reach = []
         # Value of drafting γ tokens over not drafting: expected extra tokens − λ·extra time.
         best = int(np.argmax(self._gains - self._charges))
         if best == 0:
             self._idle += 1
-            if self._idle < self.models.probe_every:
+            if self._idle < self._probe_gap:
                 return 0
             self._idle = 0
+            self._probe_gap = min(2 * self._probe_gap, self.PROBE_LIMIT)  # reset when drafting pays
             return 1  # the probe: one token
-        self._idle = 0
+        self._idle, self._probe_gap = 0, self.models.probe_every
         if self._branching:
             return self.tree_max
         return self.gamma_max if self.per_token else best
@@ -336,19 +374,26 @@ class SpecKVController(Controller):
         return float(extra.max()) > 0.0
 
     def verify_count(self, record) -> int:
-        """The prefix j maximising E[tokens] − λ·t_verify(j + 1); the drafting is already paid."""
+        """The prefix j maximising E[tokens] − λ·t_verify(j + 1); the drafting is already paid.
+        With the measured curve, not its envelope: a wider pass that costs less wins by itself."""
         if self._branching:
             return self._tree_count(record)
-        for i in range(len(self._reach) - 1, len(record.draft_confidence)):  # tokens not seen yet
-            self._observe(record.draft_entropy[i], record.draft_confidence[i], record.draft_token_prob[i])
+        self._observe_record(record)
         expected = np.cumsum(self._reach)  # E[tokens] when verifying j = 0, 1, …: 1 + Σ_{i≤j} reach_i
         return int(np.argmax(expected - self._verify_charges[: len(self._reach)]))
 
+    def _observe_record(self, record) -> None:
+        for i in range(len(self._reach) - 1, len(record.draft_confidence)):  # tokens not seen yet
+            self._observe(record.draft_entropy[i], record.draft_confidence[i], record.draft_token_prob[i])
+
     def _observe(self, entropy: float, confidence: float, token_prob: float) -> None:
-        """P(this drafted token is accepted | the ones before it are), from the token model."""
+        """P(this drafted token is accepted | the ones before it are), from the token model,
+        calibrated on the sequence so far."""
         x = self._x  # its context part was set by begin_step
         x[self._n_context :] = (entropy, confidence, token_prob)
-        self._reached *= _clip01(self.models.token_model.predict_fast(x)[0])
+        raw = float(self.models.token_model.predict_fast(x)[0])
+        self._raw.append(raw)
+        self._reached *= self.acceptance.correct(raw)
         self._reach.append(self._reached)
 
     def _tree_goes_on(self, signals) -> bool:
@@ -369,7 +414,7 @@ class SpecKVController(Controller):
         rows[:, -len(NODE_FEATURES) :] = np.column_stack(
             [entropy, confidence, token_prob, top_choice(confidence, token_prob)]
         )
-        chance = np.clip(self.models.tree_model.predict_fast(rows), 0.0, 1.0)
+        chance = self.acceptance.correct_many(self.models.tree_model.predict_fast(rows))
         reach = self._node_reach
         for c, parent in zip(chance.tolist(), parents, strict=True):
             reach.append(c * (1.0 if parent < 0 else reach[parent]))
@@ -388,11 +433,17 @@ class SpecKVController(Controller):
                 record.draft_token_prob[seen:n],
                 record.parents[seen:n],
             )
-        value = np.concatenate([[0.0], np.cumsum(self._node_reach[:n])]) - self._tree_charges[: n + 1]
+        value = np.concatenate([[0.0], np.cumsum(self._node_reach[:n])]) - self._verify_charges[: n + 1]
         return int(np.argmax(value))
 
     def end_step(self, record) -> None:
         self.context.update(record)
+        if record.gamma and not self._branching:  # a chain: its judged tokens calibrate the model
+            self._observe_record(record)
+            self.acceptance.observe(self._raw[: record.gamma], record.accepted)
+        if self.follow_costs:
+            self.costs.observe(record)
+        self.rate.observe(record.tokens_produced, self.costs.step_time(record))
 
 
 class SpecKVPaperController(Controller):

@@ -23,6 +23,7 @@ from speckv.decoding.drafters import Drafter, make_drafter, model_drafter
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
+from speckv.pipeline.local_costs import give_costs
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Method:
     drafter: str | None = None  # e.g. "ngram"; None: the pair's draft model (trees for tree:N)
     hf: bool = False
     hf_assistant: dict | None = None
+    costs: str = "auto"  # a SpecKV row's cost curve: auto (this machine's), shipped or a file
+    follow_costs: bool = True  # a SpecKV row follows the measured step times (off: plans as given)
 
 
 @dataclass
@@ -47,6 +50,7 @@ class MethodResult:
     drafted: int = 0
     outputs: list[list[int]] = field(default_factory=list)  # first repeat, per prompt
     verified: list[int] = field(default_factory=list)  # first repeat: nodes verified per drafting step
+    cost_source: str | None = None  # where a SpecKV row's cost curve came from
 
     @property
     def median_tokens_per_s(self) -> float:
@@ -94,11 +98,16 @@ def compare(
     """Run every method on every prompt `repeats` times; the first pass is preceded by a warm-up.
     `gamma_max` caps the budget of our adaptive controllers. `draft` is the pair's drafter (a
     draft model, or a drafter such as a feature head); HF assisted rows run `assistant`, by
-    default `draft` when it is a model."""
+    default `draft` when it is a model. SpecKV rows get their cost curve (`Method.costs`, measured
+    on this machine on first use) before any timing."""
     if assistant is None and isinstance(draft, LoadedModel):
         assistant = draft
-    runners = {m.name: _runner(m, target, draft, assistant, max_new_tokens, gamma_max) for m in methods}
-    results = {m.name: MethodResult(m) for m in methods}
+    runners = {
+        m.name: _runner(m, target, draft, assistant, max_new_tokens, gamma_max, progress) for m in methods
+    }
+    results = {
+        m.name: MethodResult(m, cost_source=getattr(runners[m.name], "cost_source", None)) for m in methods
+    }
     for runner in runners.values():  # first calls pay one-off costs (allocations, lazy inits)
         runner(prompts[0][:16])
     bar = tqdm(
@@ -135,11 +144,12 @@ def _runner(
     assistant: LoadedModel | None,
     max_new_tokens: int,
     gamma_max: int,
+    progress: bool = True,
 ) -> Callable[[list[int]], tuple[list[int], dict]]:
     if method.hf:
         model = _hf_assistant(assistant) if method.hf_assistant is not None else None
         return lambda prompt: _hf_generate(target, model, method.hf_assistant or {}, prompt, max_new_tokens)
-    controller = drafter = None
+    controller = drafter = cost_source = None
     if method.controller:
         controller = make_controller(method.controller, gamma_max=gamma_max, compression=target.compression)
         if method.drafter:
@@ -152,6 +162,9 @@ def _runner(
             if controller.needs_tree and not draft.branches:
                 raise SpecKVError(f"{draft.name} drafts chains: {method.controller} needs a tree drafter")
             drafter = draft
+        cost_source = give_costs(controller, method.costs, target, drafter, progress)
+        if cost_source is not None:
+            controller.follow_costs = method.follow_costs
     decoder = SpeculativeDecoder(target, drafter, controller)
 
     def run(prompt: list[int]) -> tuple[list[int], dict]:
@@ -164,6 +177,7 @@ def _runner(
         }
         return result.token_ids, stats
 
+    run.cost_source = cost_source
     return run
 
 

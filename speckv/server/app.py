@@ -188,13 +188,18 @@ def create_app(
     async def collect(job: Generation, writer: ResponseWriter, request: Request) -> Response:
         """Wait for the whole completion, cancelling it if the client goes away meanwhile."""
         parts = []
+        checked = time.monotonic()
         try:
             while True:
+                # Every DISCONNECT_POLL_S, whether or not events came meanwhile: a fast decoder
+                # sends them more often than that, and would never be asked otherwise.
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        return Response(status_code=499)  # nobody reads it; `finally` frees the slot
                 try:
                     event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
                 except TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)  # nobody reads it; `finally` frees the slot
                     continue
                 if isinstance(event, Delta):
                     parts.append(event.text)

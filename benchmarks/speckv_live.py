@@ -1,0 +1,103 @@
+"""SpecKV where it runs: this machine's cost curve and live following, against every alternative.
+
+    python benchmarks/speckv_live.py                       # auto level, 2 test-split prompts per task
+    python benchmarks/speckv_live.py --compression fp32 --threads 1 --max-new-tokens 64
+
+Per task, side by side in one run (median of --repeats passes), on prompts neither the draft nor
+the controller was fitted on: the target alone, chains of fixed γ, the shipped SpecKV controller
+planning with the cost curve shipped in its file and not following live times (how it ran
+before), the same controller with this machine's measured curve followed live (the default), the
+n-gram drafter alone, and a fixed tree with the n-gram branch. Then, per task, SpecKV against the
+target alone and against the best fixed γ in hindsight, and how many tokens it verified per step.
+Writes `speckv_live-<precision>-<threads>t` into benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+
+import torch
+
+from speckv import datasets
+from speckv.cli.options import configure_threads
+from speckv.decoding.draft_files import load_draft
+from speckv.decoding.models import encode_prompt, load_model
+from speckv.pipeline.compare import Method, MethodResult, compare, speedup_table
+from speckv.util.benchmark_header import write_section
+
+OURS = "SpecKV (this machine's curve, live)"
+BEFORE = "SpecKV (shipped curve, static)"
+
+
+def methods(gammas: list[int]) -> list[Method]:
+    return [
+        Method("target only (speckv)"),
+        *(Method(f"chain fixed γ={g}", controller=f"fixed:{g}") for g in gammas),
+        Method(BEFORE, controller="speckv", costs="shipped", follow_costs=False),
+        Method(OURS, controller="speckv"),
+        Method("n-gram fixed γ=4", controller="fixed:4", drafter="ngram"),
+        Method("tree:8 + n-gram branch", controller="tree:8", drafter="demo+ngram"),
+    ]
+
+
+def verdict(results: list[MethodResult]) -> str:
+    """SpecKV against the target alone and the best fixed γ of this task, and its widths."""
+    by_name = {r.method.name: r for r in results}
+    ours, alone = by_name[OURS].median_tokens_per_s, by_name["target only (speckv)"].median_tokens_per_s
+    fixed = max(
+        (r for r in results if r.method.name.startswith("chain fixed")), key=lambda r: r.median_tokens_per_s
+    )
+    counts = Counter(by_name[OURS].verified)
+    total = max(sum(counts.values()), 1)
+    widths = "  ".join(f"{n}: {counts[n] / total:.0%}" for n in sorted(counts))
+    return (
+        f"SpecKV {ours / alone:.2f}× the target alone, {ours / fixed.median_tokens_per_s:.2f}× the best "
+        f"fixed γ ({fixed.method.name}); tokens verified per drafting step: {widths or 'none'}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compression", default="auto", help="target level (default auto)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--per-task", type=int, default=2, help="prompts per task")
+    parser.add_argument("--split", default="test", help="prompt split (default test: never fitted on)")
+    parser.add_argument("--gammas", default="1,2,3,4", help="chain γ values")
+    parser.add_argument("--tasks", default=",".join(datasets.TASKS))
+    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: speckv's rule)")
+    args = parser.parse_args()
+    threads = configure_threads(args.threads)
+
+    target = load_model("demo", args.compression, "cpu")
+    draft = load_draft("demo", target)
+    chosen = methods([int(g) for g in args.gammas.split(",")])
+    started = time.time()
+    sections = []
+    for task in args.tasks.split(","):
+        datasets.fetch(task, progress=False)
+        items = datasets.load_prompts(task, split=args.split, per_task=args.per_task)
+        prompts = [encode_prompt(target.tokenizer, item.text) for item in items]
+        results = compare(target, draft, prompts, chosen, args.max_new_tokens, args.repeats)
+        sections.append(
+            f"#### {task} ({len(prompts)} prompts)\n\n{speedup_table(results)}\n\n{verdict(results)}\n"
+        )
+        print(sections[-1], flush=True)
+    sources = sorted({r.cost_source for r in results if r.cost_source and r.method.name == OURS})
+    body = (
+        f"### SpecKV on this machine, target {target.precision}, draft {draft.name}, {threads} threads\n\n"
+        f"{args.split}-split prompts, {args.max_new_tokens} new tokens, greedy, median of {args.repeats} "
+        f"passes; cost curve {', '.join(sources)}. Run took {time.time() - started:.0f} s.\n\n"
+        + "\n".join(sections)
+    )
+    if not args.no_write:
+        write_section(
+            f"speckv_live-{target.precision}-{torch.get_num_threads()}t", body, level=target.precision
+        )
+
+
+if __name__ == "__main__":
+    main()

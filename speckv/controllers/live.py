@@ -1,0 +1,154 @@
+"""What the SpecKV controller learns while it decodes: the cost of a step on this machine now,
+how well its acceptance predictions hold on this text, and the rate λ it achieves.
+
+A controller file is fitted elsewhere: its acceptance models on other prompts, and any cost curve
+on another machine, thread count or load. These three estimates start from what the controller
+was given and follow what each step shows, in O(1) per step:
+
+- `LiveCosts`: the target pass over k tokens and the draft per token, as a robust running
+  estimate per width, so a busy neighbour, another thread count or thermal drift moves the
+  decisions;
+- `LiveAcceptance`: a per-sequence calibration of predicted against observed acceptance, by
+  predicted-probability bin, so on text where the draft does worse than on its training data the
+  controller drafts less, and where it does better, more;
+- `RateTracker`: λ, the tokens per second the controller achieves (Dinkelbach: a policy
+  maximising E[tokens] − λ·time per step with λ its own achieved rate maximises tokens/s).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from speckv.costs import CostModel, envelope
+
+# A step time more than this factor off the estimate moves it as if it were this factor off: one
+# stall (a page fault, the garbage collector, a neighbour's burst) cannot swing the plan.
+_CLIP = math.log(2.0)
+
+
+class LiveCosts:
+    """The cost model in force, refined by measured step times.
+
+    log t_verify(k) = log prior(k) + g + r_k: `g` moves every width together (the whole machine got
+    slower or faster), `r_k` is what width k showed of its own, so widths seldom verified still
+    follow the load. Both are exponential averages of log-time errors clipped to ±log 2 (robust to
+    stalls). The draft's time per token is an exponential average of its own."""
+
+    def __init__(self, prior: CostModel, machine_weight: float = 0.1, width_weight: float = 0.2):
+        self.machine_weight, self.width_weight = machine_weight, width_weight
+        self.use(prior)
+
+    def use(self, prior: CostModel) -> None:
+        """Start again from `prior` (e.g. a curve just measured on this machine)."""
+        self.prior = prior
+        self._log_prior = np.log(np.maximum(np.asarray(prior.t_verify_s, float), 1e-9))
+        self.machine = 0.0
+        self.width = np.zeros(len(self._log_prior))
+        self.t_draft_s = prior.t_draft_s
+        self.version = 0  # bumped whenever the estimate moves, so callers recompute only then
+
+    @property
+    def gamma_max(self) -> int:
+        return self.prior.gamma_max
+
+    def t_verify(self) -> np.ndarray:
+        """The estimated t_verify(k), k = 1..K, as measured (dips included)."""
+        return np.exp(self._log_prior + self.machine + self.width)
+
+    def t_verify_envelope(self) -> np.ndarray:
+        """What a k-token check costs when a wider, cheaper pass may stand in for it."""
+        return envelope(self.t_verify())
+
+    def step_time(self, record) -> float:
+        """The modelled seconds of a step like `record`: what the achieved rate is measured in."""
+        width = min(record.gamma, self.gamma_max)
+        return record.drafted * self.t_draft_s + float(self.t_verify()[width]) + self.prior.t_step_s
+
+    def observe(self, record) -> None:
+        """Fold in a step's measured times. The first step of a sequence reads the prompt and is
+        skipped; so are widths beyond the curve."""
+        if record.step == 0 or record.gamma > self.gamma_max or record.verify_time_s <= 0:
+            return
+        k = record.gamma
+        error = math.log(record.verify_time_s) - (self._log_prior[k] + self.machine + self.width[k])
+        error = min(max(error, -_CLIP), _CLIP)
+        self.machine += self.machine_weight * error
+        self.width[k] += self.width_weight * (1.0 - self.machine_weight) * error
+        if record.drafted and record.draft_time_s > 0:
+            per_token = record.draft_time_s / record.drafted
+            ratio = min(max(per_token / max(self.t_draft_s, 1e-9), 0.5), 2.0)
+            self.t_draft_s *= ratio**self.width_weight
+        self.version += 1
+
+
+class LiveAcceptance:
+    """Per-sequence calibration of the acceptance model: corrected(p) = p · ratio of the
+    prediction's bin, ratio = (observed + m·R) / (predicted + m) over the bin's judged tokens,
+    shrunk to the sequence-wide ratio R = (observed + m) / (predicted + m), itself shrunk to 1.
+    With nothing observed the model is used as it is; `m` (pseudo-tokens) sets how fast it moves."""
+
+    BINS = 5
+
+    def __init__(self, strength: float = 6.0):
+        self.strength = strength
+        self.reset()
+
+    def reset(self) -> None:
+        self.observed = np.zeros(self.BINS)
+        self.predicted = np.zeros(self.BINS)
+        self._ratios = np.ones(self.BINS)
+
+    def correct(self, probability: float) -> float:
+        """The calibrated P(accepted) for a raw prediction (clipped to [0, 1] first)."""
+        p = min(max(probability, 0.0), 1.0)
+        return min(p * self._ratios[min(int(p * self.BINS), self.BINS - 1)], 0.999)
+
+    def correct_many(self, probabilities: np.ndarray) -> np.ndarray:
+        p = np.clip(probabilities, 0.0, 1.0)
+        return np.minimum(p * self._ratios[np.minimum((p * self.BINS).astype(int), self.BINS - 1)], 0.999)
+
+    def observe(self, predicted: list[float], accepted: int) -> None:
+        """A step's judged tokens: raw predictions of the verified tokens in order, `accepted` of
+        them accepted; tokens after the first rejection were never judged."""
+        judged = predicted[: accepted + 1]
+        for i, p in enumerate(judged):
+            b = min(int(min(max(p, 0.0), 1.0) * self.BINS), self.BINS - 1)
+            self.predicted[b] += p
+            self.observed[b] += 1.0 if i < accepted else 0.0
+        if judged:
+            m = self.strength
+            overall = (self.observed.sum() + m) / (self.predicted.sum() + m)
+            self._ratios = (self.observed + m * overall) / (self.predicted + m)
+
+
+class RateTracker:
+    """λ: tokens per modelled second over the sequence so far, starting from `initial` with the
+    weight of `pseudo_steps` steps of the target alone."""
+
+    def __init__(self, pseudo_steps: float = 4.0):
+        self.pseudo_steps = pseudo_steps
+        self.start(1.0, 1.0)
+
+    def start(self, initial: float, target_step_s: float) -> None:
+        self._time = self.pseudo_steps * target_step_s
+        self._tokens = initial * self._time
+
+    @property
+    def rate(self) -> float:
+        return self._tokens / self._time
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self._tokens += tokens
+        self._time += seconds
+
+
+def derive_rate(acceptance: float, cost: CostModel, t_verify: np.ndarray | None = None) -> float:
+    """λ from a cost curve and an acceptance rate: the best tokens/s over chains of γ tokens
+    accepted each with probability `acceptance`, (1 + Σ_{m≤γ} a^m) / (γ·t_draft + t_verify(γ+1)
+    + t_step); γ = 0 is the target alone. The rate a controller should beat from the first step."""
+    curve = envelope(np.asarray(cost.t_verify_s if t_verify is None else t_verify, float))
+    gammas = np.arange(len(curve))
+    expected = 1.0 + np.concatenate([[0.0], np.cumsum(acceptance ** gammas[1:])])
+    return float(np.max(expected / (gammas * cost.t_draft_s + curve + cost.t_step_s)))

@@ -1,0 +1,194 @@
+"""The cost model of the machine SpecKV runs on, measured where it runs.
+
+A cost curve says what a target pass over k tokens and a drafted token cost, and that depends on
+the CPU (AVX2 or AVX-512, native bf16 or not), the GPU, the thread count and the compression level:
+a curve from another machine plans for a machine the controller is not on. So on first use of a
+(target, draft, level, device, threads) combination `local_costs("auto", …)` measures the curve
+(`measure_costs`: seconds on the demo pair) and caches it under the SpecKV cache folder; later
+runs reuse it. `speckv calibrate --quick` does the same by hand (and re-measures); `--costs
+shipped` plans with the controller file's fallback curve, `--costs FILE` with a file of
+`speckv calibrate`.
+
+`measure_costs` times the engine's own parts, not a model call beside them: the target verifier's
+pass over k tokens with its verification and cache rollback, and the draft model's drafter, at
+each width interleaved (so drift hits every width alike), medians of several.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from speckv.costs import CostModel, device_description, load_costs, save_costs
+from speckv.decoding.drafters import ModelDrafter, Verdict
+from speckv.decoding.models import LoadedModel
+from speckv.decoding.target import TargetVerifier
+from speckv.decoding.verify import SamplingConfig
+from speckv.errors import SpecKVError
+from speckv.util.paths import cache_dir
+
+COSTS_HELP = (
+    "cost curve the SpecKV controller plans with: auto (measured on this machine on first use of the "
+    "pair, level and thread count, then cached), shipped (the controller file's fallback, measured "
+    "elsewhere), or a cost file of `speckv calibrate` (default auto)"
+)
+# A fixed, ordinary prompt: step costs depend on its length (the cache the pass attends to), not its text.
+_PROMPT = (
+    "Explain, step by step, how a hash table handles collisions, and write a short Python class that "
+    "implements one with separate chaining. Then summarise the trade-offs against open addressing."
+)
+
+
+@dataclass
+class CostChoice:
+    """The curve a controller plans with; `cost` None = the controller file's fallback."""
+
+    cost: CostModel | None
+    source: str  # for tables and logs: "measured now (14 s)", "cached (PATH)", "shipped", "file PATH"
+
+
+def measure_costs(
+    target: LoadedModel,
+    draft: LoadedModel,
+    gamma_max: int = 8,
+    repeats: int = 7,
+    context_tokens: int = 128,
+    progress: bool = True,
+) -> CostModel:
+    """The cost model of `target` (at its compression) with `draft`, measured now.
+
+    t_verify(k): the verifier's pass over k tokens after a `context_tokens`-token sequence, rolled
+    back each time; t_draft: the draft's time per token over chains of γ_max; prefill: the
+    verifier's and the drafter's first pass over the sequence, per token."""
+    if gamma_max < 1 or repeats < 1:
+        raise SpecKVError("measure costs with gamma_max ≥ 1 and repeats ≥ 1")
+    ids = target.tokenizer(_PROMPT)["input_ids"]
+    prompt = (ids * (context_tokens // max(len(ids), 1) + 1))[:context_tokens]
+    greedy = SamplingConfig()
+    verifier = TargetVerifier(target, greedy)
+    drafter = ModelDrafter(draft, target.model.config.vocab_size)
+    verifier.begin()
+    drafter.begin()
+    started = time.perf_counter()
+    verifier.verify(prompt, [], [], [], None)
+    target_prefill = (time.perf_counter() - started) / len(prompt)
+    verifier.rollback(len(prompt))
+    started = time.perf_counter()
+    next(iter(drafter.draft(prompt, 1, greedy, None)))
+    draft_prefill = (time.perf_counter() - started) / len(prompt)
+    drafter.rollback(len(prompt), Verdict([], 0))
+
+    context = [*prompt, prompt[-1]]  # one unseen token, as in every step after the first
+    chain = prompt[: gamma_max + 1]
+    verify: dict[int, list[float]] = {k: [] for k in range(1, gamma_max + 2)}
+    per_token: list[float] = []
+    bar = tqdm(total=repeats + 1, desc="measuring this machine's costs", disable=not progress, leave=False)
+    for repeat in range(repeats + 1):  # the first round warms every width up and is not kept
+        for k in range(1, gamma_max + 2):
+            drafted = chain[: k - 1]
+            started = time.perf_counter()
+            verifier.verify(context, drafted, list(range(-1, k - 2)), [], None)
+            verifier.rollback(len(prompt))
+            if repeat:
+                verify[k].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        proposals = sum(1 for _ in drafter.draft(context, gamma_max, greedy, None))
+        drafter.rollback(len(prompt), Verdict([], 0))
+        if repeat:
+            per_token.append((time.perf_counter() - started) / proposals)
+        bar.update()
+    bar.close()
+    return CostModel(
+        compression=target.compression,
+        t_draft_s=statistics.median(per_token),
+        t_verify_s=[statistics.median(verify[k]) for k in range(1, gamma_max + 2)],
+        target_prefill_s_per_token=target_prefill,
+        draft_prefill_s_per_token=draft_prefill,
+    )
+
+
+def cache_key(target: LoadedModel, draft: LoadedModel, device: str, threads: int) -> dict:
+    """What a cached curve holds for: the models (name and configuration), the level, the device
+    (CPU model and flags, or GPU name), the thread count and torch's version."""
+
+    def model_id(loaded: LoadedModel) -> str:
+        config = loaded.model.config.to_json_string(use_diff=False)
+        return f"{loaded.name}:{hashlib.sha256(config.encode()).hexdigest()[:12]}"
+
+    return {
+        "target": model_id(target),
+        "draft": model_id(draft),
+        "precision": target.precision,
+        "device": device_description(device),
+        "threads": threads,
+        "torch": torch.__version__,
+    }
+
+
+def cache_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "costs" / f"{key['precision']}-{key['threads']}t-{digest}.json"
+
+
+def local_costs(
+    choice: str,
+    target: LoadedModel,
+    draft: LoadedModel | None,
+    gamma_max: int = 8,
+    remeasure: bool = False,
+    progress: bool = True,
+) -> CostChoice:
+    """The cost curve for `--costs CHOICE`: auto (cached, else measured now and cached), shipped,
+    or a cost file. `remeasure` measures even when a cached curve exists."""
+    if choice == "shipped":
+        return CostChoice(None, "shipped (the controller file's, measured elsewhere)")
+    if choice != "auto":
+        costs = load_costs(choice)
+        if target.compression not in costs:
+            raise SpecKVError(f"cost file {choice} has no {target.compression} level ({', '.join(costs)})")
+        return CostChoice(costs[target.compression], f"file {choice}")
+    if draft is None:
+        raise SpecKVError("--costs auto measures the draft model's cost: this drafter has no draft model")
+    device = str(target.device)
+    key = cache_key(target, draft, device, torch.get_num_threads())
+    path = cache_path(key)
+    if path.exists() and not remeasure:
+        try:
+            cached = load_costs(path)[target.compression]
+            if cached.gamma_max >= gamma_max:
+                return CostChoice(cached, f"cached ({path})")
+        except (SpecKVError, KeyError):
+            pass  # damaged or too short: measure again
+    started = time.perf_counter()
+    cost = measure_costs(target, draft, gamma_max, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_costs({target.compression: cost}, path, {"key": key})
+    return CostChoice(cost, f"measured now ({time.perf_counter() - started:.0f} s; cached in {path})")
+
+
+def give_costs(controller, choice: str, target: LoadedModel, drafter, progress: bool = True) -> str | None:
+    """Give a SpecKV controller the curve `--costs CHOICE` names (measuring it if need be); returns
+    where the curve came from, or None for a controller that plans without costs. A drafter with
+    no draft model to time (a feature head) keeps the file's fallback under `auto`."""
+    from speckv.controllers.speckv import SpecKVController
+
+    if not isinstance(controller, SpecKVController):
+        return None
+    draft = getattr(drafter, "loaded", None)
+    if choice == "auto" and draft is None:
+        controller.cost_source = "shipped (the drafter has no draft model to time)"
+        return controller.cost_source
+    widths = max(controller.models.gamma_max, controller.models.costs[target.compression].gamma_max)
+    chosen = local_costs(choice, target, draft, widths, progress=progress)
+    if chosen.cost is None:
+        controller.cost_source = chosen.source
+    else:
+        controller.use_costs(chosen.cost, chosen.source)
+    return chosen.source

@@ -1,0 +1,185 @@
+"""What SpecKV learns while it decodes: the live cost curve, calibrated acceptance, λ, probing,
+and the monotone envelope; numbers worked out by hand, and a fake clock driving the real step."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from test_speckv_controller import hand_models
+
+from speckv.controllers.live import LiveAcceptance, LiveCosts, RateTracker, derive_rate
+from speckv.controllers.speckv import SpecKVController
+from speckv.costs import CostModel, envelope
+from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
+from speckv.decoding.step import run_step
+from speckv.decoding.verify import SamplingConfig
+from speckv.records import StepRecord
+
+FLAT = [10.0] * 9
+
+
+def step(gamma: int, accepted: int, verify_s: float, drafted: int | None = None, draft_s: float = 0.0):
+    drafted = gamma if drafted is None else drafted
+    record = StepRecord(1, gamma, gamma, accepted, accepted + 1, drafted=drafted)
+    record.verify_time_s, record.draft_time_s = verify_s, draft_s
+    return record
+
+
+def test_envelope_lets_a_wider_cheaper_pass_stand_in():
+    # The AVX2 EPYC's fp32 curve: 6 tokens cost less than 4 or 5.
+    curve = [80.3, 116.4, 140.4, 176.8, 179.9, 152.3, 166.9]
+    assert envelope(curve).tolist() == [80.3, 116.4, 140.4, 152.3, 152.3, 152.3, 166.9]
+
+
+def test_derive_rate_by_hand():
+    # a = 0.5, t_draft = 1, flat t_verify = 10: γ = 0..3 give 1/10, 1.5/11, 1.75/12, 1.875/13 → γ = 2.
+    cost = CostModel("fp32", 1.0, FLAT)
+    assert derive_rate(0.5, cost) == pytest.approx(1.75 / 12)
+    # Steep verification: the target alone (1/10) beats 1.5/21 and 1.75/32.
+    assert derive_rate(0.5, CostModel("fp32", 1.0, [10.0 * k for k in range(1, 10)])) == pytest.approx(0.1)
+
+
+def test_live_costs_follow_measured_steps_and_shrug_off_a_stall():
+    costs = LiveCosts(CostModel("fp32", 1.0, FLAT))
+    costs.observe(step(2, 1, 20.0))  # width 3 ran 2× slower: log error log 2
+    machine = 0.1 * math.log(2)
+    assert costs.machine == pytest.approx(machine)
+    assert costs.width[2] == pytest.approx(0.2 * 0.9 * math.log(2))
+    estimate = costs.t_verify()
+    assert estimate[0] == pytest.approx(10 * math.exp(machine))  # unseen widths move with the machine
+    assert estimate[2] == pytest.approx(10 * math.exp(machine + 0.18 * math.log(2)))
+    stalled = LiveCosts(CostModel("fp32", 1.0, FLAT))
+    stalled.observe(step(2, 1, 10_000.0))  # a 1000× stall counts as 2× at most
+    assert stalled.t_verify()[2] == pytest.approx(estimate[2])
+    first = step(2, 1, 20.0)
+    first.step = 0  # reads the prompt: not a step cost
+    untouched = LiveCosts(CostModel("fp32", 1.0, FLAT))
+    untouched.observe(first)
+    assert untouched.t_verify() == pytest.approx(FLAT)
+
+
+def test_live_acceptance_by_hand():
+    calibration = LiveAcceptance(strength=6.0)
+    assert calibration.correct(0.5) == 0.5  # nothing observed: the model as it is
+    # Three tokens predicted 0.5 each, none accepted: only the first was judged.
+    calibration.observe([0.5, 0.5, 0.5], accepted=0)
+    overall = (0 + 6) / (0.5 + 6)
+    ratio = (0 + 6 * overall) / (0.5 + 6)  # bin [0.4, 0.6)
+    assert calibration.correct(0.5) == pytest.approx(0.5 * ratio)
+    assert calibration.correct(0.1) == pytest.approx(0.1 * overall)  # an empty bin: the overall ratio
+    assert calibration.correct_many(np.array([0.5, 0.1])) == pytest.approx([0.5 * ratio, 0.1 * overall])
+    calibration.reset()
+    assert calibration.correct(0.5) == 0.5
+
+
+def test_rate_tracker_starts_from_the_derived_rate_and_follows_the_sequence():
+    rate = RateTracker(pseudo_steps=4.0)
+    rate.start(0.2, target_step_s=10.0)  # as if 4 steps of 10 s had given 0.2 tokens/s
+    assert rate.rate == pytest.approx(0.2)
+    rate.observe(3, 10.0)
+    assert rate.rate == pytest.approx((8 + 3) / 50)
+
+
+def test_probes_back_off_while_drafting_never_pays():
+    controller = SpecKVController(hand_models(), "int8", gamma_max=8)  # a drafted token costs 100
+    budgets = [controller.begin_step() for _ in range(8 + 16 + 32)]
+    probes = [i + 1 for i, b in enumerate(budgets) if b]
+    assert probes == [8, 8 + 16, 8 + 16 + 32]  # 8 (the file's), then twice as long each time
+    controller.reset()
+    assert [controller.begin_step() for _ in range(8)] == [0] * 7 + [1]
+
+
+def test_verify_count_takes_a_wider_pass_that_costs_less():
+    # a = 0.5, λ derived: 4 tokens verify for 12 but 3 cost 30, so verifying all 3 drafted beats 2.
+    models = hand_models()
+    models.costs["fp32"] = CostModel("fp32", t_draft_s=1.0, t_verify_s=[10.0, 12.0, 30.0, 12.0] + [30.0] * 5)
+    controller = SpecKVController(models, "fp32", gamma_max=8)
+    controller.begin_step()
+    record = StepRecord(0, 3, 0, 0, 0, [1.0] * 3, [0.5] * 3, [0.5] * 3, drafted=3)
+    assert controller.verify_count(record) == 3
+
+
+class ConstantDrafter(Drafter):
+    """Proposes token 5 with fixed signals; the fake verifier accepts `accept` of them."""
+
+    name = "constant"
+
+    def draft(self, context, budget, sampling, generator):
+        for _ in range(budget):
+            yield Proposal(5, 1.0, 0.6, 0.6)
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimedVerifier:
+    """Accepts drafted tokens one in two and advances the clock by curve[k - 1] for k tokens."""
+
+    def __init__(self, clock: FakeClock, curve: list[float]):
+        self.clock, self.curve = clock, curve
+
+    def verify(self, context, drafted, parents, draft_probs, generator) -> Verdict:
+        self.clock.now += self.curve[len(drafted)]
+        accepted = drafted[: len(drafted) // 2]
+        return Verdict(accepted, 7, path=list(range(len(accepted))))
+
+    def rollback(self, kept: int) -> None:
+        pass
+
+
+def run_with_curve(controller, clock, verifier, steps, start):
+    gammas, context = [], [1, 2, 3]
+    for i in range(start, start + steps):
+        record, tokens = run_step(
+            i,
+            context,
+            64,
+            controller,
+            ConstantDrafter(),
+            verifier,
+            SamplingConfig(),
+            frozenset(),
+            clock=clock,
+        )
+        context.extend(tokens)
+        gammas.append(record.gamma)
+    return gammas
+
+
+def test_a_steeper_curve_mid_sequence_makes_gamma_fall():
+    """The plan starts from a flat curve; the fake clock then charges a steep one (each verified
+    token as much as the whole pass was): the controller sees it in the measured times and drafts less."""
+    models = hand_models(accept=0.6)
+    models.costs["fp32"] = CostModel("fp32", t_draft_s=0.5, t_verify_s=FLAT)
+    controller = SpecKVController(models, "fp32", gamma_max=8)
+    controller.bind(ConstantDrafter())
+    controller.reset()
+    clock = FakeClock()
+    verifier = TimedVerifier(clock, FLAT)
+    flat = run_with_curve(controller, clock, verifier, 20, start=0)
+    verifier.curve = [10.0 * k for k in range(1, 10)]
+    steep = run_with_curve(controller, clock, verifier, 40, start=20)
+    assert np.mean(flat[5:]) >= 2
+    assert np.mean(steep[-10:]) < np.mean(flat[5:]) / 2
+    used = max(set(steep[-10:]), key=steep[-10:].count)
+    assert controller.costs.t_verify()[used] == pytest.approx(10.0 * (used + 1), rel=0.1)  # learned
+
+
+def test_poor_acceptance_on_this_text_makes_the_controller_draft_less():
+    models = hand_models(accept=0.7)
+    controller = SpecKVController(models, "fp32", gamma_max=8, per_token=False)
+    first = controller.begin_step()
+    for _ in range(10):  # the draft's tokens keep being rejected at once
+        record = StepRecord(1, 4, 4, 0, 1, [1.0] * 4, [0.7] * 4, [0.7] * 4, drafted=4)
+        record.verify_time_s = 10.0
+        controller.end_step(record)
+        later = controller.begin_step()
+    assert first >= 3 and later < first
+    assert controller.acceptance.correct(0.7) < 0.35

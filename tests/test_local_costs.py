@@ -1,0 +1,106 @@
+"""The cost curve of the machine SpecKV runs on: measured once per (pair, level, device, threads),
+cached, reused; `--costs auto|shipped|FILE` everywhere a SpecKV controller plans."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_speckv_controller import hand_models
+
+from speckv.controllers import make_controller
+from speckv.controllers.speckv import SpecKVController
+from speckv.costs import CostModel, cpu_description, save_costs
+from speckv.errors import SpecKVError
+from speckv.pipeline import local_costs
+from speckv.pipeline.local_costs import cache_key, cache_path, give_costs, measure_costs
+
+
+def test_measure_costs_times_every_width(tiny_target, tiny_drafts):
+    cost = measure_costs(tiny_target, tiny_drafts["close"], gamma_max=4, repeats=2, progress=False)
+    assert cost.compression == "fp32" and cost.gamma_max == 4
+    assert all(t > 0 for t in cost.t_verify_s) and cost.t_draft_s > 0
+    assert cost.target_prefill_s_per_token > 0 and cost.draft_prefill_s_per_token > 0
+
+
+def test_auto_measures_once_then_reuses_the_cache(tiny_target, tiny_drafts, monkeypatch):
+    draft = tiny_drafts["identical"]
+    first = local_costs.local_costs("auto", tiny_target, draft, gamma_max=3, progress=False)
+    assert first.source.startswith("measured now") and first.cost.gamma_max == 3
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(local_costs, "measure_costs", no_measuring)
+    again = local_costs.local_costs("auto", tiny_target, draft, gamma_max=3, progress=False)
+    assert again.source.startswith("cached") and again.cost == first.cost
+    with pytest.raises(AssertionError, match="measured again"):  # a wider plan needs more widths
+        local_costs.local_costs("auto", tiny_target, draft, gamma_max=6, progress=False)
+    with pytest.raises(AssertionError, match="measured again"):
+        local_costs.local_costs("auto", tiny_target, draft, gamma_max=3, remeasure=True, progress=False)
+
+
+def test_the_cache_key_names_the_machine_and_threads(tiny_target, tiny_drafts):
+    key = cache_key(tiny_target, tiny_drafts["close"], "cpu", 1)
+    assert key["device"] == cpu_description() and key["precision"] == "fp32"
+    other_threads = cache_path({**key, "threads": 2})
+    other_cpu = cache_path({**key, "device": "another CPU (avx2)"})
+    assert len({cache_path(key), other_threads, other_cpu}) == 3
+    assert cache_key(tiny_target, tiny_drafts["unrelated"], "cpu", 1)["draft"] != key["draft"]
+
+
+def test_shipped_and_file_choices(tiny_target, tiny_drafts, tmp_path):
+    draft = tiny_drafts["close"]
+    assert local_costs.local_costs("shipped", tiny_target, draft).cost is None
+    path = tmp_path / "cost.json"
+    mine = CostModel("fp32", 0.001, [0.01, 0.02, 0.03])
+    save_costs({"fp32": mine}, path)
+    chosen = local_costs.local_costs(str(path), tiny_target, draft)
+    assert chosen.cost == mine and chosen.source == f"file {path}"
+    save_costs({"int8": mine}, path)
+    with pytest.raises(SpecKVError, match="has no fp32 level"):
+        local_costs.local_costs(str(path), tiny_target, draft)
+    with pytest.raises(SpecKVError, match="cannot read cost model"):
+        local_costs.local_costs(str(tmp_path / "missing.json"), tiny_target, draft)
+
+
+def test_give_costs_reaches_speckv_controllers_only(tiny_target, tiny_drafts, tmp_path):
+    from speckv.decoding.drafters import model_drafter
+
+    drafter = model_drafter(tiny_drafts["close"], tiny_target)
+    assert give_costs(make_controller("fixed:3"), "auto", tiny_target, drafter) is None
+    path = hand_models().save(tmp_path / "ctrl.json")
+    controller = make_controller(f"speckv:{path}", compression="fp32")
+    assert isinstance(controller, SpecKVController)
+    source = give_costs(controller, "auto", tiny_target, drafter, progress=False)
+    assert source.startswith(("measured now", "cached")) and controller.cost_source == source
+    measured = controller.costs.prior
+    assert measured.gamma_max == 8 and measured.t_verify_s != hand_models().costs["fp32"].t_verify_s
+    shipped = make_controller(f"speckv:{path}", compression="fp32")
+    assert give_costs(shipped, "shipped", tiny_target, drafter).startswith("shipped")
+    assert shipped.costs.prior == hand_models().costs["fp32"]
+
+
+def test_generate_says_which_curve_it_planned_with(capsys, tiny_model_dirs, tmp_path):
+    from speckv.cli import main
+
+    path = hand_models().save(tmp_path / "ctrl.json")
+    argv = ["generate", "--target", str(tiny_model_dirs["target"]), "--draft", str(tiny_model_dirs["draft"])]
+    argv += [
+        "--prompt",
+        "w5 w6",
+        "--raw",
+        "--json",
+        "--compression",
+        "fp32",
+        "--controller",
+        f"speckv:{path}",
+    ]
+    assert main([*argv, "--costs", "shipped"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["config"]["costs"].startswith("shipped")
+    assert "cost curve shipped" in captured.err
+    assert main(argv) == 0  # auto: measured on this machine (or cached by an earlier test)
+    assert json.loads(capsys.readouterr().out)["config"]["costs"].startswith(("measured now", "cached"))
+    assert main([*argv, "--costs", str(tmp_path / "nope.json")]) == 2
+    assert "speckv: error: cannot read cost model" in capsys.readouterr().err
