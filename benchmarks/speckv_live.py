@@ -6,8 +6,9 @@
 Per task, side by side in one run (median of --repeats passes), on prompts neither the draft nor
 the controller was fitted on: the target alone, chains of fixed γ, the shipped SpecKV controller
 planning with the cost curve shipped in its file and not following live times (how it ran
-before), the same controller with this machine's measured curve followed live (the default), the
-n-gram drafter alone, and a fixed tree with the n-gram branch. Then, per task, SpecKV against the
+before), the same controller with this machine's measured curve followed live, the same with the
+n-gram continuation instead of the model's chain wherever the text's suffix has a long earlier
+match (`--draft demo+ngram`), the n-gram drafter alone, and a fixed tree with the n-gram branch. Then, per task, SpecKV against the
 target alone and against the best fixed γ in hindsight, and how many tokens it verified per step.
 Writes `speckv_live-<precision>-<threads>t` into benchmarks/RESULTS.md.
 """
@@ -29,6 +30,7 @@ from speckv.util.benchmark_header import write_section
 
 OURS = "SpecKV (this machine's curve, live)"
 BEFORE = "SpecKV (shipped curve, static)"
+SWITCHING = "SpecKV, model or n-gram per step"
 
 
 def methods(gammas: list[int]) -> list[Method]:
@@ -37,23 +39,25 @@ def methods(gammas: list[int]) -> list[Method]:
         *(Method(f"chain fixed γ={g}", controller=f"fixed:{g}") for g in gammas),
         Method(BEFORE, controller="speckv", costs="shipped", follow_costs=False),
         Method(OURS, controller="speckv"),
+        Method(SWITCHING, controller="speckv", drafter="demo+ngram"),
+        Method("chain fixed γ=3, model or n-gram", controller="fixed:3", drafter="demo+ngram"),
         Method("n-gram fixed γ=4", controller="fixed:4", drafter="ngram"),
         Method("tree:8 + n-gram branch", controller="tree:8", drafter="demo+ngram"),
     ]
 
 
-def verdict(results: list[MethodResult]) -> str:
-    """SpecKV against the target alone and the best fixed γ of this task, and its widths."""
+def verdict(results: list[MethodResult], name: str) -> str:
+    """SpecKV row `name` against the target alone and the best fixed γ of this task, and its widths."""
     by_name = {r.method.name: r for r in results}
-    ours, alone = by_name[OURS].median_tokens_per_s, by_name["target only (speckv)"].median_tokens_per_s
+    ours, alone = by_name[name].median_tokens_per_s, by_name["target only (speckv)"].median_tokens_per_s
     fixed = max(
         (r for r in results if r.method.name.startswith("chain fixed")), key=lambda r: r.median_tokens_per_s
     )
-    counts = Counter(by_name[OURS].verified)
+    counts = Counter(by_name[name].verified)
     total = max(sum(counts.values()), 1)
     widths = "  ".join(f"{n}: {counts[n] / total:.0%}" for n in sorted(counts))
     return (
-        f"SpecKV {ours / alone:.2f}× the target alone, {ours / fixed.median_tokens_per_s:.2f}× the best "
+        f"{name}: {ours / alone:.2f}× the target alone, {ours / fixed.median_tokens_per_s:.2f}× the best "
         f"fixed γ ({fixed.method.name}); tokens verified per drafting step: {widths or 'none'}"
     )
 
@@ -83,7 +87,9 @@ def main() -> None:
         prompts = [encode_prompt(target.tokenizer, item.text) for item in items]
         results = compare(target, draft, prompts, chosen, args.max_new_tokens, args.repeats)
         sections.append(
-            f"#### {task} ({len(prompts)} prompts)\n\n{speedup_table(results)}\n\n{verdict(results)}\n"
+            f"#### {task} ({len(prompts)} prompts)\n\n{speedup_table(results)}\n\n"
+            + "\n\n".join(verdict(results, name) for name in (OURS, SWITCHING))
+            + "\n"
         )
         print(sections[-1], flush=True)
     sources = sorted({r.cost_source for r in results if r.cost_source and r.method.name == OURS})

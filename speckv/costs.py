@@ -54,13 +54,6 @@ class CostModel:
         return prompt_len * per_token
 
 
-def envelope(t_verify) -> np.ndarray:
-    """The monotone envelope of a verify curve: t(k) ← min over j ≥ k of t(j). On CPUs a wider pass
-    can cost less than a narrower one (GEMM kernels switch with the shape: on an AVX2 EPYC 6 tokens
-    cost less than 4 or 5), and a check of k tokens may then run the cheaper, wider pass."""
-    return np.minimum.accumulate(np.asarray(t_verify, float)[::-1])[::-1]
-
-
 def save_costs(models: dict[str, CostModel], path: str | Path, meta: dict | None = None) -> None:
     document = costs_to_dict(models, {**environment(), **(meta or {})})
     atomic_write_text(path, json.dumps(document, indent=1))

@@ -18,6 +18,7 @@ class TokenSignals:
     confidence: float  # the distribution's largest probability
     token_prob: float  # probability of the token actually proposed
     parent: int | None = None  # proposal index of the node it follows (-1: the root; None: a chain)
+    free: bool = False  # copied (n-gram), not drafted: it cost no draft pass
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """What SpecKV learns while it decodes: the live cost curve, calibrated acceptance, λ, probing,
-and the monotone envelope; numbers worked out by hand, and a fake clock driving the real step."""
+and wider passes that cost less; numbers worked out by hand, and a fake clock driving the real step."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from test_speckv_controller import hand_models
 
 from speckv.controllers.live import LiveAcceptance, LiveCosts, RateTracker, derive_rate
 from speckv.controllers.speckv import SpecKVController
-from speckv.costs import CostModel, envelope
+from speckv.costs import CostModel
 from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
 from speckv.decoding.step import run_step
 from speckv.decoding.verify import SamplingConfig
-from speckv.records import StepRecord
+from speckv.records import StepRecord, TokenSignals
 
 FLAT = [10.0] * 9
 
@@ -25,12 +25,6 @@ def step(gamma: int, accepted: int, verify_s: float, drafted: int | None = None,
     record = StepRecord(1, gamma, gamma, accepted, accepted + 1, drafted=drafted)
     record.verify_time_s, record.draft_time_s = verify_s, draft_s
     return record
-
-
-def test_envelope_lets_a_wider_cheaper_pass_stand_in():
-    # The AVX2 EPYC's fp32 curve: 6 tokens cost less than 4 or 5.
-    curve = [80.3, 116.4, 140.4, 176.8, 179.9, 152.3, 166.9]
-    assert envelope(curve).tolist() == [80.3, 116.4, 140.4, 152.3, 152.3, 152.3, 166.9]
 
 
 def test_derive_rate_by_hand():
@@ -183,3 +177,36 @@ def test_poor_acceptance_on_this_text_makes_the_controller_draft_less():
         later = controller.begin_step()
     assert first >= 3 and later < first
     assert controller.acceptance.correct(0.7) < 0.35
+
+
+def test_copied_tokens_cost_no_draft_pass_and_calibrate_apart():
+    # a = 0.5, t_draft = 3, flat t_verify = 10: λ = 1.5/13 (γ = 1). After one drafted token
+    # (reach 0.5) one more adds 0.25 expected tokens for λ·3 = 0.35: stop. A copied token costs
+    # no draft pass, and a flat verify pass charges nothing for one more: go on.
+    models = hand_models()
+    models.costs["fp32"] = CostModel("fp32", t_draft_s=3.0, t_verify_s=FLAT)
+    controller = SpecKVController(models, "fp32", gamma_max=8)
+    assert controller.rate.rate == pytest.approx(1.5 / 13)
+    assert controller.begin_step() == 8
+    assert not controller.continue_drafting(TokenSignals(1, 1.0, 0.5, 0.5))
+    controller.begin_step()
+    assert controller.continue_drafting(TokenSignals(1, 1.0, 0.5, 0.5, free=True))
+    record = StepRecord(1, 8, 1, 0, 1, [1.0], [0.5], [0.5], drafted=1)
+    controller.end_step(record)  # the copied token was rejected: only copies are trusted less
+    assert controller.copied_acceptance.correct(0.5) < 0.5 == controller.acceptance.correct(0.5)
+
+
+def test_drafting_goes_on_to_a_wider_pass_that_costs_less():
+    # a = 0.5, t_draft = 1; passes of 2 or 3 tokens cost 20, of 4 or 5 only 12: λ = 1.875/15 (γ = 3).
+    # After 2 tokens (reach 0.25) one more adds 0.125 and makes the step cheaper (15 < 22): go on;
+    # after 3 (reach 0.125) one more adds 0.0625 for λ·1 = 0.125: stop, at the cheap width.
+    models = hand_models()
+    models.costs["fp32"] = CostModel("fp32", 1.0, [10.0, 20.0, 20.0, 12.0, 12.0, 30.0, 30.0, 30.0, 30.0])
+    controller = SpecKVController(models, "fp32", gamma_max=8)
+    assert controller.rate.rate == pytest.approx(1.875 / 15)
+    controller.begin_step()
+    assert controller.continue_drafting(TokenSignals(1, 1.0, 0.5, 0.5))
+    assert controller.continue_drafting(TokenSignals(2, 1.0, 0.5, 0.5))
+    assert not controller.continue_drafting(TokenSignals(3, 1.0, 0.5, 0.5))
+    record = StepRecord(0, 8, 0, 0, 0, [1.0] * 3, [0.5] * 3, [0.5] * 3, drafted=3)
+    assert controller.verify_count(record) == 3

@@ -10,7 +10,7 @@ from conftest import SMALL_VOCAB, chi_square_p, exact_first_two, loaded, tiny_mo
 from test_engine import reference_greedy
 
 from speckv.controllers import make_controller
-from speckv.decoding.drafters import NGramDrafter, make_drafter
+from speckv.decoding.drafters import ModelDrafter, NGramDrafter, SwitchingChainDrafter, Verdict, make_drafter
 from speckv.decoding.drafters.ngram import SuffixIndex
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.verify import SamplingConfig
@@ -128,3 +128,48 @@ def test_offline_ngram_replay_equals_the_live_engine(tiny_target, low, high, gam
     replayed = replay_ngram(prompt, live.token_ids, low, high, gamma)
     assert replayed == [(s.gamma, s.accepted) for s in live.steps]
     assert sum(a for _, a in replayed) >= 5
+
+
+def switching(tiny_target, draft) -> SwitchingChainDrafter:
+    vocab = tiny_target.model.config.vocab_size
+    return SwitchingChainDrafter(ModelDrafter(draft, vocab), NGramDrafter(vocab), min_match=3)
+
+
+def test_the_switching_drafter_copies_where_a_long_match_exists(tiny_target, tiny_drafts):
+    drafter = switching(tiny_target, tiny_drafts["unrelated"])
+    drafter.begin()
+    greedy = SamplingConfig()
+    repeated = [7, 3, 9, 11, 2, 5, 7, 3, 9]  # "7 3 9" occurred before: copy "11 2 5 …"
+    assert [p.token for p in drafter.draft(repeated, 3, greedy, None)] == [11, 2, 5]
+    drafter.rollback(len(repeated), Verdict([], 0))
+    model_only = ModelDrafter(tiny_drafts["unrelated"], tiny_target.model.config.vocab_size)
+    fresh = [4, 8, 12, 16]  # nothing repeats: the model drafts (after catching up on the skipped tokens)
+    expected = [p.token for p in model_only.draft([*repeated, *fresh], 3, greedy, None)]
+    assert [p.token for p in drafter.draft([*repeated, *fresh], 3, greedy, None)] == expected
+
+
+@pytest.mark.parametrize("spec", ["fixed:1", "fixed:4", "heuristic", "confidence:0.5"])
+def test_greedy_with_the_switching_drafter_equals_target_greedy(tiny_target, tiny_drafts, spec):
+    base = [7, 3, 9, 11, 2]
+    prompt = base + reference_greedy(tiny_target.model, base, 12) + [5] + base
+    expected = reference_greedy(tiny_target.model, prompt, 30)
+    decoder = SpeculativeDecoder(
+        tiny_target, switching(tiny_target, tiny_drafts["close"]), make_controller(spec), eos_token_ids=()
+    )
+    for _ in range(2):  # a second stream on the same decoder starts clean
+        assert decoder.generate(prompt, 30).token_ids == expected
+
+
+def test_sampling_with_the_switching_drafter_follows_the_target_distribution():
+    target = loaded(tiny_model(seed=10, vocab=SMALL_VOCAB, head_scale=6.0, eos=0), "small-target")
+    draft = loaded(tiny_model(seed=11, vocab=SMALL_VOCAB, head_scale=3.0, eos=0), "small-draft")
+    prompt = [3, 1, 2, 4, 3, 1, 2]  # "3 1 2" repeats: the first step copies, the second may not
+    exact = exact_first_two(target.model, prompt, SamplingConfig(1.0))
+    counts = torch.zeros(SMALL_VOCAB, SMALL_VOCAB).numpy()
+    for seed in range(1200):
+        decoder = SpeculativeDecoder(
+            target, switching(target, draft), make_controller("fixed:2"), SamplingConfig(1.0, seed=seed), ()
+        )
+        result = decoder.generate(prompt, 2)
+        counts[result.token_ids[0], result.token_ids[1]] += 1
+    assert chi_square_p(counts, exact) > 1e-3

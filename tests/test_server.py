@@ -239,14 +239,21 @@ def test_a_failing_step_is_a_server_error_not_a_dead_server(served):
 
 @pytest.mark.parametrize(
     ("drafter", "controller"),
-    [("draft", "heuristic"), ("draft", "tree:4"), ("ngram", "fixed:3"), (None, None)],
+    [
+        ("draft", "heuristic"),
+        ("draft", "tree:4"),
+        ("ngram", "fixed:3"),
+        ("draft+ngram", "tree:4"),
+        ("draft+ngram", "fixed:3"),
+        (None, None),
+    ],
 )
 def test_serve_command_builds_the_app(tiny_model_dirs, drafter, controller):
     argv = ["serve", "--target", str(tiny_model_dirs["target"]), "--model-name", "mine", "--max-running", "3"]
     if drafter is None:
         argv.append("--no-draft")
     else:
-        argv += ["--draft", str(tiny_model_dirs["draft"]) if drafter == "draft" else drafter]
+        argv += ["--draft", drafter.replace("draft", str(tiny_model_dirs["draft"]))]
         argv += ["--controller", controller, "--compression", "fp32"]
     app = build_app(build_parser().parse_args(argv))
     assert app.state.scheduler.max_running == 3 and app.state.served.name == "mine"
@@ -257,8 +264,11 @@ def test_serve_command_builds_the_app(tiny_model_dirs, drafter, controller):
     assert summary["controller"] == (controller and make_controller(controller).describe())
     assert (summary["draft"] is None) == (drafter is None)
     assert ("tree" in (summary["draft"] or "")) == (controller == "tree:4")  # tree controllers grow trees
-    # Whatever drafts, greedy output is the target's own.
+    assert ("ngram" in (summary["draft"] or "")) == ("ngram" in (drafter or ""))  # n-grams are kept
     served = app.state.served
+    if served.new_drafter is not None:  # every request gets a drafter of its own
+        assert served.new_drafter() is not served.new_drafter()
+    # Whatever drafts, greedy output is the target's own.
     target_only = SpeculativeDecoder(served.target).generate(
         encode_prompt(served.tokenizer, "w5 w6 w5 w6", raw=True), 12
     )

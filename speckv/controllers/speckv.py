@@ -38,7 +38,7 @@ import numpy as np
 from speckv.controllers.base import Controller
 from speckv.controllers.live import LiveAcceptance, LiveCosts, RateTracker, derive_rate
 from speckv.controllers.predictor import AcceptancePredictor
-from speckv.costs import CostModel, costs_from_dict, costs_to_dict, envelope
+from speckv.costs import CostModel, costs_from_dict, costs_to_dict
 from speckv.errors import SpecKVError
 from speckv.util.files import atomic_write_text
 
@@ -248,7 +248,8 @@ class SpecKVController(Controller):
     achieves in the sequence; the cost curve is the one `costs` gives (measured on this machine,
     `speckv.pipeline.local_costs`; else the file's fallback) and follows the measured step times
     unless `follow_costs` is off (exact replay of live runs); predicted acceptance is calibrated
-    against what the sequence shows (`live.LiveAcceptance`).
+    against what the sequence shows (`live.LiveAcceptance`). Copied tokens (n-gram candidates:
+    `TokenSignals.free`) are charged no draft pass and calibrated apart from the model's.
 
     When no drafting pays (predicted), `begin_step` returns 0: the step is a plain target step,
     which the engine supports. Nothing is observed in such a step, so after `probe_every` of them
@@ -275,7 +276,9 @@ class SpecKVController(Controller):
         self._one_hot = models.one_hot(compression)
         self._gamma_cap = gamma_max
         self.context = SequenceContext(models.context_decay)
-        self.acceptance = LiveAcceptance()
+        self.acceptance = LiveAcceptance()  # of the draft model's tokens
+        self.copied_acceptance = LiveAcceptance()  # of copied (n-gram) tokens: another source
+        self._copying = False  # this step's tokens are copied: no draft pass, their own calibration
         self.rate = RateTracker()
         self._n_context = len(CONTEXT_FEATURES) + len(self._one_hot)
         self._x = np.zeros(self._n_context + len(TOKEN_FEATURES))
@@ -314,6 +317,7 @@ class SpecKVController(Controller):
     def reset(self) -> None:
         self.context.reset()
         self.acceptance.reset()
+        self.copied_acceptance.reset()
         self._idle, self._probe_gap = 0, self.models.probe_every
         self._x[: len(CONTEXT_FEATURES)] = self.context.values
         prior = _clip01(self.models.prior_model.predict_fast(self._x[: self._n_context])[0])
@@ -321,16 +325,21 @@ class SpecKVController(Controller):
         self.rate.start(derive_rate(prior, self.costs.prior, curve), curve[0] + self.costs.prior.t_step_s)
 
     def _plan(self) -> None:
-        """λ times what steps cost now: planning uses the monotone envelope of the curve (a wider,
-        cheaper pass stands in for a narrower one); choosing a prefix to verify, the curve itself."""
+        """λ times what steps cost now, on the curve as measured, dips included: where a wider pass
+        costs less than a narrower one (GEMM kernels switch with the shape; on an AVX-512 EPYC at
+        fp32, 5 tokens cost 82 ms and 3 cost 119), every plan looks ahead over all wider steps, so
+        it drafts on to the cheaper width and verifies that (what the curve's monotone envelope
+        promises, paying the extra drafted tokens' cost, which the envelope leaves out)."""
         rate, t_draft = self.rate.rate, self.costs.t_draft_s
         measured = self.costs.t_verify()
-        curve = envelope(measured)
+        curve = measured
         gammas = np.arange(self.gamma_max + 1)
         # λ·step time: the tokens a step of each length must yield to pay for its time
         self._charges = rate * (gammas * t_draft + curve[: self.gamma_max + 1] + self.costs.prior.t_step_s)
         # λ·target pass over k = 1.. tokens: what verifying a prefix costs once drafted
         self._verify_charges = rate * measured
+        # copied tokens cost no draft pass: only the step's verify pass and bookkeeping
+        self._copy_charges = rate * (curve[: self.gamma_max + 1] + self.costs.prior.t_step_s)
         # trees: index i is λ·(one more node's drafting + the pass's growth from i + 1 to i + 2 tokens)
         self._tree_steps = rate * (t_draft + np.diff(curve))
 
@@ -345,6 +354,7 @@ class SpecKVController(Controller):
         self._reach = [1.0]
         self._raw = []
         self._node_reach = []
+        self._copying = False
         # Value of drafting γ tokens over not drafting: expected extra tokens − λ·extra time.
         best = int(np.argmax(self._gains - self._charges))
         if best == 0:
@@ -365,17 +375,19 @@ class SpecKVController(Controller):
         if not self.per_token:
             return True
         i = signals.position
+        if i == 1:  # a step's tokens come from one source (speckv.decoding.drafters.hybrid)
+            self._copying = signals.free
         self._observe(signals.entropy, signals.confidence, signals.token_prob)
         if i >= self.gamma_max:
             return False
         # Drafting k more tokens adds reached·Σ_{m≤k} a^m expected tokens for λ·(T(i+k) − T(i)).
-        charges = self._charges
+        charges = self._copy_charges if self._copying else self._charges
         extra = self._reached * self._gains[1 : self.gamma_max - i + 1] - (charges[i + 1 :] - charges[i])
         return float(extra.max()) > 0.0
 
     def verify_count(self, record) -> int:
         """The prefix j maximising E[tokens] − λ·t_verify(j + 1); the drafting is already paid.
-        With the measured curve, not its envelope: a wider pass that costs less wins by itself."""
+        A wider pass that costs less wins by itself."""
         if self._branching:
             return self._tree_count(record)
         self._observe_record(record)
@@ -393,7 +405,7 @@ class SpecKVController(Controller):
         x[self._n_context :] = (entropy, confidence, token_prob)
         raw = float(self.models.token_model.predict_fast(x)[0])
         self._raw.append(raw)
-        self._reached *= self.acceptance.correct(raw)
+        self._reached *= (self.copied_acceptance if self._copying else self.acceptance).correct(raw)
         self._reach.append(self._reached)
 
     def _tree_goes_on(self, signals) -> bool:
@@ -440,7 +452,8 @@ class SpecKVController(Controller):
         self.context.update(record)
         if record.gamma and not self._branching:  # a chain: its judged tokens calibrate the model
             self._observe_record(record)
-            self.acceptance.observe(self._raw[: record.gamma], record.accepted)
+            calibration = self.copied_acceptance if self._copying else self.acceptance
+            calibration.observe(self._raw[: record.gamma], record.accepted)
         if self.follow_costs:
             self.costs.observe(record)
         self.rate.observe(record.tokens_produced, self.costs.step_time(record))

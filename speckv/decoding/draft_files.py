@@ -21,6 +21,10 @@ DEMO_DRAFT_DIR = DATA_DIR / "demo-draft"  # the distilled 2-layer draft model
 # Names of the shipped drafters of the demo target; `demo` is the default one. (A feature head
 # would ship beside it as `demo-head` once it measures faster: docs/draft.md.)
 DEMO_DRAFTS = {"demo": DEMO_DRAFT_DIR, "demo-model": DEMO_DRAFT_DIR}
+# What `--demo` drafts with: the draft model, and the n-gram continuation instead of its chain
+# where the text's suffix repeats (with tree controllers, as one more branch of its tree); it was
+# the fastest on the test split at bf16 and fp32 (benchmarks/speckv_live.py).
+DEMO_DRAFTER = "demo+ngram"
 DRAFT_MANIFEST = "speckv_draft.json"
 
 

@@ -92,7 +92,14 @@ def run_step(
                 break
             asked = clock()
             go_on = controller.continue_drafting(
-                TokenSignals(position, proposal.entropy, proposal.confidence, proposal.token_prob, parent)
+                TokenSignals(
+                    position,
+                    proposal.entropy,
+                    proposal.confidence,
+                    proposal.token_prob,
+                    parent,
+                    proposal.free,
+                )
             )
             asking += clock() - asked
             if not go_on:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
 from speckv.decoding.drafters.feature import FeatureDrafter, FeatureTreeDrafter
-from speckv.decoding.drafters.hybrid import HybridTreeDrafter
+from speckv.decoding.drafters.hybrid import HybridTreeDrafter, SwitchingChainDrafter
 from speckv.decoding.drafters.model import ModelDrafter
 from speckv.decoding.drafters.ngram import NGramDrafter
 from speckv.decoding.drafters.tree import ModelTreeDrafter, TreeDrafter
@@ -16,8 +16,9 @@ from speckv.errors import SpecKVError
 def make_drafter(source: str, target: LoadedModel, tree: bool = False, chains_ok: bool = False) -> Drafter:
     """A drafter from its spec: `ngram[:MIN-MAX]` (model-free, default 1-4), a feature head's
     directory (chains; trees for tree:N), a draft model loaded for `target` (a token tree when `tree`, for tree
-    controllers), or `DRAFT+ngram[:MIN-MAX]`: the model's tree with n-gram candidates as an extra
-    branch. The shipped name: `demo` (or `demo-model`), the demo target's draft model.
+    controllers), or `DRAFT+ngram[:MIN-MAX]`: with a tree controller the model's tree with n-gram
+    candidates as an extra branch, with a chain controller the n-gram continuation instead of the
+    model's chain at steps where the sequence's suffix has a long earlier match. The shipped name: `demo` (or `demo-model`), the demo target's draft model.
     `chains_ok`: the controller also plans chains (a feature head is then no error)."""
     vocab_size = target.model.config.vocab_size
     base, plus, ngram = source.partition("+")
@@ -34,11 +35,11 @@ def make_drafter(source: str, target: LoadedModel, tree: bool = False, chains_ok
     drafter = model_drafter(load_draft(base, target), target, tree)
     if not plus:
         return drafter
-    if not tree or ngram.partition(":")[0] != "ngram":
-        raise SpecKVError(
-            f"'{source}': n-gram branches join a token tree: use DRAFT+ngram with a tree controller (tree:N)"
-        )
-    return HybridTreeDrafter(drafter, _ngram(ngram, vocab_size))
+    if ngram.partition(":")[0] != "ngram":
+        raise SpecKVError(f"'{source}': only n-gram candidates join a draft model: DRAFT+ngram[:MIN-MAX]")
+    if tree:
+        return HybridTreeDrafter(drafter, _ngram(ngram, vocab_size))
+    return SwitchingChainDrafter(drafter, _ngram(ngram, vocab_size))
 
 
 def _ngram(spec: str, vocab_size: int) -> NGramDrafter:
@@ -66,6 +67,7 @@ __all__ = [
     "ModelTreeDrafter",
     "TreeDrafter",
     "NGramDrafter",
+    "SwitchingChainDrafter",
     "Proposal",
     "Verdict",
     "make_drafter",

@@ -23,6 +23,7 @@ import torch
 
 from speckv.decoding.models import LoadedModel
 from speckv.decoding.verify import SamplingConfig
+from speckv.errors import SpecKVError
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,7 @@ class Proposal:
     # Index (in proposal order) of the node this token follows, -1 for the root (the sequence's
     # last token); None = the previous proposal, which makes a chain.
     parent: int | None = None
+    free: bool = False  # copied, not drafted: no draft pass ran for it (n-gram candidates)
 
 
 @dataclass
@@ -71,6 +73,11 @@ class Drafter(ABC):
     target_hidden_layers: tuple[int, ...] = ()
     branches: bool = False  # proposes token trees (proposals name their parents)
     loaded: LoadedModel | None = None  # the draft model it runs, if any (context limits, baselines)
+
+    def fresh(self) -> Drafter:
+        """Another drafter like this one for a concurrent sequence, sharing its weights (the
+        server gives each request its own)."""
+        raise SpecKVError(f"drafter {self.name} cannot be copied for concurrent sequences")
 
     def begin(self) -> None:
         """A new sequence starts: forget the previous one."""

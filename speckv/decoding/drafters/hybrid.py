@@ -1,4 +1,6 @@
-"""N-gram candidates as an extra branch of a model drafter's token tree.
+"""N-gram candidates beside a draft model: an extra branch of its token tree, or, for chains,
+the n-gram continuation instead of the model's chain wherever the sequence's suffix has a long
+earlier match.
 
 Copying from the prompt and the text so far is free and often right where a small draft is not
 (summaries quoting their source, code repeating identifiers), and the model's tree covers the
@@ -17,6 +19,7 @@ from dataclasses import replace
 import torch
 
 from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
+from speckv.decoding.drafters.model import ModelDrafter
 from speckv.decoding.drafters.ngram import NGramDrafter
 from speckv.decoding.drafters.tree import ModelTreeDrafter
 from speckv.decoding.verify import SamplingConfig
@@ -32,6 +35,9 @@ class HybridTreeDrafter(Drafter):
         self.loaded = model_tree.loaded
         self.name = f"{model_tree.name}+{ngram.name}"
         self._to_model: dict[int, int] = {}  # proposal index here -> the model tree's index
+
+    def fresh(self) -> HybridTreeDrafter:
+        return HybridTreeDrafter(self.model_tree.fresh(), self.ngram.fresh(), self.ngram_tokens)
 
     def begin(self) -> None:
         self.model_tree.begin()
@@ -77,3 +83,35 @@ class HybridTreeDrafter(Drafter):
             path.append(self._to_model[index])
         self.model_tree.rollback(kept, replace(verdict, path=path))
         self.ngram.rollback(kept, verdict)
+
+
+class SwitchingChainDrafter(Drafter):
+    """Per step, a chain from the cheaper source that has one: the n-gram continuation when the
+    sequence's last `min_match` or more tokens occurred before (it costs no forward, and a long
+    match is usually right: summaries quoting their source, code repeating itself), else the
+    draft model's chain. The model's cache catches up on the tokens it skipped at its next step."""
+
+    def __init__(self, model: ModelDrafter, ngram: NGramDrafter, min_match: int = 3):
+        self.model, self.ngram, self.min_match = model, ngram, min_match
+        self.loaded = model.loaded
+        self.name = f"{model.name}|{ngram.name}"
+
+    def fresh(self) -> SwitchingChainDrafter:
+        return SwitchingChainDrafter(self.model.fresh(), self.ngram.fresh(), self.min_match)
+
+    def begin(self) -> None:
+        self.model.begin()
+        self.ngram.begin()
+
+    def draft(
+        self,
+        context: list[int],
+        budget: int,
+        sampling: SamplingConfig,
+        generator: torch.Generator | None,
+    ) -> Iterator[Proposal]:
+        source = self.ngram if self.ngram.match_length(context) >= self.min_match else self.model
+        yield from source.draft(context, budget, sampling, generator)
+
+    def rollback(self, kept: int, verdict: Verdict) -> None:
+        self.model.rollback(kept, verdict)  # crops only what the model drafted; n-grams hold nothing

@@ -24,6 +24,9 @@ class ModelDrafter(Drafter):
         self.target_vocab_size = target_vocab_size
         self.model = CachedModel(draft)
 
+    def fresh(self) -> ModelDrafter:
+        return ModelDrafter(self.loaded, self.target_vocab_size)
+
     def begin(self) -> None:
         self.model.reset()
 

@@ -47,6 +47,13 @@ class SuffixIndex:
                 self.followers.setdefault(key, Counter())[token] += 1
                 self.last_position[key] = follower
 
+    def match_length(self, suffix: list[int]) -> int:
+        """The length of the longest indexed suffix of `suffix` (0: none)."""
+        for n in range(min(self.max_match, len(suffix)), self.min_match - 1, -1):
+            if tuple(suffix[-n:]) in self.followers:
+                return n
+        return 0
+
     def lookup(self, suffix: list[int]) -> tuple[Counter, int] | None:
         """Followers of the longest indexed suffix of `suffix`, and the most recent one's index."""
         for n in range(min(self.max_match, len(suffix)), self.min_match - 1, -1):
@@ -68,8 +75,16 @@ class NGramDrafter(Drafter):
         self.vocab_size = vocab_size
         self.index = SuffixIndex(min_match, max_match)
 
+    def fresh(self) -> NGramDrafter:
+        return NGramDrafter(self.vocab_size, self.index.min_match, self.index.max_match)
+
     def begin(self) -> None:
         self.index.reset()
+
+    def match_length(self, context: list[int]) -> int:
+        """How many of the sequence's last tokens occurred before (0: nothing to copy)."""
+        self.index.extend(context[len(self.index.tokens) :])
+        return self.index.match_length(context[-self.index.max_match :])
 
     def draft(
         self,
@@ -99,7 +114,7 @@ class NGramDrafter(Drafter):
                 token = int(torch.multinomial(probs, 1, generator=generator))
             shares = [c / total for c in counts.values()]
             entropy = -sum(s * math.log2(s) for s in shares)
-            yield Proposal(token, entropy, max(shares), counts[token] / total, probs)
+            yield Proposal(token, entropy, max(shares), counts[token] / total, probs, free=True)
             suffix = [*suffix[1:], token] if len(suffix) >= self.index.max_match else [*suffix, token]
 
     def rollback(self, kept: int, verdict: Verdict) -> None:

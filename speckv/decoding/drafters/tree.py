@@ -183,6 +183,9 @@ class ModelTreeDrafter(TreeDrafter):
         self.name = f"{draft.name} tree:top{top_k}"
         self.model = CachedModel(draft)
 
+    def fresh(self) -> ModelTreeDrafter:
+        return ModelTreeDrafter(self.loaded, self.top_k, self.width)
+
     def begin(self) -> None:
         self.model.reset()
         self._nodes, self._proposed = [], []
