@@ -64,6 +64,9 @@ def test_live_acceptance_by_hand():
     assert calibration.correct(0.5) == pytest.approx(0.5 * ratio)
     assert calibration.correct(0.1) == pytest.approx(0.1 * overall)  # an empty bin: the overall ratio
     assert calibration.correct_many(np.array([0.5, 0.1])) == pytest.approx([0.5 * ratio, 0.1 * overall])
+    calibration.new_sequence()  # the next sequence starts from half the evidence
+    overall = (0 + 6) / (0.25 + 6)
+    assert calibration.correct(0.5) == pytest.approx(0.5 * (0 + 6 * overall) / (0.25 + 6))
     calibration.reset()
     assert calibration.correct(0.5) == 0.5
 
@@ -83,6 +86,9 @@ def test_probes_back_off_while_drafting_never_pays():
     assert probes == [8, 8 + 16, 8 + 16 + 32]  # 8 (the file's), then twice as long each time
     controller.reset()
     assert [controller.begin_step() for _ in range(8)] == [0] * 7 + [1]
+    # The probe is verified even where its token looks unlikely: else the step would teach nothing.
+    record = StepRecord(1, 1, 0, 0, 0, [9.0], [0.05], [0.05], drafted=1)
+    assert controller.verify_count(record) == 1
 
 
 def test_verify_count_takes_a_wider_pass_that_costs_less():

@@ -104,3 +104,19 @@ def test_generate_says_which_curve_it_planned_with(capsys, tiny_model_dirs, tmp_
     assert json.loads(capsys.readouterr().out)["config"]["costs"].startswith(("measured now", "cached"))
     assert main([*argv, "--costs", str(tmp_path / "nope.json")]) == 2
     assert "speckv: error: cannot read cost model" in capsys.readouterr().err
+
+
+def test_calibrate_quick_measures_again_and_caches(capsys, tiny_model_dirs):
+    from speckv.cli import main
+
+    pair = ["--target", str(tiny_model_dirs["target"]), "--draft", str(tiny_model_dirs["draft"])]
+    argv = ["calibrate", "--quick", *pair, "--compression", "fp32", "--threads", "1", "--gamma-max", "3"]
+    for _ in range(2):  # by hand it measures every time, even when a curve is cached
+        assert main(argv) == 0
+        line = capsys.readouterr().out
+        assert line.startswith("fp32, 1 thread(s): t_draft") and "t_verify(1..4)" in line
+        assert "measured now" in line
+    assert main(["calibrate", "--quick", "--compression", "fp32"]) == 2
+    assert "needs --demo, --target SRC --draft SRC, or --profile DIR" in capsys.readouterr().err
+    assert main(["calibrate"]) == 2
+    assert "calibrate needs --profile DIR" in capsys.readouterr().err

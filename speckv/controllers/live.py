@@ -8,8 +8,8 @@ was given and follow what each step shows, in O(1) per step:
 - `LiveCosts`: the target pass over k tokens and the draft per token, as a robust running
   estimate per width, so a busy neighbour, another thread count or thermal drift moves the
   decisions;
-- `LiveAcceptance`: a per-sequence calibration of predicted against observed acceptance, by
-  predicted-probability bin, so on text where the draft does worse than on its training data the
+- `LiveAcceptance`: a running calibration of predicted against observed acceptance, by
+  predicted-probability bin, within each sequence and carried at half weight into the next, so on text where the draft does worse than on its training data the
   controller drafts less, and where it does better, more;
 - `RateTracker`: λ, the tokens per second the controller achieves (Dinkelbach: a policy
   maximising E[tokens] − λ·time per step with λ its own achieved rate maximises tokens/s).
@@ -82,7 +82,8 @@ class LiveCosts:
 
 
 class LiveAcceptance:
-    """Per-sequence calibration of the acceptance model: corrected(p) = p · ratio of the
+    """Running calibration of the acceptance model, per sequence (`new_sequence` halves the
+    evidence, `reset` forgets it): corrected(p) = p · ratio of the
     prediction's bin, ratio = (observed + m·R) / (predicted + m) over the bin's judged tokens,
     shrunk to the sequence-wide ratio R = (observed + m) / (predicted + m), itself shrunk to 1.
     With nothing observed the model is used as it is; `m` (pseudo-tokens) sets how fast it moves."""
@@ -97,6 +98,13 @@ class LiveAcceptance:
         self.observed = np.zeros(self.BINS)
         self.predicted = np.zeros(self.BINS)
         self._ratios = np.ones(self.BINS)
+
+    def new_sequence(self) -> None:
+        """A new sequence of the same stream keeps half the evidence: text like the last is the
+        best guess, and a controller that rarely drafts sees few tokens within one sequence."""
+        self.observed *= 0.5
+        self.predicted *= 0.5
+        self._update()
 
     def correct(self, probability: float) -> float:
         """The calibrated P(accepted) for a raw prediction (clipped to [0, 1] first)."""
@@ -116,9 +124,12 @@ class LiveAcceptance:
             self.predicted[b] += p
             self.observed[b] += 1.0 if i < accepted else 0.0
         if judged:
-            m = self.strength
-            overall = (self.observed.sum() + m) / (self.predicted.sum() + m)
-            self._ratios = (self.observed + m * overall) / (self.predicted + m)
+            self._update()
+
+    def _update(self) -> None:
+        m = self.strength
+        overall = (self.observed.sum() + m) / (self.predicted.sum() + m)
+        self._ratios = (self.observed + m * overall) / (self.predicted + m)
 
 
 class RateTracker:

@@ -316,8 +316,8 @@ class SpecKVController(Controller):
 
     def reset(self) -> None:
         self.context.reset()
-        self.acceptance.reset()
-        self.copied_acceptance.reset()
+        self.acceptance.new_sequence()
+        self.copied_acceptance.new_sequence()
         self._idle, self._probe_gap = 0, self.models.probe_every
         self._x[: len(CONTEXT_FEATURES)] = self.context.values
         prior = _clip01(self.models.prior_model.predict_fast(self._x[: self._n_context])[0])
@@ -355,6 +355,7 @@ class SpecKVController(Controller):
         self._raw = []
         self._node_reach = []
         self._copying = False
+        self._probing = False
         # Value of drafting γ tokens over not drafting: expected extra tokens − λ·extra time.
         best = int(np.argmax(self._gains - self._charges))
         if best == 0:
@@ -363,7 +364,8 @@ class SpecKVController(Controller):
                 return 0
             self._idle = 0
             self._probe_gap = min(2 * self._probe_gap, self.PROBE_LIMIT)  # reset when drafting pays
-            return 1  # the probe: one token
+            self._probing = True
+            return 1  # the probe: one token, verified whatever it looks like (else nothing is learnt)
         self._idle, self._probe_gap = 0, self.models.probe_every
         if self._branching:
             return self.tree_max
@@ -391,6 +393,8 @@ class SpecKVController(Controller):
         if self._branching:
             return self._tree_count(record)
         self._observe_record(record)
+        if self._probing:
+            return len(record.draft_confidence)
         expected = np.cumsum(self._reach)  # E[tokens] when verifying j = 0, 1, …: 1 + Σ_{i≤j} reach_i
         return int(np.argmax(expected - self._verify_charges[: len(self._reach)]))
 
