@@ -47,7 +47,6 @@ class LiveCosts:
         self.machine = 0.0
         self.width = np.zeros(len(self._log_prior))
         self.t_draft_s = prior.t_draft_s
-        self.version = 0  # bumped whenever the estimate moves, so callers recompute only then
 
     @property
     def gamma_max(self) -> int:
@@ -57,10 +56,12 @@ class LiveCosts:
         """The estimated t_verify(k), k = 1..K, as measured (dips included)."""
         return np.exp(self._log_prior + self.machine + self.width)
 
-    def step_time(self, record) -> float:
-        """The modelled seconds of a step like `record`: what the achieved rate is measured in."""
+    def step_time(self, record, copied: bool = False) -> float:
+        """The modelled seconds of a step like `record`: what the achieved rate is measured in.
+        `copied`: its tokens came without a draft pass (n-gram candidates)."""
         width = min(record.gamma, self.gamma_max)
-        return record.drafted * self.t_draft_s + float(self.t_verify()[width]) + self.prior.t_step_s
+        drafting = 0.0 if copied else record.drafted * self.t_draft_s
+        return drafting + float(self.t_verify()[width]) + self.prior.t_step_s
 
     def observe(self, record) -> None:
         """Fold in a step's measured times. The first step of a sequence reads the prompt and is
@@ -78,7 +79,6 @@ class LiveCosts:
         if per_token > 0.25 * self.t_draft_s:
             ratio = min(max(per_token / max(self.t_draft_s, 1e-9), 0.5), 2.0)
             self.t_draft_s *= ratio**self.width_weight
-        self.version += 1
 
 
 class LiveAcceptance:

@@ -460,7 +460,7 @@ class SpecKVController(Controller):
             calibration.observe(self._raw[: record.gamma], record.accepted)
         if self.follow_costs:
             self.costs.observe(record)
-        self.rate.observe(record.tokens_produced, self.costs.step_time(record))
+        self.rate.observe(record.tokens_produced, self.costs.step_time(record, self._copying))
 
 
 class SpecKVPaperController(Controller):
