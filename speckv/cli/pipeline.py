@@ -295,9 +295,7 @@ def run_calibrate(args) -> int:
 def _quick_calibrate(args) -> int:
     """`calibrate --quick`: this machine's curve for a pair, measured now and cached for --costs auto."""
     from speckv.cli.options import configure_threads
-    from speckv.controllers.speckv import SHIPPED, ControllerModels
     from speckv.decoding.models import LoadedModel, resolve_compression, resolve_device
-    from speckv.decoding.sources import DEMO_TARGET_NAME
     from speckv.pipeline.local_costs import local_costs
     from speckv.pipeline.profiling import read_settings
 
@@ -320,10 +318,8 @@ def _quick_calibrate(args) -> int:
         target, draft = load(resolve_compression(level, device))
         if not isinstance(draft, LoadedModel):
             raise SpecKVError(f"{draft_source} is a feature head: --quick times a draft model")
-        widths = args.gamma_max or 8
-        if target.name == DEMO_TARGET_NAME and args.gamma_max is None:  # what the shipped controller plans
-            widths = ControllerModels.load(SHIPPED).gamma_max
-        chosen = local_costs("auto", target, draft, widths, remeasure=True)
+        # γ_max 8 covers the shipped controller; a controller planning wider steps asks --gamma-max.
+        chosen = local_costs("auto", target, draft, args.gamma_max or 8, remeasure=True)
         cost = chosen.cost
         verify = ", ".join(f"{1e3 * t:.1f}" for t in cost.t_verify_s)
         print(
