@@ -211,3 +211,14 @@ def test_generate_cli_with_a_trained_controller(capsys, tiny_model_dirs, trained
     assert {"tokens_per_s", "mean_gamma", "acceptance_rate"} <= set(record["summary"])
     assert main([*common, "--no-draft"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == record["token_ids"]
+
+
+def test_the_shipped_file_holds_no_speed_of_another_machine_but_a_named_fallback(tmp_path):
+    from speckv.controllers.speckv import SHIPPED
+
+    document = json.loads(SHIPPED.read_text())
+    assert "rates" not in document and "costs" not in document and "fallback_costs" in document
+    # Files written before hold `costs` and `rates`: they still load (λ is derived where it runs).
+    old = {**document, "costs": document.pop("fallback_costs"), "rates": {"bf16": 13.5}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert ControllerModels.load(tmp_path / "old.json").costs == ControllerModels.load(SHIPPED).costs

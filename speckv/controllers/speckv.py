@@ -279,6 +279,7 @@ class SpecKVController(Controller):
         self.acceptance = LiveAcceptance()  # of the draft model's tokens
         self.copied_acceptance = LiveAcceptance()  # of copied (n-gram) tokens: another source
         self._copying = False  # this step's tokens are copied: no draft pass, their own calibration
+        self._probing = False  # this step is a probe: its token is verified whatever it looks like
         self.rate = RateTracker()
         self._n_context = len(CONTEXT_FEATURES) + len(self._one_hot)
         self._x = np.zeros(self._n_context + len(TOKEN_FEATURES))
@@ -331,13 +332,12 @@ class SpecKVController(Controller):
         it drafts on to the cheaper width and verifies that (what the curve's monotone envelope
         promises, paying the extra drafted tokens' cost, which the envelope leaves out)."""
         rate, t_draft = self.rate.rate, self.costs.t_draft_s
-        measured = self.costs.t_verify()
-        curve = measured
+        curve = self.costs.t_verify()
         gammas = np.arange(self.gamma_max + 1)
         # λ·step time: the tokens a step of each length must yield to pay for its time
         self._charges = rate * (gammas * t_draft + curve[: self.gamma_max + 1] + self.costs.prior.t_step_s)
         # λ·target pass over k = 1.. tokens: what verifying a prefix costs once drafted
-        self._verify_charges = rate * measured
+        self._verify_charges = rate * curve
         # copied tokens cost no draft pass: only the step's verify pass and bookkeeping
         self._copy_charges = rate * (curve[: self.gamma_max + 1] + self.costs.prior.t_step_s)
         # trees: index i is λ·(one more node's drafting + the pass's growth from i + 1 to i + 2 tokens)
