@@ -59,9 +59,10 @@ class LiveCosts:
     def step_time(self, record, copied: bool = False) -> float:
         """The modelled seconds of a step like `record`: what the achieved rate is measured in.
         `copied`: its tokens came without a draft pass (n-gram candidates)."""
-        width = min(record.gamma, self.gamma_max)
+        k = min(record.gamma, self.gamma_max)  # one width: no need for the whole curve, every step
+        verify = math.exp(self._log_prior[k] + self.machine + self.width[k])
         drafting = 0.0 if copied else record.drafted * self.t_draft_s
-        return drafting + float(self.t_verify()[width]) + self.prior.t_step_s
+        return drafting + verify + self.prior.t_step_s
 
     def observe(self, record) -> None:
         """Fold in a step's measured times. The first step of a sequence reads the prompt and is

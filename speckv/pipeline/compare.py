@@ -102,12 +102,12 @@ def compare(
     on this machine on first use) before any timing."""
     if assistant is None and isinstance(draft, LoadedModel):
         assistant = draft
-    runners = {
-        m.name: _runner(m, target, draft, assistant, max_new_tokens, gamma_max, progress) for m in methods
-    }
-    results = {
-        m.name: MethodResult(m, cost_source=getattr(runners[m.name], "cost_source", None)) for m in methods
-    }
+    runners, results = {}, {}
+    for m in methods:
+        runners[m.name], cost_source = _runner(
+            m, target, draft, assistant, max_new_tokens, gamma_max, progress
+        )
+        results[m.name] = MethodResult(m, cost_source=cost_source)
     for runner in runners.values():  # first calls pay one-off costs (allocations, lazy inits)
         runner(prompts[0][:16])
     bar = tqdm(
@@ -145,10 +145,13 @@ def _runner(
     max_new_tokens: int,
     gamma_max: int,
     progress: bool = True,
-) -> Callable[[list[int]], tuple[list[int], dict]]:
+) -> tuple[Callable[[list[int]], tuple[list[int], dict]], str | None]:
+    """The method's run(prompt) -> (tokens, stats), and where a SpecKV row's cost curve came from."""
     if method.hf:
         model = _hf_assistant(assistant) if method.hf_assistant is not None else None
-        return lambda prompt: _hf_generate(target, model, method.hf_assistant or {}, prompt, max_new_tokens)
+        return (
+            lambda prompt: _hf_generate(target, model, method.hf_assistant or {}, prompt, max_new_tokens)
+        ), None
     controller = drafter = cost_source = None
     if method.controller:
         controller = make_controller(method.controller, gamma_max=gamma_max, compression=target.compression)
@@ -177,8 +180,7 @@ def _runner(
         }
         return result.token_ids, stats
 
-    run.cost_source = cost_source
-    return run
+    return run, cost_source
 
 
 def _hf_generate(
