@@ -17,10 +17,10 @@ import sys
 import torch
 
 from speckv import datasets
-from speckv.cli.options import configure_threads
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.models import encode_prompt, load_model
 from speckv.util.benchmark_header import write_section
+from speckv.util.threads import configure_threads
 
 BACKENDS = {
     "fp32": "plain dtype",

@@ -16,11 +16,11 @@ import torch
 import transformers
 
 from speckv import datasets
-from speckv.cli.options import configure_threads
 from speckv.decoding.draft_files import load_draft
 from speckv.decoding.models import encode_prompt, load_model
 from speckv.pipeline.compare import Method, compare, hf_assisted_methods, speedup_table
 from speckv.util.benchmark_header import write_section
+from speckv.util.threads import configure_threads
 
 
 def default_methods(gammas: tuple[int, ...] = (2, 3, 4, 5), with_hf: bool = True) -> list[Method]:

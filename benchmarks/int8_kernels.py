@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from speckv.cli.options import configure_threads, split_list
+from speckv.cli.options import split_list
+from speckv.util.threads import configure_threads
 
 
 def micros(call, repeats: int = 50) -> float:

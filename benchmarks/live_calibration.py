@@ -19,14 +19,14 @@ import numpy as np
 import pandas as pd
 
 from speckv import datasets
-from speckv.cli.options import configure_threads
 from speckv.controllers import make_controller
 from speckv.controllers.speckv import SpecKVController
 from speckv.decoding.draft_files import load_draft
 from speckv.decoding.engine import SpeculativeDecoder
+from speckv.decoding.local_costs import give_costs
 from speckv.decoding.models import encode_prompt, load_model
-from speckv.pipeline.local_costs import give_costs
 from speckv.util.benchmark_header import write_section
+from speckv.util.threads import configure_threads
 
 
 def logged(controller: SpecKVController, rows: list[tuple[float, float, int]]) -> SpecKVController:

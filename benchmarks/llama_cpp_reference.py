@@ -105,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from speckv import datasets
-    from speckv.cli.options import configure_threads
     from speckv.decoding.models import encode_prompt
     from speckv.decoding.sources import demo_target_dir
     from speckv.util.benchmark_header import write_section
+    from speckv.util.threads import configure_threads
 
     threads = configure_threads(args.threads)  # the count speckv's own rows would use
     for task in datasets.TASKS:

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from speckv.cli.options import configure_threads, split_list
+from speckv.cli.options import split_list
 from speckv.decoding.cache import CachedModel
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.models import LoadedModel, encode_prompt, load_model
 from speckv.pipeline.lossless import ulp
 from speckv.util.benchmark_header import write_section
+from speckv.util.threads import configure_threads
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from verify_cost import forward_ms  # noqa: E402  (a sibling script)

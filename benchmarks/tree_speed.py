@@ -20,13 +20,13 @@ from collections import Counter
 from pathlib import Path
 
 from speckv import datasets
-from speckv.cli.options import configure_threads
 from speckv.controllers.speckv import ControllerModels
 from speckv.decoding.draft_files import load_draft
 from speckv.decoding.models import encode_prompt, load_model
 from speckv.errors import SpecKVError
 from speckv.pipeline.compare import Method, MethodResult, compare, speedup_table
 from speckv.util.benchmark_header import write_section
+from speckv.util.threads import configure_threads
 
 TREE_SPECKV = "tree SpecKV"
 

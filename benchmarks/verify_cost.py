@@ -18,9 +18,10 @@ import time
 import torch
 from transformers import DynamicCache
 
-from speckv.cli.options import configure_threads, split_list
+from speckv.cli.options import split_list
 from speckv.decoding.models import load_model
 from speckv.util.benchmark_header import write_section
+from speckv.util.threads import configure_threads
 
 
 def forward_ms(model, k: int, repeats: int, context: int = 200, vocab: int | None = None) -> float:

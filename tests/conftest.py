@@ -27,7 +27,7 @@ def measured_costs_cache(tmp_path_factory):
     """Cost curves measured by the tests go to a folder of their own, not the user's cache."""
     folder = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("speckv.pipeline.local_costs.cache_dir", lambda: folder)
+        patch.setattr("speckv.decoding.local_costs.cache_dir", lambda: folder)
         yield folder
 
 

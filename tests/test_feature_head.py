@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from speckv.controllers import Drafts
 from speckv.controllers.fixed import FixedController, TreeController
 from speckv.decoding.drafters.feature import FeatureDrafter, FeatureTreeDrafter
 from speckv.decoding.engine import SpeculativeDecoder
@@ -324,12 +325,12 @@ def test_distill_cli_trains_saves_and_reloads_a_feature_head(tiny_model_dirs, ti
     assert SpeculativeDecoder(target, drafter, FixedController(3)).generate(prompt, 16).token_ids == alone
     with pytest.raises(SpecKVError, match="feature head, not a draft model"):
         load_draft(str(out), target)
-    assert make_drafter(str(out), target, tree=True).branches  # tree:N: the head's token trees
+    assert make_drafter(str(out), target, Drafts.TREES).branches  # tree:N: the head's token trees
     # a controller that plans trees or chains (speckv with a tree model) gets the head's chains:
     # its tree model was fitted on a draft model's signals
-    assert not make_drafter(str(out), target, tree=True, chains_ok=True).branches
+    assert not make_drafter(str(out), target, Drafts.EITHER).branches
     with pytest.raises(SpecKVError, match="n-gram branches join a draft model's tree"):
-        make_drafter(f"{out}+ngram", target, tree=True)
+        make_drafter(f"{out}+ngram", target, Drafts.TREES)
     with pytest.raises(SpecKVError, match="made for another target"):
         make_drafter(str(out), loaded(tiny_model(seed=0, hidden=64), "wider"))
 

@@ -11,9 +11,9 @@ from test_speckv_controller import hand_models
 from speckv.controllers import make_controller
 from speckv.controllers.speckv import SpecKVController
 from speckv.costs import CostModel, cpu_description, save_costs
+from speckv.decoding import local_costs
+from speckv.decoding.local_costs import cache_key, cache_path, give_costs, measure_costs
 from speckv.errors import SpecKVError
-from speckv.pipeline import local_costs
-from speckv.pipeline.local_costs import cache_key, cache_path, give_costs, measure_costs
 
 
 def test_measure_costs_times_every_width(tiny_target, tiny_drafts):

@@ -11,7 +11,9 @@ from conftest import loaded, perturbed_copy, tiny_model
 
 from speckv.cli import main
 from speckv.decoding import engine
+from speckv.decoding.builder import DecoderSpec
 from speckv.decoding.drafters.base import Verdict
+from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.target import TargetVerifier
 from speckv.pipeline.lossless import (
     PromptCheck,
@@ -42,7 +44,7 @@ def at(model, dtype: torch.dtype, level: str):
 def test_fp32_speculative_output_has_no_divergence(tiny_target, tiny_drafts):
     for prompt in PROMPTS:
         for spec in ("fixed:3", "heuristic"):
-            check = check_prompt(tiny_target, tiny_drafts["close"], spec, prompt, 24)
+            check = check_prompt(DecoderSpec(tiny_target, tiny_drafts["close"], spec).build(), prompt, 24)
             assert check.divergences == [] and check.first_difference is None
             assert check.target_only == check.speculative and check.lossless
 
@@ -51,7 +53,10 @@ def test_fp32_speculative_output_has_no_divergence(tiny_target, tiny_drafts):
 def test_reduced_precision_diverges_only_at_near_ties(flat_pair, dtype, level):
     base, draft = flat_pair
     target = at(base, dtype, level)
-    checks = [check_prompt(target, draft, "fixed:4", p, 32, f"p{i}") for i, p in enumerate(PROMPTS)]
+    checks = [
+        check_prompt(DecoderSpec(target, draft, "fixed:4").build(), p, 32, f"p{i}")
+        for i, p in enumerate(PROMPTS)
+    ]
     assert all(c.dtype == str(dtype).removeprefix("torch.") for c in checks)
     for check in checks:
         assert check.lossless, failures([check])
@@ -106,7 +111,7 @@ class RunnerUpAtNearTies(TargetVerifier):
 def test_a_lossy_verifier_is_caught(monkeypatch, tiny_target, tiny_drafts):
     monkeypatch.setattr(engine, "TargetVerifier", AcceptEverything)
     checks = [
-        check_prompt(tiny_target, tiny_drafts["unrelated"], "fixed:3", p, 16, f"p{i}")
+        check_prompt(DecoderSpec(tiny_target, tiny_drafts["unrelated"], "fixed:3").build(), p, 16, f"p{i}")
         for i, p in enumerate(PROMPTS)
     ]
     bad = [c for c in checks if not c.lossless]
@@ -123,7 +128,10 @@ def test_near_tie_flips_pass_and_wider_ones_fail(monkeypatch, flat_pair):
     base, draft = flat_pair
     target = at(base, torch.bfloat16, "bf16")
     monkeypatch.setattr(engine, "TargetVerifier", RunnerUpAtNearTies)
-    checks = [check_prompt(target, draft, "fixed:3", p, 32, f"p{i}") for i, p in enumerate(PROMPTS)]
+    checks = [
+        check_prompt(DecoderSpec(target, draft, "fixed:3").build(), p, 32, f"p{i}")
+        for i, p in enumerate(PROMPTS)
+    ]
     divergences = [d for c in checks for d in c.divergences]
     assert divergences, "a flat bf16 target has near-ties along 96 tokens"
     assert all(d.near_tie and d.margin <= d.tolerance for d in divergences)
@@ -132,7 +140,7 @@ def test_near_tie_flips_pass_and_wider_ones_fail(monkeypatch, flat_pair):
 
 def test_replay_reports_a_replaced_token_with_its_margin(tiny_target):
     prompt = [7, 3, 9]
-    own = check_prompt(tiny_target, None, "fixed:1", prompt, 12).target_only
+    own = SpeculativeDecoder(tiny_target).generate(prompt, 12).token_ids
     assert replay_divergences(tiny_target, prompt, own) == []
     wrong = own[:5] + [(own[5] + 1) % 64] + own[6:]
     [divergence] = replay_divergences(tiny_target, prompt, wrong)[:1]

@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from speckv.cli import main, options
+from speckv.cli import main
 from speckv.controllers import default_controller, make_controller
 from speckv.decoding import models
 from speckv.errors import SpecKVError
 from speckv.pipeline.lossless import near_tie_tolerance, ulp
+from speckv.util import threads
 
 
 @pytest.mark.parametrize(
@@ -143,26 +144,26 @@ def test_shipped_controller_at_an_unknown_level(capsys, tiny_model_dirs):
     assert code == 2 and err.count("\n") == 1 and "not fp16" in err
 
 
-def test_thread_rule(monkeypatch, capsys):
+def test_thread_rule(monkeypatch, caplog):
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    monkeypatch.setattr(options, "physical_cores", lambda: 4)
+    monkeypatch.setattr(threads, "physical_cores", lambda: 4)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # torch's default: one per core
-    monkeypatch.setattr(options, "busy_cores", lambda: 0.2)
-    assert options.configure_threads(None) == 4 and capsys.readouterr().err == ""
-    monkeypatch.setattr(options, "busy_cores", lambda: 1.7)
-    assert options.configure_threads(None) == 2
-    assert "using 2 torch thread(s)" in capsys.readouterr().err
-    monkeypatch.setattr(options, "busy_cores", lambda: 9.0)
-    assert options.configure_threads(None, quiet=True) == 1
-    assert options.configure_threads(3) == 3  # --threads wins
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0.2)
+    assert threads.configure_threads(None) == 4 and not caplog.records
+    monkeypatch.setattr(threads, "busy_cores", lambda: 1.7)
+    assert threads.configure_threads(None) == 2
+    assert "using 2 torch thread(s)" in caplog.text
+    monkeypatch.setattr(threads, "busy_cores", lambda: 9.0)
+    assert threads.configure_threads(None, quiet=True) == 1
+    assert threads.configure_threads(3) == 3  # --threads wins
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # set by the program: kept
-    assert options.configure_threads(None) == 1
+    assert threads.configure_threads(None) == 1
     assert calls == [4, 2, 1, 3]
-    with pytest.raises(SpecKVError, match="--threads"):
-        options.configure_threads(0)
+    with pytest.raises(SpecKVError, match="threads must be at least 1"):
+        threads.configure_threads(0)
 
 
 def test_machine_probes_are_sane():
-    assert options.physical_cores() >= 1
-    assert options.busy_cores(0.01) >= 0
+    assert threads.physical_cores() >= 1
+    assert threads.busy_cores(0.01) >= 0

@@ -12,8 +12,11 @@ from speckv.cli import main
 from speckv.cli.main import build_parser
 from speckv.cli.serve import build_app
 from speckv.controllers import make_controller
+from speckv.decoding.builder import DecoderSpec
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.models import encode_prompt
+from speckv.decoding.verify import SamplingConfig
+from speckv.errors import SpecKVError
 from speckv.server import ServedModel, create_app
 
 PROMPT = "w5 w6 w7"
@@ -21,7 +24,7 @@ PROMPT = "w5 w6 w7"
 
 @pytest.fixture(scope="module")
 def served(tiny_target, tiny_drafts) -> ServedModel:
-    return ServedModel(tiny_target, tiny_drafts["close"], make_controller("fixed:3"), "tiny")
+    return ServedModel(DecoderSpec(tiny_target, tiny_drafts["close"], "fixed:3").build(), "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +162,7 @@ def test_multi_turn_chat_uses_the_template(tiny_target):
         "{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
         "{% if add_generation_prompt %}w9{% endif %}"
     )
-    served = ServedModel(loaded(tiny_target.model, "target", tokenizer), None, None, "chat")
+    served = ServedModel(DecoderSpec(loaded(tiny_target.model, "target", tokenizer)).build(), "chat")
     messages = [
         {"role": "system", "content": "w10"},
         {"role": "user", "content": "w11 w12"},
@@ -266,8 +269,10 @@ def test_serve_command_builds_the_app(tiny_model_dirs, drafter, controller):
     assert ("tree" in (summary["draft"] or "")) == (controller == "tree:4")  # tree controllers grow trees
     assert ("ngram" in (summary["draft"] or "")) == ("ngram" in (drafter or ""))  # n-grams are kept
     served = app.state.served
-    if served.new_drafter is not None:  # every request gets a drafter of its own
-        assert served.new_drafter() is not served.new_drafter()
+    if drafter is not None:  # every request gets a drafter and a controller of its own
+        one, two = served.decoder(SamplingConfig()), served.decoder(SamplingConfig())
+        assert one.drafter is not two.drafter and one.controller is not two.controller
+        assert one.drafter.loaded is two.drafter.loaded  # the weights are shared
     # Whatever drafts, greedy output is the target's own.
     target_only = SpeculativeDecoder(served.target).generate(
         encode_prompt(served.tokenizer, "w5 w6 w5 w6", raw=True), 12
@@ -275,6 +280,12 @@ def test_serve_command_builds_the_app(tiny_model_dirs, drafter, controller):
     assert reply["choices"][0]["text"] == served.tokenizer.decode(
         target_only.token_ids, skip_special_tokens=True
     )
+
+
+def test_serve_refuses_a_tree_budget_for_a_chain_drafter(tiny_model_dirs):
+    argv = ["serve", "--target", str(tiny_model_dirs["target"]), "--draft", "ngram", "--controller", "tree:4"]
+    with pytest.raises(SpecKVError, match="tree:4 budgets tree nodes, and ngram:1-4 drafts chains"):
+        build_app(build_parser().parse_args(argv))
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import openai
 import pytest
 import uvicorn
 
-from speckv.controllers import make_controller
+from speckv.decoding.builder import DecoderSpec
 from speckv.server import ServedModel, create_app
 
 PROMPT = "w5 w6 w7"
@@ -20,7 +20,7 @@ PROMPT = "w5 w6 w7"
 
 @pytest.fixture(scope="module")
 def live(tiny_target, tiny_drafts):
-    served = ServedModel(tiny_target, tiny_drafts["close"], make_controller("heuristic"), "tiny")
+    served = ServedModel(DecoderSpec(tiny_target, tiny_drafts["close"], "heuristic").build(), "tiny")
     app = create_app(served, max_running=2, max_queue=4)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from speckv.controllers import make_controller
+from speckv.decoding.builder import DecoderSpec
 from speckv.server import ServedModel, create_app
 from speckv.server import app as app_module
 from speckv.server.scheduler import QueueFull, Scheduler
@@ -85,7 +85,7 @@ def test_cancel_failure_and_shutdown():
 
 @pytest.fixture(scope="module")
 def served(tiny_target, tiny_drafts) -> ServedModel:
-    return ServedModel(tiny_target, tiny_drafts["close"], make_controller("fixed:3"), "tiny")
+    return ServedModel(DecoderSpec(tiny_target, tiny_drafts["close"], "fixed:3").build(), "tiny")
 
 
 async def wait_for(condition, timeout: float = 10.0) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import tiny_tokenizer
 
-from speckv.server.text import IncrementalDetokenizer, StopMatcher, TextOutput, find_stop, held_back_length
+from speckv.decoding.text import IncrementalDetokenizer, StopMatcher, TextOutput, find_stop, held_back_length
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from conftest import (
 from scipy.stats import chisquare
 from test_engine import reference_greedy
 
-from speckv.controllers import make_controller
+from speckv.controllers import Drafts, make_controller
 from speckv.decoding.cache import CachedModel
 from speckv.decoding.drafters import (
     HybridTreeDrafter,
@@ -316,11 +316,11 @@ def test_hybrid_drafter_specs(tiny_model_dirs, tiny_target):
     from speckv.decoding.drafters import make_drafter
 
     draft_dir = str(tiny_model_dirs["draft"])
-    assert isinstance(make_drafter(f"{draft_dir}+ngram:2-3", tiny_target, tree=True), HybridTreeDrafter)
-    chain = make_drafter(f"{draft_dir}+ngram:2-3", tiny_target, tree=False)
+    assert isinstance(make_drafter(f"{draft_dir}+ngram:2-3", tiny_target, Drafts.TREES), HybridTreeDrafter)
+    chain = make_drafter(f"{draft_dir}+ngram:2-3", tiny_target, Drafts.CHAINS)
     assert isinstance(chain, SwitchingChainDrafter) and chain.ngram.name == "ngram:2-3"
     with pytest.raises(SpecKVError, match="only n-gram candidates join a draft model"):
-        make_drafter(f"{draft_dir}+other", tiny_target, tree=True)
+        make_drafter(f"{draft_dir}+other", tiny_target, Drafts.TREES)
 
 
 def test_eos_inside_a_tree(tiny_target, tiny_drafts):
@@ -340,7 +340,7 @@ def test_eos_inside_a_tree(tiny_target, tiny_drafts):
 @pytest.mark.parametrize("threshold", [0.0, 0.2, 0.5])
 def test_verifying_a_prefix_of_a_tree_stays_lossless(tiny_target, tiny_drafts, threshold):
     controller = PrefixController(budget=8, threshold=threshold)
-    controller.tree = True
+    controller.drafts = Drafts.TREES
     drafter = ModelTreeDrafter(tiny_drafts["close"])
     decoder = SpeculativeDecoder(tiny_target, drafter, controller, eos_token_ids=())
     for prompt in ([5], [7, 3, 9, 11, 2]):

@@ -9,7 +9,7 @@ from conftest import loaded, perturbed_copy
 from test_engine import reference_greedy
 from test_speckv_controller import LEVELS, PROMPTS, constant, hand_models
 
-from speckv.controllers import make_controller
+from speckv.controllers import Drafts, make_controller
 from speckv.controllers.speckv import ControllerModels, SpecKVController, tree_features
 from speckv.costs import CostModel
 from speckv.decoding.drafters import ModelDrafter, ModelTreeDrafter
@@ -66,7 +66,7 @@ def test_tree_verify_count_by_hand(t_verify, expected):
 def test_tree_drafting_stops_when_a_node_no_longer_pays():
     # P = 0.5 per node, λ = 0.14, t_draft 1, flat verification: a node must reach > 0.14.
     controller = SpecKVController(tree_models(), "fp32", gamma_max=8)
-    assert controller.tree and not controller.needs_tree
+    assert controller.drafts is Drafts.EITHER
     controller.bind(_Branching())
     assert controller.begin_step() == 8  # the widest tree the cost model measured
     assert controller.continue_drafting(TokenSignals(1, 1.0, 0.6, 0.6, parent=-1))  # reach 0.5
@@ -82,10 +82,11 @@ def test_tree_drafting_stops_when_a_node_no_longer_pays():
 def test_tree_mode_needs_a_tree_model_and_a_branching_drafter(tmp_path):
     chain_only = SpecKVController(hand_models(), "fp32", gamma_max=8)
     chain_only.bind(_Branching())
-    assert not chain_only.tree and not chain_only._branching
+    assert chain_only.drafts is Drafts.CHAINS and not chain_only._branching
     path = tree_models().save(tmp_path / "ctrl.json")
     assert ControllerModels.load(path).tree_model is not None
-    assert make_controller(f"speckv:{path}").tree and not make_controller(f"speckv-step:{path}").tree
+    assert make_controller(f"speckv:{path}").drafts is Drafts.EITHER
+    assert make_controller(f"speckv-step:{path}").drafts is Drafts.CHAINS
     document = tree_models()
     document.tree_model = constant(0.5, ("entropy",))
     document.save(tmp_path / "bad.json")

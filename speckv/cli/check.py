@@ -11,10 +11,12 @@ from __future__ import annotations
 import sys
 
 from speckv.cli.options import (
+    add_costs_option,
     add_model_options,
     add_policy_options,
     add_prompt_options,
-    configure_threads,
+    build_decoders,
+    decoder_spec,
     prompt_items,
 )
 from speckv.errors import SpecKVError
@@ -29,6 +31,7 @@ def register(sub) -> None:
     )
     add_model_options(parser, no_draft=False)
     add_policy_options(parser)
+    add_costs_option(parser)
     add_prompt_options(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument(
@@ -40,39 +43,27 @@ def register(sub) -> None:
 def run(args) -> int:
     import json
 
-    from speckv.controllers import check_gamma, make_controller
-    from speckv.decoding.drafters import make_drafter
-    from speckv.decoding.models import encode_prompt, load_model, resolve_compression, resolve_device
+    from speckv.decoding.models import encode_prompt
     from speckv.pipeline.lossless import check_prompt, describe, failures, summary
 
-    if args.demo == bool(args.target):
-        raise SpecKVError("choose the target with --target PATH or --demo (not both)")
-    from speckv.decoding.draft_files import DEMO_DRAFTER
-
-    draft_source = args.draft or (DEMO_DRAFTER if args.demo else None)
-    if draft_source is None:
+    if not args.draft and not args.demo:
         raise SpecKVError("choose a draft with --draft PATH")
-    if args.gamma is not None:
-        check_gamma(args.gamma)
-    check_gamma(args.gamma_max, "--gamma-max")
     if args.max_new_tokens < 1:
         raise SpecKVError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    spec = args.controller or f"fixed:{args.gamma or 4}"
-    compression = resolve_compression(args.compression, resolve_device(args.device))
-    configure_threads(args.threads)
+    # Fixed γ unless asked otherwise: the check is about the verifier, not about the policy.
+    spec = decoder_spec(args, controller=None if args.controller or args.gamma else "fixed:4")
     items = prompt_items(args)
-
-    target = load_model("demo" if args.demo else args.target, compression, args.device, args.fp32_head)
-    # Trees for a controller that budgets tree nodes (or sizes trees), as `generate` builds them.
-    controller = make_controller(spec, gamma_max=args.gamma_max, compression=target.compression)
-    draft = make_drafter(draft_source, target, controller.tree, not controller.needs_tree)
+    decoders = build_decoders(spec)
+    target = decoders.target
     checks = []
     for item_id, text in items:
         prompt_ids = encode_prompt(target.tokenizer, text, raw=args.raw)
-        check = check_prompt(target, draft, spec, prompt_ids, args.max_new_tokens, item_id, args.gamma_max)
+        check = check_prompt(decoders, prompt_ids, args.max_new_tokens, item_id)
         checks.append(check)
         print(json.dumps(check.to_dict()) if args.json else describe(check), flush=True)
-    line = summary(checks, f"{target.precision} (compute {target.compute_dtype}), {spec}")
+    line = summary(
+        checks, f"{target.precision} (compute {target.compute_dtype}), {decoders.controller.describe()}"
+    )
     if args.json:
         print(json.dumps({"summary": line, "lossless": all(c.lossless for c in checks)}))
     else:

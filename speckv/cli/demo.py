@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from speckv.cli.options import add_costs_option, add_precision_options, add_threads_option, configure_threads
+from speckv.cli.options import add_costs_option, add_precision_options, add_threads_option
 from speckv.errors import SpecKVError
+from speckv.util.threads import configure_threads
 
 
 def register(sub) -> None:

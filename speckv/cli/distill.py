@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from speckv.cli.options import set_threads
 from speckv.errors import SpecKVError
+from speckv.util.threads import set_threads
 
 
 def register(sub) -> None:

@@ -9,10 +9,8 @@ from speckv.cli.options import (
     add_model_options,
     add_policy_options,
     add_prompt_options,
-    apply_costs,
-    chosen_controller,
-    chosen_pair,
-    configure_threads,
+    build_decoders,
+    decoder_spec,
     prompt_items,
 )
 from speckv.errors import SpecKVError
@@ -44,44 +42,29 @@ def run(args) -> int:
     import json
     import math
 
-    from speckv.decoding.drafters import make_drafter
-    from speckv.decoding.engine import SpeculativeDecoder
-    from speckv.decoding.models import (
-        check_context,
-        encode_prompt,
-        load_model,
-        resolve_compression,
-        resolve_device,
-    )
+    from speckv.decoding.models import encode_prompt
     from speckv.decoding.verify import SamplingConfig
 
-    draft_source = chosen_pair(args)
+    spec = decoder_spec(args)
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise SpecKVError(f"--temperature must be a finite number ≥ 0 (0 = greedy), got {args.temperature}")
     if not math.isfinite(args.top_p) or not 0 < args.top_p <= 1:
         raise SpecKVError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.max_new_tokens < 1:
         raise SpecKVError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    compression = resolve_compression(args.compression, resolve_device(args.device))  # auto → a level
-    threads = configure_threads(args.threads)
-    controller = chosen_controller(args, compression) if draft_source else None
     items = prompt_items(args)
     sampling = SamplingConfig(args.temperature, args.top_p, args.seed)
 
-    target = load_model("demo" if args.demo else args.target, compression, args.device, args.fp32_head)
-    draft = (
-        make_drafter(draft_source, target, controller.tree, not controller.needs_tree)
-        if draft_source
-        else None
-    )
-    apply_costs(args, controller, target, draft)
-    decoder = SpeculativeDecoder(target, draft, controller, sampling)
+    factory = build_decoders(spec)
+    target = factory.target
     encoded = [(item_id, encode_prompt(target.tokenizer, text, raw=args.raw)) for item_id, text in items]
     for item_id, prompt_ids in encoded:  # every prompt fits, before any decoding starts
         try:
-            check_context(target, draft.loaded if draft else None, len(prompt_ids), args.max_new_tokens)
+            factory.check_context(len(prompt_ids), args.max_new_tokens)
         except SpecKVError as error:
             raise SpecKVError(f"{item_id}: {error}" if len(encoded) > 1 else str(error)) from None
+    decoder = factory.new(sampling)  # one for all prompts: SpecKV's live estimates carry over
+    config = factory.describe()
     for item_id, prompt_ids in encoded:
         result = decoder.generate(prompt_ids, args.max_new_tokens)
         output = target.tokenizer.decode(result.token_ids, skip_special_tokens=True)
@@ -94,14 +77,7 @@ def run(args) -> int:
                 "token_ids": result.token_ids,
                 "summary": summary,
                 "config": {
-                    "target": target.name,
-                    "draft": draft.name if draft else None,
-                    "compression": target.compression,
-                    "fp32_head": target.fp32_head,
-                    "precision": target.precision,
-                    "threads": threads,
-                    "controller": controller.describe() if controller else None,
-                    "costs": getattr(controller, "cost_source", None),
+                    **config,
                     "temperature": args.temperature,
                     "top_p": args.top_p,
                     "max_new_tokens": args.max_new_tokens,
@@ -113,17 +89,12 @@ def run(args) -> int:
             if len(items) > 1:
                 print(f"== {item_id}")
             print(output)
-            print(
-                _summary_line(
-                    summary, f"{target.name} {target.precision}", draft.name if draft else None, controller
-                ),
-                file=sys.stderr,
-            )
+            print(_summary_line(summary, f"{target.name} {target.precision}", config), file=sys.stderr)
     return 0
 
 
-def _summary_line(summary: dict, target: str, draft: str | None, controller) -> str:
-    how = f"draft {draft}, {controller.describe()}" if draft else "target only"
+def _summary_line(summary: dict, target: str, config: dict) -> str:
+    how = f"draft {config['draft']}, {config['controller']}" if config["draft"] else "target only"
     return (
         f"[{summary['new_tokens']} tokens, {summary['steps']} steps, "
         f"mean accepted {summary['mean_accepted']:.2f}, acceptance {summary['acceptance_rate']:.1%}, "

@@ -17,7 +17,7 @@ import sys
 
 from speckv.errors import SpecKVError
 
-COMMAND_MODULES = ("demo", "generate", "serve", "check", "datasets", "distill", "paper", "pipeline")
+COMMAND_MODULES = ("demo", "generate", "serve", "check", "datasets", "distill", "paper", "pipeline", "tune")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,19 +1,10 @@
-"""Arguments and helpers shared by several commands: prompts, precision, CPU threads.
-
-Threads: torch's CPU kernels split every matmul over OpenMP threads that wait for each other at
-the end of it, so one thread that loses its core to another process stalls all of them. On the
-2-core demo machine two threads ran 15.6 tokens/s alone and 1.4 tokens/s beside one busy process
-(issue #12). Rule: `--threads N` wins; else, when torch still has its default (one thread per
-physical core), use the physical cores that other processes leave idle, measured over 0.1 s of
-/proc/stat, and say so on stderr when that is fewer than all of them.
-"""
+"""Arguments and helpers shared by several commands: models, prompts, precision, CPU threads
+(the thread rule itself is `speckv.util.threads`)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import time
 
 from speckv.datasets import SPLITS
 from speckv.errors import SpecKVError
@@ -70,20 +61,9 @@ def add_policy_options(parser) -> None:
 
 def add_costs_option(parser) -> None:
     """--costs: the cost curve a SpecKV controller plans with."""
-    from speckv.pipeline.local_costs import COSTS_HELP
+    from speckv.decoding.local_costs import COSTS_HELP
 
     parser.add_argument("--costs", default="auto", metavar="auto|shipped|FILE", help=COSTS_HELP)
-
-
-def apply_costs(args, controller, target, drafter) -> str | None:
-    """Give a SpecKV controller the curve of --costs (measured on first use: a progress bar, then
-    cached); says on stderr where it came from. None for controllers that plan without costs."""
-    from speckv.pipeline.local_costs import give_costs
-
-    source = give_costs(controller, args.costs, target, drafter)
-    if source is not None:
-        print(f"speckv: SpecKV plans with the {target.precision} cost curve {source}", file=sys.stderr)
-    return source
 
 
 def add_prompt_options(parser) -> None:
@@ -101,34 +81,47 @@ def add_prompt_options(parser) -> None:
     prompts.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
 
 
-def chosen_pair(args) -> str | None:
-    """Check --demo / --target / --draft / --no-draft, --gamma and --gamma-max (generate, serve);
-    the draft source, None for the target alone."""
+def decoder_spec(args, controller: str | None = None):
+    """The `DecoderSpec` of the model and policy options (generate, serve, check-lossless), with
+    their checks; `controller` overrides the options' choice."""
     from speckv.controllers import check_gamma
+    from speckv.decoding.builder import DecoderSpec
 
     if args.demo and args.target:
         raise SpecKVError("--demo already chooses the target; drop --target or --demo")
     if not args.demo and not args.target:
         raise SpecKVError("choose a target with --target PATH (or use --demo)")
-    from speckv.decoding.draft_files import DEMO_DRAFTER
-
-    draft_source = args.draft or (DEMO_DRAFTER if args.demo and not args.no_draft else None)
-    if draft_source is None and not args.no_draft:
+    target_only = getattr(args, "no_draft", False)
+    if not args.draft and not args.demo and not target_only:
         raise SpecKVError("choose a draft with --draft PATH, or --no-draft to decode with the target alone")
     if args.gamma is not None:
         check_gamma(args.gamma)
     check_gamma(args.gamma_max, "--gamma-max")
-    return draft_source
-
-
-def chosen_controller(args, compression: str):
-    """The controller of --gamma / --controller, else the default for the pair and level."""
-    from speckv.controllers import default_controller, make_controller
-
-    spec = args.controller or (
-        f"fixed:{args.gamma}" if args.gamma else default_controller(args.demo, compression)
+    if target_only and (args.gamma is not None or args.controller):
+        raise SpecKVError("--no-draft decodes with the target alone: drop --gamma / --controller")
+    return DecoderSpec(
+        target="demo" if args.demo else args.target,
+        draft=args.draft,
+        controller=controller or args.controller or (f"fixed:{args.gamma}" if args.gamma else None),
+        compression=args.compression,
+        device=args.device,
+        threads=args.threads,
+        fp32_head=args.fp32_head,
+        gamma_max=args.gamma_max,
+        costs=getattr(args, "costs", "auto"),
+        target_only=target_only,
     )
-    return make_controller(spec, gamma_max=args.gamma_max, compression=compression)
+
+
+def build_decoders(spec):
+    """Build the spec's `DecoderFactory`; says on stderr which cost curve SpecKV plans with."""
+    factory = spec.build()
+    if factory.cost_source is not None:
+        print(
+            f"speckv: SpecKV plans with the {factory.target.precision} cost curve {factory.cost_source}",
+            file=sys.stderr,
+        )
+    return factory
 
 
 def split_list(text: str | None) -> list[str]:
@@ -156,79 +149,6 @@ def add_threads_option(parser) -> None:
     )
 
 
-def set_threads(threads: int | None) -> None:
-    """torch's CPU thread count, when the user set one."""
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def configure_threads(threads: int | None, quiet: bool = False) -> int:
-    """Apply the thread rule (module docstring); returns the thread count in force."""
-    import torch
-
-    if threads is not None:
-        if threads < 1:
-            raise SpecKVError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
-        return threads
-    cores = physical_cores()
-    if torch.get_num_threads() != cores:  # set by the embedding program (or the test suite): keep it
-        return torch.get_num_threads()
-    busy = busy_cores()
-    chosen = max(1, cores - round(busy))
-    if chosen < cores and not quiet:
-        print(
-            f"speckv: other processes keep {busy:.1f} of {cores} cores busy; using {chosen} torch "
-            f"thread(s), since threads that share a core stall each other (--threads overrides)",
-            file=sys.stderr,
-        )
-    torch.set_num_threads(chosen)
-    return chosen
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyper-threads of one core count once)."""
-    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cores = set()
-    processor, package = -1, ""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                key, _, value = (part.strip() for part in line.partition(":"))
-                if key == "processor":
-                    processor = int(value)
-                elif key == "physical id":
-                    package = value
-                elif key == "core id" and processor in allowed:
-                    cores.add((package, value))
-    except (OSError, ValueError):  # not Linux, or an unusual cpuinfo
-        pass
-    return len(cores) or len(allowed)
-
-
-def busy_cores(sample_s: float = 0.1) -> float:
-    """Cores' worth of CPU time other processes used over `sample_s` while this one slept
-    (/proc/stat); the 1-minute load average where /proc/stat does not exist."""
-
-    def snapshot() -> tuple[int, int]:
-        with open("/proc/stat") as stat:
-            values = [int(v) for v in stat.readline().split()[1:9]]  # user … steal (guest is in user)
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
-    try:
-        total_before, idle_before = snapshot()
-        time.sleep(sample_s)
-        total_after, idle_after = snapshot()
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    total = total_after - total_before
-    if total <= 0:
-        return 0.0
-    return (total - (idle_after - idle_before)) / total * (os.cpu_count() or 1)
-
-
 def prompt_items(args) -> list[tuple[str, str]]:
     """(id, text) of `--prompt` or of `--prompts` (split and per-task limit applied)."""
     if args.prompt is not None:
@@ -247,10 +167,6 @@ __all__ = [
     "SPLIT_HELP",
     "add_precision_options",
     "add_threads_option",
-    "busy_cores",
-    "configure_threads",
-    "physical_cores",
     "prompt_items",
-    "set_threads",
     "split_list",
 ]

@@ -10,9 +10,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from speckv.cli.options import SPLIT_HELP, SPLITS, set_threads, split_list
+from speckv.cli.options import SPLIT_HELP, SPLITS, split_list
 from speckv.errors import SpecKVError
 from speckv.util.files import check_output_path
+from speckv.util.threads import set_threads
 
 
 def register(sub) -> None:
@@ -294,10 +295,10 @@ def run_calibrate(args) -> int:
 
 def _quick_calibrate(args) -> int:
     """`calibrate --quick`: this machine's curve for a pair, measured now and cached for --costs auto."""
-    from speckv.cli.options import configure_threads
+    from speckv.decoding.local_costs import local_costs
     from speckv.decoding.models import LoadedModel, resolve_compression, resolve_device
-    from speckv.pipeline.local_costs import local_costs
     from speckv.pipeline.profiling import read_settings
+    from speckv.util.threads import configure_threads
 
     if args.profile:
         settings, _ = read_settings(args.profile)

@@ -8,10 +8,8 @@ from speckv.cli.options import (
     add_costs_option,
     add_model_options,
     add_policy_options,
-    apply_costs,
-    chosen_controller,
-    chosen_pair,
-    configure_threads,
+    build_decoders,
+    decoder_spec,
 )
 from speckv.errors import SpecKVError
 
@@ -49,30 +47,17 @@ def register(sub) -> None:
 
 def build_app(args):
     """Check the options, load the models once and build the app (no server started)."""
-    from speckv.decoding.drafters import make_drafter
-    from speckv.decoding.models import load_model, resolve_compression, resolve_device
     from speckv.server import ServedModel, create_app
 
-    draft_source = chosen_pair(args)
+    spec = decoder_spec(args)  # a bad spec fails at startup, not at the first request
     if args.max_running < 1 or args.max_queue < 0:
         raise SpecKVError("--max-running must be at least 1 and --max-queue at least 0")
     if args.default_max_tokens < 1:
         raise SpecKVError("--default-max-tokens must be at least 1")
     if not 0 <= args.port <= 65535:
         raise SpecKVError(f"--port must be in 0..65535, got {args.port}")
-    compression = resolve_compression(args.compression, resolve_device(args.device))  # auto → a level
-    configure_threads(args.threads)
-    # Built once here so a bad spec fails at startup; each request gets a copy.
-    controller = chosen_controller(args, compression) if draft_source else None
-    target = load_model("demo" if args.demo else args.target, compression, args.device, args.fp32_head)
-    draft = None
-    if draft_source:
-        first = make_drafter(
-            draft_source, target, controller.tree, not controller.needs_tree
-        )  # loads a draft model once
-        apply_costs(args, controller, target, first)  # every request's controller copies this one
-        draft = first.fresh  # each request's drafter: its own state, the weights shared
-    served = ServedModel(target, draft, controller, args.model_name or target.name)
+    factory = build_decoders(spec)
+    served = ServedModel(factory, args.model_name or factory.target.name)
     return create_app(served, args.max_running, args.max_queue, args.default_max_tokens)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from speckv.controllers.base import GAMMA_LIMIT, Controller, check_gamma
+from speckv.controllers.base import GAMMA_LIMIT, Controller, Drafts, check_gamma
 from speckv.controllers.confidence import ConfidenceController
 from speckv.controllers.fixed import FixedController, TreeController
 from speckv.controllers.heuristic import HeuristicController
@@ -64,6 +64,7 @@ __all__ = [
     "GAMMA_LIMIT",
     "ConfidenceController",
     "Controller",
+    "Drafts",
     "FixedController",
     "HeuristicController",
     "TreeController",

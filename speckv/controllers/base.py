@@ -9,6 +9,7 @@ only stops early returns a large budget from `begin_step`.
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,14 @@ if TYPE_CHECKING:
     from speckv.records import StepRecord, TokenSignals
 
 GAMMA_LIMIT = 64
+
+
+class Drafts(enum.Enum):
+    """What a controller's budget counts, so whoever builds the drafter knows what to build."""
+
+    CHAINS = "chains"  # tokens of one chain
+    TREES = "trees"  # nodes of a token tree: only a drafter that branches can spend it
+    EITHER = "either"  # sizes trees where the drafter branches, chains elsewhere (learned tree model)
 
 
 def check_gamma(gamma: int, what: str = "gamma") -> int:
@@ -30,17 +39,11 @@ class Controller(ABC):
     """A γ policy. Subclasses keep their state small: they run inside the decoding loop."""
 
     name: str = "controller"
-    # Budgets count nodes of a token tree, which a drafter that can branch should build.
-    tree: bool = False
-
-    @property
-    def needs_tree(self) -> bool:
-        """Only meaningful with a drafter that branches (a chain drafter would misread its budget)."""
-        return self.tree
+    drafts: Drafts = Drafts.CHAINS
 
     def bind(self, drafter) -> None:
-        """The decoder's drafter (None: target only), once, before decoding: a controller that
-        plans trees and chains differently reads `drafter.branches` here."""
+        """The decoder's drafter (None: target only), once, before decoding: a controller whose
+        `drafts` is EITHER reads `drafter.branches` here."""
 
     def reset(self) -> None:
         """Called before each generation: forget per-sequence state."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from speckv.controllers.base import Controller, check_gamma
+from speckv.controllers.base import Controller, Drafts, check_gamma
 
 
 class FixedController(Controller):
@@ -17,7 +17,7 @@ class FixedController(Controller):
 class TreeController(FixedController):
     """A fixed budget of N tree nodes, chosen by the drafter best-first (EAGLE-2's selection)."""
 
-    tree = True
+    drafts = Drafts.TREES
 
     def __init__(self, nodes: int):
         super().__init__(nodes)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speckv.controllers.base import Controller
+from speckv.controllers.base import Controller, Drafts
 from speckv.controllers.live import LiveAcceptance, LiveCosts, RateTracker, derive_rate
 from speckv.controllers.predictor import AcceptancePredictor
 from speckv.costs import CostModel, costs_from_dict, costs_to_dict
@@ -246,7 +246,7 @@ class SpecKVController(Controller):
     step maximises E[tokens] − λ·time with λ the rate achieved (Dinkelbach). λ starts from the
     cost curve and the acceptance model (`live.derive_rate`) and follows the rate the controller
     achieves in the sequence; the cost curve is the one `costs` gives (measured on this machine,
-    `speckv.pipeline.local_costs`; else the file's fallback) and follows the measured step times
+    `speckv.decoding.local_costs`; else the file's fallback) and follows the measured step times
     unless `follow_costs` is off (exact replay of live runs); predicted acceptance is calibrated
     against what the sequence shows (`live.LiveAcceptance`). Copied tokens (n-gram candidates:
     `TokenSignals.free`) are charged no draft pass and calibrated apart from the model's.
@@ -286,7 +286,7 @@ class SpecKVController(Controller):
         self._x[len(CONTEXT_FEATURES) : self._n_context] = self._one_hot
         self._node_x = np.zeros(len(tree_features(models.compressions)))
         self._node_x[len(CONTEXT_FEATURES) : self._n_context] = self._one_hot
-        self.tree = per_token and models.tree_model is not None
+        self.drafts = Drafts.EITHER if per_token and models.tree_model is not None else Drafts.CHAINS
         self._branching = False  # the bound drafter makes trees (and a tree model is there)
         self._reached = 1.0  # P(all tokens drafted so far are accepted)
         self._reach = [1.0]  # the same after each drafted token (index i: after token i)
@@ -308,12 +308,8 @@ class SpecKVController(Controller):
         self._idle, self._probe_gap = 0, self.models.probe_every  # steps without drafting; wait
         self.reset()
 
-    @property
-    def needs_tree(self) -> bool:
-        return False  # with a chain drafter it plans chains
-
     def bind(self, drafter) -> None:
-        self._branching = self.tree and drafter is not None and drafter.branches
+        self._branching = self.drafts is Drafts.EITHER and drafter is not None and drafter.branches
 
     def reset(self) -> None:
         self.context.reset()

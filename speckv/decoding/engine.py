@@ -44,7 +44,7 @@ class SpeculativeDecoder:
         if not sampling.temperature >= 0 or not 0 < sampling.top_p <= 1:  # `not >=` also rejects NaN
             raise SpecKVError("temperature must be ≥ 0 and top_p in (0, 1]")
         if isinstance(draft, LoadedModel):
-            draft = model_drafter(draft, target, tree=controller.tree)
+            draft = model_drafter(draft, target, controller.drafts)
         self.target, self.drafter, self.controller, self.sampling = target, draft, controller, sampling
         self.eos_ids = frozenset(target.eos_token_ids if eos_token_ids is None else eos_token_ids)
         hidden_layers = draft.target_hidden_layers if draft is not None else ()

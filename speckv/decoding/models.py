@@ -214,6 +214,34 @@ def load_model(
     )
 
 
+def wrap_model(model: torch.nn.Module, tokenizer, name: str | None = None) -> LoadedModel:
+    """An already-loaded Hugging Face causal LM (and its tokenizer) as the engine sees it; its
+    compression level is read from its weights (a bitsandbytes or torchao quantisation config:
+    int8 or nf4; else the dtype)."""
+    if not hasattr(model, "config") or not hasattr(model, "get_input_embeddings"):
+        raise SpecKVError(f"expected a Hugging Face causal LM, got {type(model).__name__}")
+    if tokenizer is None:
+        raise SpecKVError("a loaded model needs its tokenizer: pass tokenizer=")
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is not None:
+        settings = quantization if isinstance(quantization, dict) else vars(quantization)
+        compression = "nf4" if settings.get("load_in_4bit") or settings.get("bnb_4bit_quant_type") else "int8"
+    else:
+        dtype = model.get_input_embeddings().weight.dtype
+        levels = {value: key for key, value in _DTYPES.items()}
+        if dtype not in levels:
+            raise SpecKVError(f"a model with {dtype} weights: SpecKV runs fp32, bf16, fp16, int8 or nf4")
+        compression = levels[dtype]
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name or Path(getattr(model.config, "name_or_path", "") or type(model).__name__).name,
+        compression=compression,
+        device=model.get_input_embeddings().weight.device,
+    )
+
+
 class _Fp32Head(torch.nn.Linear):
     """An LM head with fp32 weights that upcasts its input: logits are not rounded to bf16/fp16,
     whose spacing at typical logits (0.125 in bf16 at 16–32) makes exact ties between tokens."""
@@ -330,6 +358,20 @@ def encode_prompt(tokenizer, text: str, raw: bool = False) -> list[int]:
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
     return tokenizer(text)["input_ids"]
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """Prompt ids of a conversation: the tokenizer's chat template (as `encode_prompt` applies it to
+    one user message), or, without one, the contents on separate lines."""
+    if not messages:
+        raise SpecKVError("the conversation has no messages")
+    if not getattr(tokenizer, "chat_template", None):
+        return encode_prompt(tokenizer, "\n".join(str(m["content"]) for m in messages), raw=True)
+    try:
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as error:  # the template rejects the conversation (e.g. roles out of order)
+        raise SpecKVError(f"the chat template rejects these messages: {first_line(error)}") from error
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
 def _display_name(source: str) -> str:

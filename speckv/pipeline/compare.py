@@ -18,12 +18,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from speckv.controllers import make_controller
-from speckv.decoding.drafters import Drafter, make_drafter, model_drafter
-from speckv.decoding.engine import SpeculativeDecoder
+from speckv.decoding.builder import DecoderSpec
+from speckv.decoding.drafters import Drafter
 from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
-from speckv.pipeline.local_costs import give_costs
 
 
 @dataclass(frozen=True)
@@ -152,23 +150,18 @@ def _runner(
         return (
             lambda prompt: _hf_generate(target, model, method.hf_assistant or {}, prompt, max_new_tokens)
         ), None
-    controller = drafter = cost_source = None
-    if method.controller:
-        controller = make_controller(method.controller, gamma_max=gamma_max, compression=target.compression)
-        if method.drafter:
-            drafter = make_drafter(
-                method.drafter, target, tree=controller.tree, chains_ok=not controller.needs_tree
-            )
-        elif isinstance(draft, LoadedModel):
-            drafter = model_drafter(draft, target, tree=controller.tree)
-        elif draft is not None:
-            if controller.needs_tree and not draft.branches:
-                raise SpecKVError(f"{draft.name} drafts chains: {method.controller} needs a tree drafter")
-            drafter = draft
-        cost_source = give_costs(controller, method.costs, target, drafter, progress)
-        if cost_source is not None:
-            controller.follow_costs = method.follow_costs
-    decoder = SpeculativeDecoder(target, drafter, controller)
+    spec = DecoderSpec(
+        target,
+        draft=(method.drafter or draft) if method.controller else None,
+        controller=method.controller,
+        gamma_max=gamma_max,
+        costs=method.costs,
+        target_only=not method.controller,
+    )
+    decoders = spec.build(progress)
+    if decoders.cost_source is not None:
+        decoders.controller.follow_costs = method.follow_costs
+    decoder = decoders.new()
 
     def run(prompt: list[int]) -> tuple[list[int], dict]:
         result = decoder.generate(prompt, max_new_tokens)
@@ -180,7 +173,7 @@ def _runner(
         }
         return result.token_ids, stats
 
-    return run, cost_source
+    return run, decoders.cost_source
 
 
 def _hf_generate(

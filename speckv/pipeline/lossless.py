@@ -20,9 +20,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from speckv.controllers import make_controller
+from speckv.decoding.builder import DecoderFactory
 from speckv.decoding.cache import CachedModel
-from speckv.decoding.drafters import Drafter
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.models import LoadedModel
 
@@ -143,18 +142,13 @@ def replay_divergences(
 
 
 def check_prompt(
-    target: LoadedModel,
-    draft: Drafter | LoadedModel,
-    controller_spec: str,
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    prompt_id: str = "prompt",
-    gamma_max: int = 20,
+    decoders: DecoderFactory, prompt_ids: list[int], max_new_tokens: int, prompt_id: str = "prompt"
 ) -> PromptCheck:
-    """Greedy target-only vs speculative decoding of one prompt, and the divergences of the latter."""
+    """Greedy target-only vs speculative decoding of one prompt (a fresh decoder of `decoders`),
+    and the divergences of the latter."""
+    target = decoders.target
     target_only = SpeculativeDecoder(target).generate(prompt_ids, max_new_tokens).token_ids
-    controller = make_controller(controller_spec, gamma_max=gamma_max, compression=target.compression)
-    speculative = SpeculativeDecoder(target, draft, controller).generate(prompt_ids, max_new_tokens).token_ids
+    speculative = decoders.new().generate(prompt_ids, max_new_tokens).token_ids
     dtype = target.compute_dtype
     divergences = replay_divergences(target, prompt_ids, speculative, dtype)
     return PromptCheck(prompt_id, target_only, speculative, divergences, str(dtype).removeprefix("torch."))

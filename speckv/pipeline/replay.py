@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from speckv.controllers import Controller
+from speckv.controllers import Controller, Drafts
 from speckv.costs import CostModel
 from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
 from speckv.decoding.step import run_step
@@ -160,7 +160,7 @@ def replay(
 ) -> PolicyRun:
     """Run `controller` on `trace` through the engine's own step (greedy); time from `cost` (NaN
     without)."""
-    if controller.needs_tree:
+    if controller.drafts is Drafts.TREES:
         raise SpecKVError(
             f"{controller.describe()} budgets tree nodes; replay scores chains (evaluate trees live)"
         )

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from speckv.controllers import make_controller
+from speckv.controllers import Drafts, make_controller
 from speckv.costs import CostModel
 from speckv.errors import SpecKVError
 from speckv.pipeline.replay import Trace, cost_oracle, oracle, replay, target_only
@@ -102,7 +102,7 @@ def replay_consistency(traces: list[Trace], steps: pd.DataFrame, gamma_max: int)
     replayable = [
         spec
         for spec in steps["controller"].unique()
-        if not make_controller(spec, gamma_max=gamma_max).needs_tree
+        if make_controller(spec, gamma_max=gamma_max).drafts is not Drafts.TREES
     ]
     by_unit = {
         key: part for key, part in steps.groupby(["compression", "prompt_id", "controller"], sort=False)

@@ -1,8 +1,9 @@
 """One request's decoding, as the scheduler runs it, and the models every request shares.
 
-`ServedModel` holds the target and draft, loaded once, and builds a fresh `SpeculativeDecoder`
-per request: a decoder keeps one sequence's state (KV caches in its drafter and verifier, the
-controller's adaptation), so concurrent sequences need their own, while the weights are shared.
+`ServedModel` holds the models, loaded once (`speckv.decoding.builder`), and builds a fresh
+`SpeculativeDecoder` per request: a decoder keeps one sequence's state (KV caches in its drafter
+and verifier, the controller's adaptation), so concurrent sequences need their own, while the
+weights are shared.
 
 `Generation` is a scheduler job. The worker thread calls `start` and then `step` once per tick;
 each step's new text goes to the request's asyncio queue as an event (`Delta`, then `Finished`
@@ -13,45 +14,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from speckv.controllers import Controller
-from speckv.decoding.drafters import Drafter, model_drafter
+from speckv.decoding.builder import DecoderFactory
 from speckv.decoding.engine import SpeculativeDecoder
-from speckv.decoding.models import LoadedModel, context_length
+from speckv.decoding.models import context_length
+from speckv.decoding.text import TextOutput
 from speckv.decoding.verify import SamplingConfig
 from speckv.records import StepRecord
 from speckv.server.metrics import ServerMetrics
-from speckv.server.text import TextOutput
 
 
 class ServedModel:
-    """The served models. `draft` is a draft model (each request gets a drafter running it: a
-    chain drafter, or a tree drafter for tree controllers), a function that makes a fresh drafter
-    (model-free drafters), or None (the target alone). `controller` is a prototype, copied for
-    each request, since it adapts to its sequence."""
+    """The served models, loaded once by a `DecoderFactory`, under the id clients send. Each
+    request gets its own decoder from the factory: its own drafter state and a copy of the
+    controller, since both adapt to their sequence."""
 
-    def __init__(
-        self,
-        target: LoadedModel,
-        draft: LoadedModel | Callable[[], Drafter] | None,
-        controller: Controller | None,
-        name: str,
-    ):
-        self.target, self.controller, self.name = target, controller, name
-        if isinstance(draft, LoadedModel):
-            tree = bool(controller is not None and controller.tree)
-            self.new_drafter: Callable[[], Drafter] | None = lambda: model_drafter(draft, target, tree)
-        else:
-            self.new_drafter = draft
-        sample = self.new_drafter() if self.new_drafter is not None else None
-        self.draft = sample.loaded if sample is not None else None  # the draft model, if one runs
-        self.drafter_name = sample.name if sample is not None else None
+    def __init__(self, factory: DecoderFactory, name: str):
+        self.factory, self.name = factory, name
+        self.target = factory.target
+        self.controller = factory.controller
+        self.draft = factory.draft_model  # the draft model, if one runs
+        self.drafter_name = factory.drafter.name if factory.drafter is not None else None
 
     @property
     def tokenizer(self):
@@ -65,21 +53,11 @@ class ServedModel:
         return min(known) if known else None
 
     def describe(self) -> dict:
-        speculative = self.new_drafter is not None and self.controller is not None
-        return {
-            "controller": self.controller.describe() if speculative else None,
-            "compression": self.target.compression,
-            "draft": self.drafter_name,
-        }
+        config = self.factory.describe()
+        return {key: config[key] for key in ("controller", "compression", "draft")}
 
     def decoder(self, sampling: SamplingConfig, ignore_eos: bool = False) -> SpeculativeDecoder:
-        drafter = controller = None
-        if self.new_drafter is not None:
-            drafter = self.new_drafter()
-            controller = copy.deepcopy(self.controller)
-        return SpeculativeDecoder(
-            self.target, drafter, controller, sampling, eos_token_ids=() if ignore_eos else None
-        )
+        return self.factory.new(sampling, eos_token_ids=() if ignore_eos else None)
 
 
 @dataclass

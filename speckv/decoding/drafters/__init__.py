@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from speckv.controllers.base import Drafts
 from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
 from speckv.decoding.drafters.feature import FeatureDrafter, FeatureTreeDrafter
 from speckv.decoding.drafters.hybrid import HybridTreeDrafter, SwitchingChainDrafter
@@ -13,13 +14,14 @@ from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
 
 
-def make_drafter(source: str, target: LoadedModel, tree: bool = False, chains_ok: bool = False) -> Drafter:
-    """A drafter from its spec: `ngram[:MIN-MAX]` (model-free, default 1-4), a feature head's
-    directory (chains; trees for tree:N), a draft model loaded for `target` (a token tree when `tree`, for tree
-    controllers), or `DRAFT+ngram[:MIN-MAX]`: with a tree controller the model's tree with n-gram
-    candidates as an extra branch, with a chain controller the n-gram continuation instead of the
-    model's chain at steps where the sequence's suffix has a long earlier match. The shipped name: `demo` (or `demo-model`), the demo target's draft model.
-    `chains_ok`: the controller also plans chains (a feature head is then no error)."""
+def make_drafter(source: str, target: LoadedModel, drafts: Drafts = Drafts.CHAINS) -> Drafter:
+    """A drafter from its spec, for a controller whose budget counts `drafts`: `ngram[:MIN-MAX]`
+    (model-free chains, default 1-4); a feature head's directory (chains, its token trees for
+    TREES); a draft model loaded for `target` (a token tree unless the controller plans chains);
+    or `DRAFT+ngram[:MIN-MAX]`: for trees the model's tree with n-gram candidates as an extra
+    branch, for chains the n-gram continuation instead of the model's chain at steps where the
+    sequence's suffix has a long earlier match. The shipped name: `demo` (or `demo-model`), the
+    demo target's draft model."""
     vocab_size = target.model.config.vocab_size
     base, plus, ngram = source.partition("+")
     if base.partition(":")[0] == "ngram" and not plus:
@@ -31,13 +33,13 @@ def make_drafter(source: str, target: LoadedModel, tree: bool = False, chains_ok
             raise SpecKVError(f"'{source}': n-gram branches join a draft model's tree, not a feature head's")
         chain = load_feature_drafter(base, target)
         # SpecKV's tree model is fitted on a draft model's signals: with a head it plans chains.
-        return FeatureTreeDrafter(chain) if tree and not chains_ok else chain
-    drafter = model_drafter(load_draft(base, target), target, tree)
+        return FeatureTreeDrafter(chain) if drafts is Drafts.TREES else chain
+    drafter = model_drafter(load_draft(base, target), target, drafts)
     if not plus:
         return drafter
     if ngram.partition(":")[0] != "ngram":
         raise SpecKVError(f"'{source}': only n-gram candidates join a draft model: DRAFT+ngram[:MIN-MAX]")
-    if tree:
+    if drafter.branches:
         return HybridTreeDrafter(drafter, _ngram(ngram, vocab_size))
     return SwitchingChainDrafter(drafter, _ngram(ngram, vocab_size))
 
@@ -53,9 +55,11 @@ def _ngram(spec: str, vocab_size: int) -> NGramDrafter:
         ) from None
 
 
-def model_drafter(draft: LoadedModel, target: LoadedModel, tree: bool = False) -> Drafter:
-    """The drafter that runs a loaded draft model: token trees or chains."""
-    return ModelTreeDrafter(draft) if tree else ModelDrafter(draft, target.model.config.vocab_size)
+def model_drafter(draft: LoadedModel, target: LoadedModel, drafts: Drafts = Drafts.CHAINS) -> Drafter:
+    """The drafter that runs a loaded draft model: token trees unless the controller plans chains."""
+    if drafts is Drafts.CHAINS:
+        return ModelDrafter(draft, target.model.config.vocab_size)
+    return ModelTreeDrafter(draft)
 
 
 __all__ = [
