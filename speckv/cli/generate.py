@@ -33,6 +33,12 @@ def register(sub) -> None:
     decoding.add_argument("--max-new-tokens", type=int, default=128)
     decoding.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     decoding.add_argument("--top-p", type=float, default=1.0)
+    decoding.add_argument(
+        "--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)"
+    )
+    decoding.add_argument(
+        "--min-p", type=float, default=0.0, help="drop tokens below min-p × the top one's (0 = off)"
+    )
     decoding.add_argument("--seed", type=int, help="seed for sampling")
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object per prompt with the step records"
@@ -66,7 +72,8 @@ def run(args) -> int:
     threads = configure_threads(args.threads)
     controller = chosen_controller(args, compression) if draft_source else None
     items = prompt_items(args)
-    sampling = SamplingConfig(args.temperature, args.top_p, args.seed)
+    sampling = SamplingConfig(args.temperature, args.top_p, args.seed, args.top_k, args.min_p)
+    sampling.check()  # before any model loads
 
     target = load_model("demo" if args.demo else args.target, compression, args.device, args.fp32_head)
     draft = (
@@ -104,6 +111,8 @@ def run(args) -> int:
                     "costs": getattr(controller, "cost_source", None),
                     "temperature": args.temperature,
                     "top_p": args.top_p,
+                    "top_k": args.top_k,
+                    "min_p": args.min_p,
                     "max_new_tokens": args.max_new_tokens,
                 },
                 "steps": [step.to_dict() for step in result.steps],
