@@ -14,7 +14,6 @@ sampled output follows the target's distribution.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -124,13 +123,17 @@ class SpecKV:
         do_sample: bool | None = None,
         temperature: float | None = None,
         top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        min_new_tokens: int = 0,
         seed: int | None = None,
         stop: str | Sequence[str] = (),
         raw: bool = False,
     ) -> Completion:
-        """Decode one prompt to the end: EOS, a `stop` string (cut from the text) or
-        `max_new_tokens`. Greedy unless `do_sample` (or a temperature > 0 is given)."""
-        chunks = self._run(prompt, max_new_tokens, do_sample, temperature, top_p, seed, stop, raw)
+        """Decode one prompt to the end: EOS (not before `min_new_tokens`), a `stop` string (cut
+        from the text) or `max_new_tokens`. Greedy unless `do_sample` (or a temperature > 0)."""
+        sampling = sampling_config(do_sample, temperature, top_p, top_k, min_p, seed)
+        chunks = self._run(prompt, max_new_tokens, min_new_tokens, sampling, stop, raw)
         text = "".join(chunks)
         return chunks.completion(text)
 
@@ -142,19 +145,23 @@ class SpecKV:
         do_sample: bool | None = None,
         temperature: float | None = None,
         top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        min_new_tokens: int = 0,
         seed: int | None = None,
         stop: str | Sequence[str] = (),
         raw: bool = False,
     ) -> Iterator[str]:
         """The same decoding as `generate`, yielding text as each step completes it."""
-        yield from self._run(prompt, max_new_tokens, do_sample, temperature, top_p, seed, stop, raw)
+        sampling = sampling_config(do_sample, temperature, top_p, top_k, min_p, seed)
+        yield from self._run(prompt, max_new_tokens, min_new_tokens, sampling, stop, raw)
 
-    def _run(self, prompt, max_new_tokens, do_sample, temperature, top_p, seed, stop, raw) -> _Chunks:
-        sampling = sampling_config(do_sample, temperature, top_p, seed)
+    def _run(self, prompt, max_new_tokens, min_new_tokens, sampling, stop, raw) -> _Chunks:
         prompt_ids = self.encode(prompt, raw)
         self.decoders.check_context(len(prompt_ids), max_new_tokens)
         stops = [stop] if isinstance(stop, str) else list(stop)
-        return _Chunks(self, self._decoder(sampling), prompt_ids, max_new_tokens, stops)
+        decoder = self._decoder(sampling)
+        return _Chunks(self, decoder, prompt_ids, max_new_tokens, min_new_tokens, stops)
 
     def _decoder(self, sampling: SamplingConfig) -> SpeculativeDecoder:
         decoder = self._idle.pop(sampling, None)
@@ -165,28 +172,30 @@ class SpecKV:
 
 
 def sampling_config(
-    do_sample: bool | None, temperature: float | None, top_p: float, seed: int | None
+    do_sample: bool | None,
+    temperature: float | None,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
 ) -> SamplingConfig:
     """HF's meaning: greedy unless `do_sample` (default: sample when a temperature > 0 is given),
-    temperature 1 when sampling without one."""
-    if temperature is not None and (not math.isfinite(temperature) or temperature < 0):
-        raise SpecKVError(f"temperature must be a finite number ≥ 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise SpecKVError(f"top_p must be in (0, 1], got {top_p}")
+    temperature 1 when sampling without one; the filters are checked either way."""
+    SamplingConfig(0.0 if temperature is None else temperature, top_p, seed, top_k, min_p).check()
     sample = bool(temperature) if do_sample is None else do_sample
-    if not sample:
+    if not sample:  # the filters never move the argmax: greedy is greedy
         return SamplingConfig(0.0, 1.0, seed)
     if temperature == 0:
         raise SpecKVError("do_sample=True needs a temperature > 0 (or leave it out: 1.0)")
-    return SamplingConfig(1.0 if temperature is None else temperature, top_p, seed)
+    return SamplingConfig(1.0 if temperature is None else temperature, top_p, seed, top_k, min_p)
 
 
 class _Chunks:
     """The text pieces of one decoding, as an iterator; `completion` sums them up at the end."""
 
-    def __init__(self, owner: SpecKV, decoder: SpeculativeDecoder, prompt_ids, max_new_tokens, stops):
+    def __init__(self, owner: SpecKV, decoder: SpeculativeDecoder, prompt_ids, max_new, min_new, stops):
         self.owner, self.decoder, self.prompt_ids = owner, decoder, prompt_ids
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.min_new_tokens = max_new, min_new
         self.output = TextOutput(owner.tokenizer, stops)
         self.tokens: list[int] = []
         self.steps: list[StepRecord] = []
@@ -194,7 +203,7 @@ class _Chunks:
 
     def __iter__(self) -> Iterator[str]:
         started = time.perf_counter()
-        stream = self.decoder.stream(self.prompt_ids, self.max_new_tokens)
+        stream = self.decoder.stream(self.prompt_ids, self.max_new_tokens, self.min_new_tokens)
         try:
             for record, new_tokens in stream:
                 if not self.steps:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EOS_ID
+from conftest import EOS_ID, loaded, tiny_model
 from test_engine import reference_greedy
 
 import speckv
@@ -91,6 +91,20 @@ def test_prompts_as_text_messages_or_ids(tiny_target):
         pair.generate("   ")
 
 
+def test_min_new_tokens_holds_the_stop_token_back(tiny_target, tiny_drafts):
+    prompt = [5, 9, 12, 5, 9]
+    free = reference_greedy(tiny_target.model, prompt, 30)
+    first = next(i for i, t in enumerate(free) if i >= 3 and t not in free[:i])
+    # The same weights with that token as EOS: the free run ends there.
+    target = loaded(tiny_model(seed=0, head_scale=20.0, eos=free[first]), "target")
+    pair = speckv.load(target, tiny_drafts["close"], controller="fixed:3")
+    ended = pair.generate(prompt, max_new_tokens=30)
+    assert ended.finish_reason == "stop" and ended.token_ids == free[: first + 1]
+    held = pair.generate(prompt, max_new_tokens=30, min_new_tokens=first + 4)
+    assert free[first] not in held.token_ids[: first + 4] and len(held.token_ids) > first + 4
+    assert held.token_ids[:first] == free[:first]
+
+
 def test_calls_reuse_one_decoder_per_sampling_setting(tiny_target, tiny_drafts):
     pair = speckv.load(tiny_target, tiny_drafts["close"], controller="heuristic")
     pair.generate([5, 9], max_new_tokens=8)
@@ -102,15 +116,19 @@ def test_calls_reuse_one_decoder_per_sampling_setting(tiny_target, tiny_drafts):
 
 
 def test_sampling_follows_hugging_faces_names():
-    assert sampling_config(None, None, 1.0, None) == SamplingConfig(0.0, 1.0)  # greedy by default
-    assert sampling_config(None, 0.7, 0.9, 5) == SamplingConfig(0.7, 0.9, 5)  # a temperature samples
-    assert sampling_config(True, None, 1.0, None) == SamplingConfig(1.0, 1.0)  # HF's default temperature
-    assert sampling_config(False, 0.7, 0.9, None) == SamplingConfig(0.0, 1.0)  # do_sample=False wins
+    assert sampling_config(None, None) == SamplingConfig(0.0, 1.0)  # greedy by default
+    assert sampling_config(None, 0.7, 0.9, seed=5) == SamplingConfig(0.7, 0.9, 5)  # a temperature samples
+    assert sampling_config(True, None) == SamplingConfig(1.0, 1.0)  # HF's default temperature
+    assert sampling_config(False, 0.7, 0.9, 4, 0.1) == SamplingConfig(0.0, 1.0)  # do_sample=False wins
+    assert sampling_config(True, 0.5, 1.0, 4, 0.1) == SamplingConfig(0.5, 1.0, None, 4, 0.1)
     for args, message in (
-        ((True, 0.0, 1.0, None), "needs a temperature"),
-        ((None, -1.0, 1.0, None), "temperature"),
-        ((None, float("nan"), 1.0, None), "temperature"),
-        ((None, 0.5, 0.0, None), "top_p"),
+        ((True, 0.0), "needs a temperature"),
+        ((None, -1.0), "temperature"),
+        ((None, float("nan")), "temperature"),
+        ((None, 0.5, 0.0), "top_p"),
+        ((False, None, 1.0, -1), "top_k"),
+        ((True, None, 1.0, 0, 2.0), "min_p"),
+        ((True, None, 1.0, 0, 0.0, 2**64), "seed"),
     ):
         with pytest.raises(SpecKVError, match=message):
             sampling_config(*args)

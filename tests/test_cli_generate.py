@@ -45,6 +45,23 @@ def test_generate_json_and_losslessness(capsys, tiny_model_dirs):
     assert json.loads(out)["token_ids"] == speculative["token_ids"]
 
 
+def test_top_k_and_min_p_reach_the_sampler(capsys, tiny_model_dirs):
+    """Sampling among the top 1 token, or the tokens at least as likely as the top one, is greedy
+    decoding: the options took effect (plain sampling at temperature 2 strays from it)."""
+    common = ["generate", "--target", str(tiny_model_dirs["target"]), "--prompt", "w5 w6 w7", "--json"]
+    common += ["--draft", str(tiny_model_dirs["draft"]), "--gamma", "3", "--max-new-tokens", "12"]
+
+    def tokens(*options: str) -> list[int]:
+        code, out, _ = run(capsys, *common, *options)
+        assert code == 0
+        return json.loads(out)["token_ids"]
+
+    greedy = tokens()
+    assert tokens("--temperature", "2", "--seed", "1") != greedy
+    assert tokens("--temperature", "2", "--seed", "1", "--top-k", "1") == greedy
+    assert tokens("--temperature", "2", "--seed", "1", "--min-p", "1") == greedy
+
+
 def test_generate_prints_text_and_summary(capsys, tiny_model_dirs):
     code, out, err = run(
         capsys,
@@ -121,6 +138,12 @@ def bad_input_cases(dirs):
         (
             base + ["--target", target, "--no-draft", "--max-new-tokens", "0"],
             "max-new-tokens must be at least 1",
+        ),
+        (base + ["--target", target, "--no-draft", "--top-k", "-1"], "top_k must be an integer ≥ 0"),
+        (base + ["--target", target, "--no-draft", "--min-p", "1.5"], "min_p must be in [0, 1]"),
+        (
+            base + ["--target", target, "--no-draft", "--seed", "-1"],
+            "seed must be an integer in [0, 2^64 - 1]",
         ),
     ]
 

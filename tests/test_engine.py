@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +78,17 @@ def test_verifying_a_prefix_of_the_drafts_stays_lossless(tiny_target, tiny_draft
     assert sampler.asked == 0 and all(s.gamma == s.drafted for s in sampled.steps)
 
 
+def test_greedy_ignores_the_sampling_filters(tiny_target, tiny_drafts):
+    """top_k, top_p and min_p never drop the most likely token, so greedy decoding is unchanged."""
+    config = SamplingConfig(0.0, top_p=0.1, top_k=2, min_p=0.9)
+    for draft in (None, tiny_drafts["close"]):
+        controller = make_controller("fixed:3") if draft else None
+        decoder = SpeculativeDecoder(tiny_target, draft, controller, config, eos_token_ids=())
+        assert decoder.generate(PROMPTS[1], 15).token_ids == reference_greedy(
+            tiny_target.model, PROMPTS[1], 15
+        )
+
+
 def test_target_only_equals_reference(tiny_target):
     for prompt in PROMPTS:
         result = SpeculativeDecoder(tiny_target, eos_token_ids=()).generate(prompt, max_new_tokens=17)
@@ -142,7 +155,7 @@ def test_cache_rollback_matches_fresh_forward(tiny_target, tiny_drafts):
 def sampled_first_two(target, draft, spec, config: SamplingConfig, runs: int) -> np.ndarray:
     counts = np.zeros((SMALL_VOCAB, SMALL_VOCAB))
     for seed in range(runs):
-        seeded = SamplingConfig(config.temperature, config.top_p, seed=seed)
+        seeded = replace(config, seed=seed)
         controller = make_controller(spec) if draft else None
         result = SpeculativeDecoder(target, draft, controller, seeded, eos_token_ids=()).generate([3, 1], 3)
         counts[result.token_ids[0], result.token_ids[1]] += 1
@@ -158,17 +171,26 @@ def small_pair():
 
 @pytest.mark.parametrize(
     ("config", "spec"),
-    [(SamplingConfig(1.0), "fixed:2"), (SamplingConfig(0.7, top_p=0.8), "fixed:3")],
+    [
+        (SamplingConfig(1.0), "fixed:2"),
+        (SamplingConfig(0.7, top_p=0.8), "fixed:3"),
+        (SamplingConfig(1.0, top_k=3), "fixed:2"),  # top-k 3 of 5 removes 30% of the mass here
+        (SamplingConfig(0.9, min_p=0.3), "fixed:3"),
+    ],
 )
 def test_speculative_sampling_follows_target_distribution(small_pair, config, spec):
     """Seeds are fixed, so the test is deterministic; with fresh seeds its false-failure rate is 0.1%
-    (it fails when p < 0.001). The draft's own distribution fails the same test (power check)."""
+    (it fails when p < 0.001). The draft's own distribution fails the same test (power check), and
+    so does the target's distribution without the filters (they do change it)."""
     target, draft = small_pair
     exact = exact_first_two(target.model, [3, 1], config)
     counts = sampled_first_two(target, draft, spec, config, runs=1200)
     assert chi_square_p(counts, exact) > 1e-3
     draft_counts = sampled_first_two(draft, None, None, config, runs=1200)
     assert chi_square_p(draft_counts, exact) < 1e-3
+    unfiltered = SamplingConfig(config.temperature)
+    if config != unfiltered:
+        assert chi_square_p(counts, exact_first_two(target.model, [3, 1], unfiltered)) < 1e-3
 
 
 def test_sampling_is_reproducible_with_a_seed(small_pair):

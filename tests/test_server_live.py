@@ -75,6 +75,25 @@ def test_openai_client_completions_and_errors(client):
         client.completions.create(model="gpt-4", prompt=PROMPT)
 
 
+def test_openai_client_passes_vllm_fields_and_gets_refusals_by_name(client):
+    options = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 2.0, "seed": 5}
+    greedy = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0)
+    top_1 = client.completions.create(**options, extra_body={"top_k": 1, "min_tokens": 2})
+    assert top_1.choices[0].text == greedy.choices[0].text
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(**options, extra_body={"repetition_penalty": 1.3})
+    assert error.value.body["param"] == "repetition_penalty"
+
+
+def test_head_through_uvicorn(live):
+    url, _ = live
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for path in ("/health", "/metrics"):
+            response = http.head(path)
+            assert response.status_code == 200 and response.content == b"", path
+        assert http.get("/docs").status_code == 404
+
+
 def test_client_hanging_up_mid_stream_frees_its_slot(live):
     url, app = live
     scheduler, registry = app.state.scheduler, app.state.metrics.registry

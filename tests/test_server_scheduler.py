@@ -62,6 +62,24 @@ def test_round_robin_fifo_and_bounded_queue():
     assert (a.started, b.started, c.started) == (1, 1, 1)
 
 
+def test_the_busy_message_states_the_limits_not_a_passing_count():
+    """A slot freed since the last tick still holds its next job in the queue: the counts of that
+    moment (1 running, 2 waiting here; "3 running and 65 waiting" with 4 and 64) misstate the
+    limits, so the 429 names the limits."""
+    scheduler = Scheduler(max_running=2, max_queue=1)
+    for job in (FakeJob("a", 1), FakeJob("b", 5), FakeJob("c", 5)):
+        scheduler.submit(job)
+    scheduler.tick()  # a and b start, a finishes: its slot waits for the next tick
+    scheduler.submit(FakeJob("d", 5))
+    assert (scheduler.running, scheduler.waiting) == (1, 2)
+    with pytest.raises(QueueFull) as error:
+        scheduler.submit(FakeJob("e", 1))
+    assert str(error.value) == (
+        "the server is busy: all 2 running slots and 1 queue places are taken "
+        "(--max-running 2, --max-queue 1); retry later"
+    )
+
+
 def test_cancel_failure_and_shutdown():
     scheduler = Scheduler(max_running=1, max_queue=3)
     running, failing, waiting = FakeJob("r", 10), FakeJob("f", 5, fail_at=1), FakeJob("w", 1)

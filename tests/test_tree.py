@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -37,6 +38,7 @@ from speckv.decoding.tree import (
     depths,
     greedy_tree_accept,
     is_chain,
+    row_depths,
     sampling_tree_accept,
     tree_attention,
     tree_positions,
@@ -60,6 +62,9 @@ def test_shape_helpers_by_hand():
     assert tree_positions(PARENTS, start=7) == [7, 7, 8, 8, 9]
     assert tree_positions(PARENTS, start=7, unseen=2) == [7, 8, 9, 9, 10, 10, 11]
     assert chain_parents(3) == [-1, 0, 1] and is_chain([-1, 0, 1]) and not is_chain(PARENTS)
+    # Row 0 scores the token after the root; row i + 1 the token after node i, depth(i) + 1 in.
+    assert row_depths(PARENTS) == [0, 1, 1, 2, 2, 3]
+    assert row_depths(chain_parents(3)) == [0, 1, 2, 3] and row_depths([]) == [0]
     with pytest.raises(SpecKVError, match="parent must come before"):
         check_parents([-1, 2, 0])
 
@@ -179,16 +184,16 @@ def test_tree_caches_equal_a_fresh_pass_after_every_step(tiny_target, tiny_draft
     assert branched >= 3 and off_prefix >= 2  # the trees branched, and side branches were kept
 
 
-def test_sampling_with_trees_follows_the_target_distribution():
+@pytest.mark.parametrize("config", [SamplingConfig(1.0), SamplingConfig(1.0, top_k=3, min_p=0.3)])
+def test_sampling_with_trees_follows_the_target_distribution(config):
     target = loaded(tiny_model(seed=10, vocab=SMALL_VOCAB, head_scale=6.0, eos=0), "small-target")
     draft = loaded(tiny_model(seed=11, vocab=SMALL_VOCAB, head_scale=6.0, eos=0), "small-draft")
-    config = SamplingConfig(1.0)
     exact = exact_first_two(target.model, [3, 1], config)
     counts = np.zeros((SMALL_VOCAB, SMALL_VOCAB))
     drafter = ModelTreeDrafter(draft, top_k=2)
     for seed in range(1200):
         decoder = SpeculativeDecoder(
-            target, drafter, make_controller("tree:4"), SamplingConfig(1.0, seed=seed), ()
+            target, drafter, make_controller("tree:4"), replace(config, seed=seed), ()
         )
         result = decoder.generate([3, 1], 3)
         counts[result.token_ids[0], result.token_ids[1]] += 1

@@ -31,6 +31,12 @@ def register(sub) -> None:
     decoding.add_argument("--max-new-tokens", type=int, default=128)
     decoding.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     decoding.add_argument("--top-p", type=float, default=1.0)
+    decoding.add_argument(
+        "--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)"
+    )
+    decoding.add_argument(
+        "--min-p", type=float, default=0.0, help="drop tokens below min-p × the top one's (0 = off)"
+    )
     decoding.add_argument("--seed", type=int, help="seed for sampling")
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object per prompt with the step records"
@@ -53,7 +59,8 @@ def run(args) -> int:
     if args.max_new_tokens < 1:
         raise SpecKVError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     items = prompt_items(args)
-    sampling = SamplingConfig(args.temperature, args.top_p, args.seed)
+    sampling = SamplingConfig(args.temperature, args.top_p, args.seed, args.top_k, args.min_p)
+    sampling.check()  # before any model loads
 
     factory = build_decoders(spec)
     target = factory.target
@@ -80,6 +87,8 @@ def run(args) -> int:
                     **config,
                     "temperature": args.temperature,
                     "top_p": args.top_p,
+                    "top_k": args.top_k,
+                    "min_p": args.min_p,
                     "max_new_tokens": args.max_new_tokens,
                 },
                 "steps": [step.to_dict() for step in result.steps],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from speckv.cli.options import (
@@ -41,6 +42,14 @@ def register(sub) -> None:
         default=256,
         help="completion length when a request sets no max_tokens (default 256, capped by the context)",
     )
+    server.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: the "
+        "environment variable SPECKV_API_KEY; unset: no key)",
+    )
+    server.add_argument(
+        "--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)"
+    )
     server.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
     parser.set_defaults(func=run)
 
@@ -56,9 +65,24 @@ def build_app(args):
         raise SpecKVError("--default-max-tokens must be at least 1")
     if not 0 <= args.port <= 65535:
         raise SpecKVError(f"--port must be in 0..65535, got {args.port}")
+    api_key = api_key_of(args)
     factory = build_decoders(spec)
     served = ServedModel(factory, args.model_name or factory.target.name)
-    return create_app(served, args.max_running, args.max_queue, args.default_max_tokens)
+    return create_app(
+        served, args.max_running, args.max_queue, args.default_max_tokens, api_key=api_key, docs=args.docs
+    )
+
+
+def api_key_of(args) -> str | None:
+    """--api-key, else SPECKV_API_KEY; an empty one is refused rather than taken as "no key"."""
+    if args.api_key is not None:
+        if not args.api_key.strip():
+            raise SpecKVError("--api-key is empty")
+        return args.api_key
+    key = os.environ.get("SPECKV_API_KEY")
+    if key is not None and not key.strip():
+        raise SpecKVError("SPECKV_API_KEY is set but empty: unset it to serve without a key")
+    return key
 
 
 def run(args) -> int:
@@ -67,9 +91,10 @@ def run(args) -> int:
     app = build_app(args)
     served = app.state.served
     how = f"{served.drafter_name}, {served.controller.describe()}" if served.drafter_name else "target only"
+    key = ", API key required" if app.state.api_key else ""
     print(
         f"speckv: serving '{served.name}' ({served.target.precision}, {how}) on "
-        f"http://{args.host}:{args.port}/v1",
+        f"http://{args.host}:{args.port}/v1{key}",
         file=sys.stderr,
     )
     try:

@@ -41,24 +41,25 @@ class SpeculativeDecoder:
         if draft is not None and controller is None:
             raise SpecKVError("a draft model needs a controller (e.g. fixed:4)")
         sampling = sampling or SamplingConfig()
-        if not sampling.temperature >= 0 or not 0 < sampling.top_p <= 1:  # `not >=` also rejects NaN
-            raise SpecKVError("temperature must be ≥ 0 and top_p in (0, 1]")
+        sampling.check()
         if isinstance(draft, LoadedModel):
             draft = model_drafter(draft, target, controller.drafts)
         self.target, self.drafter, self.controller, self.sampling = target, draft, controller, sampling
         self.eos_ids = frozenset(target.eos_token_ids if eos_token_ids is None else eos_token_ids)
         hidden_layers = draft.target_hidden_layers if draft is not None else ()
-        self.verifier = TargetVerifier(target, sampling, hidden_layers)
+        self.verifier = TargetVerifier(target, sampling, hidden_layers, self.eos_ids)
         if controller is not None:
             controller.bind(draft)
         self._streaming = False
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int = 128) -> GenerationResult:
+    def generate(
+        self, prompt_ids: list[int], max_new_tokens: int = 128, min_new_tokens: int = 0
+    ) -> GenerationResult:
         start = time.perf_counter()
         tokens: list[int] = []
         steps: list[StepRecord] = []
         first_token_s = 0.0
-        for record, new_tokens in self.stream(prompt_ids, max_new_tokens):
+        for record, new_tokens in self.stream(prompt_ids, max_new_tokens, min_new_tokens):
             if not steps:
                 first_token_s = time.perf_counter() - start
             steps.append(record)
@@ -69,22 +70,32 @@ class SpeculativeDecoder:
         )
 
     def stream(
-        self, prompt_ids: list[int], max_new_tokens: int = 128
+        self, prompt_ids: list[int], max_new_tokens: int = 128, min_new_tokens: int = 0
     ) -> Iterator[tuple[StepRecord, list[int]]]:
-        """Yield (step record, tokens emitted by that step) until EOS or `max_new_tokens`."""
+        """Yield (step record, tokens emitted by that step) until EOS or `max_new_tokens`. No stop
+        token comes before the `min_new_tokens`-th new token: the target's distribution is the
+        one conditioned on not stopping yet, in the target-only loop as in the speculative one."""
         if not prompt_ids:
             raise SpecKVError("the prompt is empty")
         if max_new_tokens < 1:
             raise SpecKVError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if min_new_tokens < 0:
+            raise SpecKVError(f"min_new_tokens must be at least 0, got {min_new_tokens}")
+        vocab = getattr(self.target.model.config, "vocab_size", None)
+        # Holding back every token would leave nothing to decode (softmax of all -inf is NaN).
+        if min_new_tokens > 0 and vocab and len({t for t in self.eos_ids if 0 <= t < vocab}) >= vocab:
+            raise SpecKVError("min_new_tokens needs a token that is not a stop token")
         if self._streaming:
             raise SpecKVError("this decoder is already decoding a sequence; use one decoder per stream")
         self._streaming = True
         try:
-            yield from self._steps(list(prompt_ids), max_new_tokens)
+            yield from self._steps(list(prompt_ids), max_new_tokens, min_new_tokens)
         finally:
             self._streaming = False
 
-    def _steps(self, tokens: list[int], max_new_tokens: int) -> Iterator[tuple[StepRecord, list[int]]]:
+    def _steps(
+        self, tokens: list[int], max_new_tokens: int, min_new_tokens: int
+    ) -> Iterator[tuple[StepRecord, list[int]]]:
         generator = None
         if self.sampling.seed is not None:
             generator = torch.Generator().manual_seed(self.sampling.seed)
@@ -92,7 +103,7 @@ class SpeculativeDecoder:
             self.controller.reset()
         if self.drafter is not None:
             self.drafter.begin()
-        self.verifier.begin()
+        self.verifier.begin(len(tokens), min_new_tokens)
         produced = step = 0
         while produced < max_new_tokens:
             # Each step emits accepted + 1 tokens, so drafting more than remaining - 1 is waste.

@@ -74,7 +74,7 @@ def measure_costs(
     greedy = SamplingConfig()
     verifier = TargetVerifier(target, greedy)
     drafter = ModelDrafter(draft, target.model.config.vocab_size)
-    verifier.begin()
+    verifier.begin(len(prompt))
     drafter.begin()
     started = time.perf_counter()
     verifier.verify(prompt, [], [], [], None)

@@ -370,7 +370,7 @@ def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
     try:
         rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as error:  # the template rejects the conversation (e.g. roles out of order)
-        raise SpecKVError(f"the chat template rejects these messages: {first_line(error)}") from error
+        raise SpecKVError(f"the chat template rejects these messages: {error}") from error
     return tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 

@@ -1,29 +1,47 @@
 """The target's side of a step: one forward over the unseen tokens plus the draft, then the
-verification maths of `speckv.decoding.verify` (greedy matching or lossless rejection sampling)."""
+verification maths of `speckv.decoding.verify` (greedy matching or lossless rejection sampling).
+
+The target's rows are first reshaped by the rules that define the distribution being decoded
+(stop tokens held back before `min_tokens`, then the sampling warps), so both greedy matching
+and rejection sampling verify against that distribution, and stay exact for it."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 
 from speckv.decoding.cache import CachedModel
 from speckv.decoding.drafters.base import Verdict
 from speckv.decoding.models import LoadedModel
-from speckv.decoding.tree import greedy_tree_accept, is_chain, sampling_tree_accept
-from speckv.decoding.verify import SamplingConfig, rejection_verify, warp_probs
+from speckv.decoding.tree import greedy_tree_accept, is_chain, row_depths, sampling_tree_accept
+from speckv.decoding.verify import SamplingConfig, hold_back_stops, rejection_verify, warp_probs
 
 
 class TargetVerifier:
     """Verifies drafted tokens with `target` and its KV cache; `hidden_layers` = layers whose
-    hidden states go back to the drafter (a feature head), empty for most drafters."""
+    hidden states go back to the drafter (a feature head), empty for most drafters. `stop_ids`
+    are the tokens `begin`'s `min_tokens` holds back."""
 
-    def __init__(self, target: LoadedModel, sampling: SamplingConfig, hidden_layers: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        target: LoadedModel,
+        sampling: SamplingConfig,
+        hidden_layers: tuple[int, ...] = (),
+        stop_ids: Iterable[int] = (),
+    ):
         self.model = CachedModel(target)
         self.sampling = sampling
         self.hidden_layers = hidden_layers
+        self.stop_ids = frozenset(stop_ids)
+        self._prompt_length = self._min_tokens = 0
 
-    def begin(self) -> None:
+    def begin(self, prompt_length: int, min_tokens: int = 0) -> None:
+        """A new sequence whose first `prompt_length` tokens are the prompt; no stop token may
+        come before its `min_tokens`-th new token."""
         self.model.reset()
         self._base, self._path = 0, []
+        self._prompt_length, self._min_tokens = prompt_length, min_tokens
 
     def verify(
         self,
@@ -43,6 +61,10 @@ class TargetVerifier:
             parents=None if chain else parents,
         )
         logits = out.logits[0]
+        if self._min_tokens > 0:
+            produced = len(context) - self._prompt_length
+            before = [produced + depth for depth in row_depths(parents)]
+            logits = hold_back_stops(logits, before, self._min_tokens, self.stop_ids)
         hidden = tuple(out.hidden_states[i][0] for i in self.hidden_layers) if self.hidden_layers else None
         if self.sampling.greedy:
             path, token = greedy_tree_accept(drafted, parents, logits.argmax(-1).tolist())

@@ -33,6 +33,12 @@ def depths(parents: list[int]) -> list[int]:
     return out
 
 
+def row_depths(parents: list[int]) -> list[int]:
+    """For each target row of a verify pass, how many drafted tokens come before the token it
+    scores: 0 for row 0 (after the root), depth + 1 for row i + 1 (after node i)."""
+    return [0] + [depth + 1 for depth in depths(parents)]
+
+
 def is_chain(parents: list[int]) -> bool:
     return all(parent == i - 1 for i, parent in enumerate(parents))
 

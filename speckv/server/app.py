@@ -4,6 +4,10 @@ Handlers check and tokenize a request, submit a `Generation` to the scheduler an
 events, as one JSON body or as server-sent events (OpenAI's chunks, then `data: [DONE]`). They
 never run a model: the scheduler's worker thread does. A client that goes away cancels its
 generation, which frees its slot at the next step.
+
+With an API key every path but `/health` needs it (`speckv.server.auth`). The interactive docs
+(`/docs`, `/redoc`, `/openapi.json`) are off unless asked for (`docs=True`, `serve --docs`): they
+would publish the server's whole surface to anyone who can reach the port.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from speckv.decoding import models
 from speckv.decoding.models import encode_prompt
 from speckv.errors import SpecKVError
+from speckv.server.auth import BearerAuth
 from speckv.server.generation import Delta, Failed, Finished, Generation, ServedModel
 from speckv.server.metrics import ServerMetrics
 from speckv.server.protocol import (
@@ -31,6 +37,7 @@ from speckv.server.protocol import (
     chat_messages,
     check_common,
     check_model,
+    clip,
     completion_prompt,
     error_body,
 )
@@ -45,8 +52,13 @@ def create_app(
     max_queue: int = 64,
     default_max_tokens: int = 256,
     on_step: Callable | None = None,
+    api_key: str | None = None,
+    docs: bool = False,
 ) -> FastAPI:
-    """An app serving `served`; its scheduler's worker runs while the app's lifespan does."""
+    """An app serving `served`; its scheduler's worker runs while the app's lifespan does.
+    `api_key`: required of every request but /health; `docs`: serve /docs, /redoc, /openapi.json."""
+    if api_key is not None and not api_key:  # the middleware is built lazily: say it now
+        raise SpecKVError("the API key is empty: give a non-empty key, or none to serve without one")
     metrics = ServerMetrics()
     scheduler = Scheduler(max_running, max_queue, on_queue=metrics.set_queue, on_step=on_step)
 
@@ -58,8 +70,17 @@ def create_app(
         finally:
             await asyncio.to_thread(scheduler.stop)  # waits for the step in progress
 
-    app = FastAPI(title="speckv", lifespan=lifespan)
+    app = FastAPI(
+        title="speckv",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    if api_key is not None:
+        app.add_middleware(BearerAuth, key=api_key)
     app.state.served, app.state.metrics, app.state.scheduler = served, metrics, scheduler
+    app.state.api_key = api_key is not None  # whether one is required (never the key itself)
     started = int(time.time())
 
     @app.exception_handler(APIError)
@@ -73,11 +94,17 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
         # FastAPI's default is a 422 with its own shape; OpenAI clients expect 400 and `error`.
-        first = error.errors()[0] if error.errors() else {}
+        errors = error.errors()
+        # An unknown field beats the other errors: in a union (a message's content) pydantic also
+        # reports every other member's mismatch, which would hide the field's name.
+        first = next((e for e in errors if e.get("type") == "extra_forbidden"), errors[0] if errors else {})
         location = [str(part) for part in first.get("loc", ()) if part != "body"]
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             message, location = "the request body is not valid JSON", []
+        elif first.get("type") == "extra_forbidden":  # see speckv.server.protocol's policy
+            location[-1] = clip(location[-1])
+            message = f"unrecognized request argument '{'.'.join(location)}': this server does not support it"
         elif location:
             message = f"{'.'.join(location)}: {message}"
         return JSONResponse(
@@ -100,6 +127,11 @@ def create_app(
         from prometheus_client import CONTENT_TYPE_LATEST
 
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # HEAD as well (load balancers and uptime checks probe with it); out of the schema, where it
+    # would repeat the GET's operation.
+    for path, endpoint in (("/health", health), ("/metrics", metrics_endpoint)):
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
     def model_card() -> dict:
         return {
@@ -143,7 +175,7 @@ def create_app(
     async def respond(
         kind, body, max_tokens: int | None, prompt_ids: list[int], request: Request
     ) -> Response:
-        decoding = check_common(body, max_tokens)
+        decoding = check_common(body, max_tokens, served.target.model.config.vocab_size)
         limit = served.context_limit
         if limit is not None and len(prompt_ids) >= limit:
             raise APIError(
@@ -161,6 +193,11 @@ def create_app(
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        if decoding.min_tokens > decoding.max_tokens:
+            raise APIError(
+                f"min_tokens {decoding.min_tokens} exceeds max_tokens {decoding.max_tokens}",
+                param="min_tokens",
+            )
         job = Generation(
             served,
             prompt_ids,
@@ -169,6 +206,8 @@ def create_app(
             decoding.stops,
             metrics,
             decoding.ignore_eos,
+            decoding.stop_token_ids,
+            decoding.min_tokens,
         )
         try:
             scheduler.submit(job)
@@ -263,14 +302,8 @@ def sse(payload: dict) -> str:
 
 
 def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
-    """Prompt ids of a conversation: the tokenizer's chat template (as `speckv generate` applies
-    it to one user message), or, without one, the contents on separate lines."""
+    """Prompt ids of a conversation (`speckv.decoding.models.encode_messages`); its errors as 400s."""
     try:
-        if not getattr(tokenizer, "chat_template", None):
-            return encode_prompt(tokenizer, "\n".join(m["content"] for m in messages), raw=True)
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return models.encode_messages(tokenizer, messages)
     except SpecKVError as error:
         raise APIError(str(error), param="messages") from None
-    except Exception as error:  # the template rejects the conversation (e.g. roles out of order)
-        raise APIError(f"the chat template rejects these messages: {error}", param="messages") from None
-    return tokenizer(rendered, add_special_tokens=False)["input_ids"]

@@ -17,7 +17,7 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from speckv.decoding.builder import DecoderFactory
@@ -56,8 +56,14 @@ class ServedModel:
         config = self.factory.describe()
         return {key: config[key] for key in ("controller", "compression", "draft")}
 
-    def decoder(self, sampling: SamplingConfig, ignore_eos: bool = False) -> SpeculativeDecoder:
-        return self.factory.new(sampling, eos_token_ids=() if ignore_eos else None)
+    def decoder(
+        self, sampling: SamplingConfig, ignore_eos: bool = False, stop_token_ids: Sequence[int] = ()
+    ) -> SpeculativeDecoder:
+        """A fresh decoder; it stops at the target's EOS (unless `ignore_eos`) and `stop_token_ids`."""
+        eos = None  # the target's own
+        if ignore_eos or stop_token_ids:
+            eos = [*(() if ignore_eos else self.target.eos_token_ids), *stop_token_ids]
+        return self.factory.new(sampling, eos_token_ids=eos)
 
 
 @dataclass
@@ -80,7 +86,10 @@ class Failed:
 
 
 class Generation:
-    """A request being decoded: its decoder, text output, statistics and event queue."""
+    """A request being decoded: its decoder, text output, statistics and event queue. It stops at
+    EOS (unless `ignore_eos`), at one of `stop_token_ids` or at a stop string; the decoder holds
+    the stop tokens back until `min_tokens` new tokens, not stop strings (text the client asked
+    to end at)."""
 
     def __init__(
         self,
@@ -91,10 +100,13 @@ class Generation:
         stops: list[str],
         metrics: ServerMetrics,
         ignore_eos: bool = False,
+        stop_token_ids: Sequence[int] = (),
+        min_tokens: int = 0,
     ):
         self.id = uuid.uuid4().hex[:24]
         self.served, self.prompt_ids, self.max_tokens = served, prompt_ids, max_tokens
         self.sampling, self.ignore_eos, self.metrics = sampling, ignore_eos, metrics
+        self.min_tokens = min_tokens
         self.output = TextOutput(served.tokenizer, stops)
         self.events: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -106,9 +118,9 @@ class Generation:
         self.generated = 0
         # Built here, on the event loop: construction runs no model (caches start empty), and an
         # option the decoder refuses becomes a 400 for this request instead of a failed job.
-        self._decoder: SpeculativeDecoder | None = served.decoder(sampling, ignore_eos)
+        self._decoder: SpeculativeDecoder | None = served.decoder(sampling, ignore_eos, stop_token_ids)
         self._stream: Iterator[tuple[StepRecord, list[int]]] | None = None
-        self._eos_ids = self._decoder.eos_ids  # empty with ignore_eos
+        self._eos_ids = self._decoder.eos_ids  # stop_token_ids only with ignore_eos
         self._last_token: int | None = None
 
     @property
@@ -120,7 +132,7 @@ class Generation:
 
     # -- worker thread ---------------------------------------------------------------------
     def start(self) -> None:
-        self._stream = self._decoder.stream(self.prompt_ids, self.max_tokens)
+        self._stream = self._decoder.stream(self.prompt_ids, self.max_tokens, self.min_tokens)
         self.metrics.prompt_tokens.inc(len(self.prompt_ids))
 
     def step(self) -> bool:

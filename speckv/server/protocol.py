@@ -1,24 +1,39 @@
 """The OpenAI API's shapes: request bodies, their checks, errors, and response / chunk bodies.
 
-Requests are pydantic models that let unknown fields through (clients send options this server
-ignores, e.g. `user`), and reject options that would change the output in ways the server cannot
-honour (`n` > 1, log-probabilities, penalties) rather than silently ignoring them. Every error is
-OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, raised as `APIError`.
+Every request field is honoured or refused with a 400 that names it; none is silently ignored:
+
+- honoured: `model`, `messages` / `prompt`, `max_tokens` (`max_completion_tokens`),
+  `temperature`, `top_p`, `seed`, `stop`, `stream`, `stream_options.include_usage`, and vLLM's
+  `top_k`, `min_p`, `min_tokens`, `stop_token_ids` and `ignore_eos`;
+- accepted although they do nothing here, because they cannot change a completion: `user`,
+  `metadata`, `store`, `service_tier`, `prompt_cache_key`, `safety_identifier`,
+  `parallel_tool_calls`, and the neutral value of an option this server cannot honour (`n` 1,
+  penalties 0, `repetition_penalty` 1, `logit_bias` {}, `logprobs` false, `response_format`
+  {"type": "text"}, `tool_choice` "none" or "auto" with no tools, …), which clients send by
+  default. In messages, `name` and `tool_call_id` go to the chat template; empty `tool_calls`,
+  `function_call`, `audio`, `refusal` and `annotations` (what a replayed reply carries) pass;
+- refused: any other value of those options, and every field not declared here (OpenAI refuses
+  unrecognised arguments as well; new ones may change the output in ways nobody would notice).
+
+Types are strict, as OpenAI's are: "10" is not an integer, `true` not a number, "yes" not a
+boolean; only an integer passes for a number (temperature 1). Every error is OpenAI's shape,
+`{"error": {"message", "type", "param", "code"}}`, raised as `APIError`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from speckv.decoding.verify import SamplingConfig
+from speckv.decoding.verify import SEED_LIMIT, SamplingConfig
 
 MAX_STOPS = 16
 ROLES = ("system", "developer", "user", "assistant", "tool")
+ECHO_LIMIT = 64  # characters of a client's value quoted back in an error message
 
 
 class APIError(Exception):
@@ -43,49 +58,84 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+def clip(text: str, limit: int = ECHO_LIMIT) -> str:
+    """`text` cut to `limit` characters and "…", to quote a client's value without echoing it whole."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
-class CommonRequest(BaseModel):
+class Strict(BaseModel):
+    """Unknown fields and loosely typed values are errors (see the module doc)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(Strict):
+    include_usage: bool | None = None
+
+
+class CommonRequest(Strict):
     """Fields shared by chat and text completions."""
 
-    model_config = ConfigDict(extra="allow")
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    top_k: int | None = None  # vLLM's: -1 or 0 keeps every token
+    min_p: float | None = None  # vLLM's
     seed: int | None = None
     stop: str | list[str] | None = None
-    stream: bool = False
+    stop_token_ids: list[int] | None = None  # vLLM's: more stop tokens besides the model's EOS
+    min_tokens: int | None = None  # vLLM's: no EOS or stop token before this many new tokens
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
+    ignore_eos: bool | None = None  # vLLM's: no stop at the model's EOS (load tests)
+    # Options with only a neutral value accepted (`refused`).
     n: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    ignore_eos: bool = False  # vLLM's extension: decode exactly max_tokens (load tests)
+    response_format: dict[str, Any] | None = None
+    # Accepted, without effect on a completion.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
-    def unsupported(self) -> dict[str, bool]:
-        """Options the request uses that this server cannot honour, by name."""
-        return {
-            "n": self.n not in (None, 1),
-            "presence_penalty": bool(self.presence_penalty),
-            "frequency_penalty": bool(self.frequency_penalty),
-            "logit_bias": bool(self.logit_bias),
+    def refused(self) -> dict[str, str]:
+        """The options this request uses that the server cannot honour: name -> what it accepts."""
+        checks = {
+            "n": (self.n not in (None, 1), "only 1"),
+            "presence_penalty": (bool(self.presence_penalty), "only 0"),
+            "frequency_penalty": (bool(self.frequency_penalty), "only 0"),
+            "repetition_penalty": (self.repetition_penalty not in (None, 1), "only 1"),
+            "logit_bias": (bool(self.logit_bias), "only an empty one"),
+            "response_format": (
+                self.response_format not in (None, {"type": "text"}),
+                'only {"type": "text"}',
+            ),
         }
+        return {name: accepted for name, (used, accepted) in checks.items() if used}
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ContentPart(Strict):
     type: str
     text: str | None = None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(Strict):
     role: str
     content: str | list[ContentPart] | None = None
+    name: str | None = None  # passed to the chat template
+    tool_call_id: str | None = None  # passed to the chat template
+    # What a replayed assistant reply carries; only empty values pass (`chat_messages`).
+    tool_calls: list[Any] | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    refusal: str | None = None
+    annotations: list[Any] | None = None  # citations of the content: nothing to render
 
 
 class ChatRequest(CommonRequest):
@@ -94,13 +144,27 @@ class ChatRequest(CommonRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # about tools, which are refused: no effect
+    functions: list[Any] | None = None  # the older tools
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
 
-    def unsupported(self) -> dict[str, bool]:
-        return super().unsupported() | {
-            "logprobs": bool(self.logprobs),
-            "top_logprobs": bool(self.top_logprobs),
-            "tools": bool(self.tools),
+    def refused(self) -> dict[str, str]:
+        checks = {
+            "logprobs": (bool(self.logprobs), "only false"),
+            "top_logprobs": (bool(self.top_logprobs), "only 0"),
+            "tools": (bool(self.tools), "no tools"),
+            "tool_choice": (self.tool_choice not in (None, "none", "auto"), '"none" or "auto"'),
+            "functions": (bool(self.functions), "no functions"),
+            "function_call": (self.function_call not in (None, "none", "auto"), '"none" or "auto"'),
+            "modalities": (self.modalities not in (None, ["text"]), '["text"]'),
+            "audio": (self.audio is not None, "no audio"),
+            "prediction": (self.prediction is not None, "no predicted output"),
         }
+        return super().refused() | {name: why for name, (used, why) in checks.items() if used}
 
 
 class CompletionRequest(CommonRequest):
@@ -110,13 +174,14 @@ class CompletionRequest(CommonRequest):
     suffix: str | None = None
     logprobs: int | None = None  # a count: 0 still asks for the sampled tokens' log-probabilities
 
-    def unsupported(self) -> dict[str, bool]:
-        return super().unsupported() | {
-            "logprobs": self.logprobs is not None,
-            "echo": bool(self.echo),
-            "best_of": self.best_of not in (None, 1),
-            "suffix": bool(self.suffix),
+    def refused(self) -> dict[str, str]:
+        checks = {
+            "logprobs": (self.logprobs is not None, "none"),
+            "echo": (bool(self.echo), "only false"),
+            "best_of": (self.best_of not in (None, 1), "only 1"),
+            "suffix": (bool(self.suffix), "only an empty one"),
         }
+        return super().refused() | {name: why for name, (used, why) in checks.items() if used}
 
 
 @dataclass
@@ -127,24 +192,30 @@ class Decoding:
     sampling: SamplingConfig
     stops: list[str]
     ignore_eos: bool
+    stop_token_ids: list[int] = field(default_factory=list)
+    min_tokens: int = 0
 
 
 def check_model(requested: str | None, served: str) -> None:
     if requested is not None and requested != served:
         raise APIError(
-            f"The model '{requested}' does not exist; this server serves '{served}'",
+            f"The model '{clip(requested)}' does not exist; this server serves '{served}'",
             status=404,
             param="model",
             code="model_not_found",
         )
 
 
-def check_common(request: CommonRequest, max_tokens: int | None) -> Decoding:
+def check_common(request: CommonRequest, max_tokens: int | None, vocab_size: int) -> Decoding:
     """Range checks with OpenAI's defaults (temperature 1, top_p 1); `max_tokens` may be unset."""
-    unsupported = request.unsupported()
-    for name, used in unsupported.items():
-        if used:
-            raise APIError(f"'{name}' is not supported by this server", param=name, code="unsupported")
+    refused = request.refused()
+    if refused:
+        name, accepted = next(iter(refused.items()))
+        raise APIError(
+            f"'{name}' is not supported by this server (it accepts {accepted})",
+            param=name,
+            code="unsupported",
+        )
     if max_tokens is not None and max_tokens < 1:
         raise APIError(f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
     temperature = 1.0 if request.temperature is None else request.temperature
@@ -153,10 +224,26 @@ def check_common(request: CommonRequest, max_tokens: int | None) -> Decoding:
     top_p = 1.0 if request.top_p is None else request.top_p
     if not math.isfinite(top_p) or not 0 < top_p <= 1:
         raise APIError(f"top_p must be in (0, 1], got {top_p}", param="top_p")
+    top_k = 0 if request.top_k in (None, -1) else request.top_k  # vLLM's -1: every token
+    if top_k < 0:
+        raise APIError(f"top_k must be -1 or 0 (every token) or at least 1, got {top_k}", param="top_k")
+    min_p = 0.0 if request.min_p is None else request.min_p
+    if not math.isfinite(min_p) or not 0 <= min_p <= 1:
+        raise APIError(f"min_p must be in [0, 1], got {min_p}", param="min_p")
+    seed = request.seed
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise APIError(f"seed must be an integer in [0, 2^64 - 1], got {clip(str(seed))}", param="seed")
     stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
     if len(stops) > MAX_STOPS or any(not stop for stop in stops):
         raise APIError(f"stop takes 1 to {MAX_STOPS} non-empty strings", param="stop")
-    return Decoding(max_tokens, SamplingConfig(temperature, top_p, request.seed), stops, request.ignore_eos)
+    stop_ids = list(request.stop_token_ids or [])
+    if any(not 0 <= token < vocab_size for token in stop_ids):
+        raise APIError(f"stop_token_ids must be token ids in [0, {vocab_size})", param="stop_token_ids")
+    min_tokens = request.min_tokens or 0
+    if min_tokens < 0:
+        raise APIError(f"min_tokens must be at least 0, got {min_tokens}", param="min_tokens")
+    sampling = SamplingConfig(temperature, top_p, seed, top_k, min_p)
+    return Decoding(max_tokens, sampling, stops, bool(request.ignore_eos), stop_ids, min_tokens)
 
 
 def chat_messages(request: ChatRequest) -> list[dict]:
@@ -167,9 +254,16 @@ def chat_messages(request: ChatRequest) -> list[dict]:
     for index, message in enumerate(request.messages):
         if message.role not in ROLES:
             raise APIError(
-                f"messages[{index}].role '{message.role}' is not one of {', '.join(ROLES)}",
+                f"messages[{index}].role '{clip(message.role)}' is not one of {', '.join(ROLES)}",
                 param=f"messages.[{index}].role",
             )
+        for name in ("tool_calls", "function_call", "audio", "refusal"):
+            if getattr(message, name):  # a reply's tool calls, audio or refusal: not renderable
+                raise APIError(
+                    f"messages[{index}].{name} is not supported by this server (only empty)",
+                    param=f"messages.[{index}].{name}",
+                    code="unsupported",
+                )
         content = message.content
         if isinstance(content, list):
             if any(part.type != "text" or part.text is None for part in content):
@@ -177,7 +271,11 @@ def chat_messages(request: ChatRequest) -> list[dict]:
             content = "".join(part.text for part in content)
         # A developer message is the newer name of a system message; templates know "system".
         role = "system" if message.role == "developer" else message.role
-        messages.append({"role": role, "content": content or ""})
+        rendered = {"role": role, "content": content or ""}
+        for key in ("name", "tool_call_id"):  # templates that know them render them
+            if getattr(message, key) is not None:
+                rendered[key] = getattr(message, key)
+        messages.append(rendered)
     if not any(m["content"].strip() for m in messages):
         raise APIError("the messages are empty", param="messages")
     return messages

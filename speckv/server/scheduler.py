@@ -87,11 +87,13 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            # Admission happens on the worker, so a job just submitted still counts as waiting.
+            # Admission happens on the worker, so a job just submitted still counts as waiting,
+            # and so does one bound for a slot freed since the last tick: the counts of the
+            # moment (e.g. 3 running, 65 waiting) would misstate the limits, so say those.
             if len(self._waiting) + len(self._running) >= self.max_running + self.max_queue:
                 raise QueueFull(
-                    f"the server is busy: {len(self._running)} requests running and "
-                    f"{len(self._waiting)} waiting (--max-running {self.max_running}, "
+                    f"the server is busy: all {self.max_running} running slots and "
+                    f"{self.max_queue} queue places are taken (--max-running {self.max_running}, "
                     f"--max-queue {self.max_queue}); retry later"
                 )
             self._waiting.append(job)
