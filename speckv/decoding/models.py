@@ -214,6 +214,48 @@ def load_model(
     )
 
 
+def wrap_model(
+    model: torch.nn.Module, tokenizer, name: str | None = None, compression: str | None = None
+) -> LoadedModel:
+    """A causal LM the caller loaded itself (e.g. for `model.generate`) as a `LoadedModel`, so SpecKV
+    can time it and plan for it. `compression` None = read from the model (`model_level`); the name
+    defaults to the last part of where it was loaded from."""
+    source = str(getattr(model, "name_or_path", "") or "")
+    head = model.get_output_embeddings()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name or Path(source).name or type(model).__name__,
+        compression=compression or model_level(model),
+        device=model.device,
+        fp32_head=isinstance(head, _Fp32Head) and model.dtype != torch.float32,
+    )
+
+
+def model_level(model: torch.nn.Module) -> str:
+    """The compression level of a loaded model: its dtype, or quantized weights of the kinds
+    `load_model` makes (bitsandbytes NF4 or 8-bit, torchao INT8 weight-only); else one line
+    saying how to name it."""
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is None:
+        dtype = model.get_input_embeddings().weight.dtype
+        level = next((name for name, known in _DTYPES.items() if known == dtype), None)
+    else:
+        settings = quantization if isinstance(quantization, dict) else quantization.to_dict()
+        if settings.get("load_in_4bit") and settings.get("bnb_4bit_quant_type") == "nf4":
+            level = "nf4"
+        elif settings.get("load_in_8bit") or "Int8WeightOnlyConfig" in str(settings.get("quant_type")):
+            level = "int8"
+        else:
+            level = None
+    if level is None:
+        raise SpecKVError(
+            f"cannot tell the compression level of this {type(model).__name__}: name it "
+            f"(compression=, one of {', '.join(COMPRESSION_LEVELS)})"
+        )
+    return level
+
+
 class _Fp32Head(torch.nn.Linear):
     """An LM head with fp32 weights that upcasts its input: logits are not rounded to bf16/fp16,
     whose spacing at typical logits (0.125 in bf16 at 16–32) makes exact ties between tokens."""
