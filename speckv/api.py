@@ -62,6 +62,8 @@ def load(
     the shipped SpecKV controller for the demo pair, else fixed:4). `costs`: "auto" measures this
     machine's cost curve on first use (cached), "shipped", or a cost file."""
     if not isinstance(target, str | LoadedModel):
+        if tokenizer is None:
+            raise SpecKVError("a loaded model needs its tokenizer: pass tokenizer=")
         target = wrap_model(target, tokenizer)
     elif tokenizer is not None:
         raise SpecKVError("tokenizer= goes with a model object; a path or id brings its own")

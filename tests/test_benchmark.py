@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import loaded, perturbed_copy
 
@@ -41,6 +42,30 @@ def test_hf_assistant_sees_a_reduced_vocabulary_draft_like_ours(tiny_target):
     ]
     results = compare(tiny_target, draft, [[5, 6, 7]], methods, 12, repeats=1, progress=False)
     assert results[0].outputs == results[1].outputs
+
+
+@pytest.mark.parametrize(
+    ("method", "gamma"),
+    [
+        (next(m for m in hf_assisted_methods((3,)) if m.name == "HF assisted (γ=3)"), 3),
+        (Method("HF + SpecKV fixed:2", hf=True, hf_controller="fixed:2"), 2),
+    ],
+)
+def test_hf_rows_draft_what_they_name(tiny_target, tiny_drafts, method, gamma):
+    """transformers reads the schedule from the assistant's own config, not from `generate`'s
+    arguments: the row's draft length must reach it (its default drafts up to 20 a step)."""
+    widths = []
+    hook = tiny_target.model.register_forward_pre_hook(
+        lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        prompt = [3, 4, 5]
+        (result,) = compare(tiny_target, tiny_drafts["identical"], [prompt], [method], 16, 1, progress=False)
+    finally:
+        hook.remove()
+    assert max(widths) == len(prompt) + gamma and gamma + 1 in widths  # the first pass reads the prompt
+    if method.hf_controller:
+        assert result.steps and result.drafted == result.accepted  # the identical draft: all accepted
 
 
 def test_write_results_section_replaces_in_place(tmp_path):

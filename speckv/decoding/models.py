@@ -214,32 +214,49 @@ def load_model(
     )
 
 
-def wrap_model(model: torch.nn.Module, tokenizer, name: str | None = None) -> LoadedModel:
-    """An already-loaded Hugging Face causal LM (and its tokenizer) as the engine sees it; its
-    compression level is read from its weights (a bitsandbytes or torchao quantisation config:
-    int8 or nf4; else the dtype)."""
-    if not hasattr(model, "config") or not hasattr(model, "get_input_embeddings"):
+def wrap_model(
+    model: torch.nn.Module, tokenizer, name: str | None = None, compression: str | None = None
+) -> LoadedModel:
+    """A causal LM the caller loaded itself (e.g. for `model.generate`) as a `LoadedModel`, so SpecKV
+    can time it and plan for it. `compression` None = read from the model (`model_level`); the name
+    defaults to the last part of where it was loaded from."""
+    if not hasattr(model, "config") or not hasattr(model, "get_output_embeddings"):
         raise SpecKVError(f"expected a Hugging Face causal LM, got {type(model).__name__}")
-    if tokenizer is None:
-        raise SpecKVError("a loaded model needs its tokenizer: pass tokenizer=")
-    quantization = getattr(model.config, "quantization_config", None)
-    if quantization is not None:
-        settings = quantization if isinstance(quantization, dict) else vars(quantization)
-        compression = "nf4" if settings.get("load_in_4bit") or settings.get("bnb_4bit_quant_type") else "int8"
-    else:
-        dtype = model.get_input_embeddings().weight.dtype
-        levels = {value: key for key, value in _DTYPES.items()}
-        if dtype not in levels:
-            raise SpecKVError(f"a model with {dtype} weights: SpecKV runs fp32, bf16, fp16, int8 or nf4")
-        compression = levels[dtype]
+    source = str(getattr(model, "name_or_path", "") or "")
+    head = model.get_output_embeddings()
     model.eval()
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
-        name=name or Path(getattr(model.config, "name_or_path", "") or type(model).__name__).name,
-        compression=compression,
-        device=model.get_input_embeddings().weight.device,
+        name=name or Path(source).name or type(model).__name__,
+        compression=compression or model_level(model),
+        device=model.device,
+        fp32_head=isinstance(head, _Fp32Head) and model.dtype != torch.float32,
     )
+
+
+def model_level(model: torch.nn.Module) -> str:
+    """The compression level of a loaded model: its dtype, or quantized weights of the kinds
+    `load_model` makes (bitsandbytes NF4 or 8-bit, torchao INT8 weight-only); else one line
+    saying how to name it."""
+    quantization = getattr(model.config, "quantization_config", None)
+    if quantization is None:
+        dtype = model.get_input_embeddings().weight.dtype
+        level = next((name for name, known in _DTYPES.items() if known == dtype), None)
+    else:
+        settings = quantization if isinstance(quantization, dict) else quantization.to_dict()
+        if settings.get("load_in_4bit") and settings.get("bnb_4bit_quant_type") == "nf4":
+            level = "nf4"
+        elif settings.get("load_in_8bit") or "Int8WeightOnlyConfig" in str(settings.get("quant_type")):
+            level = "int8"
+        else:
+            level = None
+    if level is None:
+        raise SpecKVError(
+            f"cannot tell the compression level of this {type(model).__name__}: name it "
+            f"(compression=, one of {', '.join(COMPRESSION_LEVELS)})"
+        )
+    return level
 
 
 class _Fp32Head(torch.nn.Linear):

@@ -14,3 +14,9 @@ def signal_tensor(log_probs: torch.Tensor, token_index: int) -> torch.Tensor:
     probs = log_probs.exp()
     entropy = -(probs * log_probs).sum() / _LN2
     return torch.stack((entropy, probs.max(), probs[token_index]))
+
+
+def logit_signals(logits: torch.Tensor, token_index: int) -> list[float]:
+    """[entropy in bits, confidence, token probability] of one next-token distribution given as
+    logits, the token at `token_index` of them."""
+    return signal_tensor(torch.log_softmax(logits.float(), -1), token_index).tolist()

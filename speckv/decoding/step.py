@@ -48,6 +48,23 @@ class Verifier(Protocol):
     def rollback(self, kept: int) -> None: ...
 
 
+def asked_budget(controller: Controller) -> int:
+    """`controller.begin_step()`, checked: a budget is an integer ≥ 0."""
+    wanted = controller.begin_step()
+    if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 0:
+        raise SpecKVError(f"{controller.describe()} set a budget of {wanted!r}; budgets are integers ≥ 0")
+    return wanted
+
+
+def asked_prefix(controller: Controller, record: StepRecord) -> int:
+    """`controller.verify_count(record)`, checked: a prefix length, 0 to every drafted token."""
+    drafted = len(record.draft_confidence)
+    keep = controller.verify_count(record)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= drafted:
+        raise SpecKVError(f"{controller.describe()} asked to verify {keep!r} of {drafted} tokens")
+    return keep
+
+
 def run_step(
     step: int,
     context: list[int],
@@ -66,10 +83,7 @@ def run_step(
     started = clock()
     budget = 0
     if controller is not None and drafter is not None:
-        wanted = controller.begin_step()
-        if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 0:
-            raise SpecKVError(f"{controller.describe()} set a budget of {wanted!r}; budgets are integers ≥ 0")
-        budget = min(wanted, cap)
+        budget = min(asked_budget(controller), cap)
     record = StepRecord(step=step, gamma_budget=budget, gamma=0, accepted=0, tokens_produced=0)
     record.controller_time_s = clock() - started
 
@@ -112,9 +126,7 @@ def run_step(
         raise SpecKVError(f"drafter {drafter.name} gave distributions for some proposals but not all")
     if drafted and sampling.greedy:
         asked = clock()
-        keep = controller.verify_count(record)
-        if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= len(drafted):
-            raise SpecKVError(f"{controller.describe()} asked to verify {keep!r} of {len(drafted)} tokens")
+        keep = asked_prefix(controller, record)
         drafted, parents = drafted[:keep], parents[:keep]  # a prefix of a tree is a tree
         record.parents = parents
         record.controller_time_s += clock() - asked

@@ -3,7 +3,8 @@
 Every method decodes the same prompts in the same run, interleaved prompt by prompt so that
 machine drift hits all methods alike; each repeat gives one tokens/s per method (total tokens
 over total time) and the table reports the median over repeats. Methods are our engine with
-any controller (or target-only), and Hugging Face `generate`, alone or assisted by the same draft.
+any controller (or target-only), and Hugging Face `generate`, alone, assisted by the same draft,
+or assisted with a SpecKV controller deciding the draft lengths (`speckv.integrations.hf`).
 """
 
 from __future__ import annotations
@@ -22,18 +23,23 @@ from speckv.decoding.builder import DecoderSpec
 from speckv.decoding.drafters import Drafter
 from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
+from speckv.integrations.hf import SpecKVAssisted, hf_assistant
+from speckv.records import StepRecord
 
 
 @dataclass(frozen=True)
 class Method:
     """`controller` None with `hf` False is our target-only loop; `hf` uses transformers' generate,
-    with `hf_assistant` kwargs for assisted generation (None: the target alone)."""
+    with `hf_assistant` settings of the assistant's generation config for assisted generation
+    (None: the target alone), or with `hf_controller` (a controller spec) through SpecKV's
+    `custom_generate` (`speckv.integrations.hf`)."""
 
     name: str
     controller: str | None = None
     drafter: str | None = None  # e.g. "ngram"; None: the pair's draft model (trees for tree:N)
     hf: bool = False
     hf_assistant: dict | None = None
+    hf_controller: str | None = None
     costs: str = "auto"  # a SpecKV row's cost curve: auto (this machine's), shipped or a file
     follow_costs: bool = True  # a SpecKV row follows the measured step times (off: plans as given)
 
@@ -146,10 +152,7 @@ def _runner(
 ) -> tuple[Callable[[list[int]], tuple[list[int], dict]], str | None]:
     """The method's run(prompt) -> (tokens, stats), and where a SpecKV row's cost curve came from."""
     if method.hf:
-        model = _hf_assistant(assistant) if method.hf_assistant is not None else None
-        return (
-            lambda prompt: _hf_generate(target, model, method.hf_assistant or {}, prompt, max_new_tokens)
-        ), None
+        return _hf_runner(method, target, assistant, max_new_tokens, gamma_max, progress)
     spec = DecoderSpec(
         target,
         draft=(method.drafter or draft) if method.controller else None,
@@ -165,59 +168,75 @@ def _runner(
 
     def run(prompt: list[int]) -> tuple[list[int], dict]:
         result = decoder.generate(prompt, max_new_tokens)
-        stats = {
-            "steps": len(result.steps),
-            "accepted": sum(s.accepted for s in result.steps),
-            "drafted": sum(s.gamma for s in result.steps),
-            "verified": [s.gamma for s in result.steps if s.drafted],
-        }
-        return result.token_ids, stats
+        return result.token_ids, _stats(result.steps)
 
     return run, decoders.cost_source
 
 
-def _hf_generate(
-    target: LoadedModel, assistant, assistant_kwargs: dict, prompt: list[int], max_new_tokens: int
-):
-    input_ids = torch.tensor([prompt], device=target.device)
-    kwargs = {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": False,
-        "attention_mask": torch.ones_like(input_ids),
+def _stats(steps: list[StepRecord]) -> dict:
+    return {
+        "steps": len(steps),
+        "accepted": sum(s.accepted for s in steps),
+        "drafted": sum(s.gamma for s in steps),
+        "verified": [s.gamma for s in steps if s.drafted],
     }
-    if assistant is not None:
-        kwargs["assistant_model"] = assistant
-        kwargs.update(assistant_kwargs)
-    with torch.inference_mode():
-        output = target.model.generate(input_ids, **kwargs)
-    return output[0, len(prompt) :].tolist(), {}
 
 
-class _ScatterHead(torch.nn.Module):
-    """Puts a reduced-vocabulary head's logits on the full vocabulary, for callers that need it."""
-
-    def __init__(self, head: torch.nn.Module, vocab_map: torch.Tensor, vocab_size: int):
-        super().__init__()
-        self.head, self.vocab_map, self.vocab_size = head, vocab_map, vocab_size
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        reduced = self.head(hidden)
-        full = reduced.new_full((*reduced.shape[:-1], self.vocab_size), torch.finfo(reduced.dtype).min)
-        full[..., self.vocab_map] = reduced
-        return full
-
-
-def _hf_assistant(draft: LoadedModel | None):
-    """The same draft as a model HF's assisted generation accepts (full-vocabulary logits)."""
-    if draft is None:
+def _hf_runner(
+    method: Method,
+    target: LoadedModel,
+    assistant: LoadedModel | None,
+    max_new_tokens: int,
+    gamma_max: int,
+    progress: bool,
+) -> tuple[Callable[[list[int]], tuple[list[int], dict]], str | None]:
+    """transformers' `generate`: alone, assisted by `assistant` with the method's settings, or
+    assisted with a SpecKV controller (its cost curve measured here, before any timing)."""
+    if method.hf_assistant is None and method.hf_controller is None:
+        return (lambda prompt: (_hf_generate(target, prompt, max_new_tokens), {})), None
+    if assistant is None:
         raise SpecKVError("HF assisted generation needs a draft model (it cannot run a feature head)")
-    if draft.vocab_map is None:
-        return draft.model
-    assistant = copy.copy(draft.model)
-    assistant._modules = dict(draft.model._modules)  # share the layers, not the module table
-    vocab_size = draft.model.config.vocab_size
-    assistant.lm_head = _ScatterHead(draft.model.lm_head, draft.vocab_map, vocab_size)
-    return assistant
+    if method.hf_controller is None:
+        model = _configured(hf_assistant(assistant), method.hf_assistant)
+        return (
+            lambda prompt: (_hf_generate(target, prompt, max_new_tokens, assistant_model=model), {})
+        ), None
+    assisted = SpecKVAssisted(
+        assistant, method.hf_controller, costs=method.costs, gamma_max=gamma_max, progress=progress
+    )
+    controller = assisted.prepare(target)
+    if assisted.cost_source is not None:
+        controller.follow_costs = method.follow_costs
+
+    def run(prompt: list[int]) -> tuple[list[int], dict]:
+        tokens = _hf_generate(target, prompt, max_new_tokens, custom_generate=assisted)
+        return tokens, _stats(assisted.steps)
+
+    return run, assisted.cost_source
+
+
+def _configured(assistant, settings: dict):
+    """`assistant` with a generation config of its own, updated with `settings`: transformers reads
+    an assistant's schedule (`num_assistant_tokens`, its schedule, the confidence threshold) from
+    the assistant's config, not from `generate`'s arguments, and a heuristic schedule keeps its
+    state there from one call to the next. A shallow copy: the weights are shared."""
+    configured = copy.copy(assistant)
+    configured.generation_config = copy.deepcopy(assistant.generation_config)
+    configured.generation_config.update(**settings)
+    return configured
+
+
+def _hf_generate(target: LoadedModel, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+    input_ids = torch.tensor([prompt], device=target.device)
+    with torch.inference_mode():
+        output = target.model.generate(
+            input_ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            attention_mask=torch.ones_like(input_ids),
+            **kwargs,
+        )
+    return output[0, len(prompt) :].tolist()
 
 
 def speedup_table(results: list[MethodResult], baseline: str = "target only (speckv)") -> str:

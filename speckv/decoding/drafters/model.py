@@ -9,7 +9,7 @@ import torch
 from speckv.decoding.cache import CachedModel
 from speckv.decoding.drafters.base import Drafter, Proposal, Verdict, on_target_vocab
 from speckv.decoding.models import LoadedModel
-from speckv.decoding.signals import signal_tensor
+from speckv.decoding.signals import logit_signals
 from speckv.decoding.verify import SamplingConfig, sample, warp_probs
 
 
@@ -48,9 +48,7 @@ class ModelDrafter(Drafter):
                 index = sample(warped, generator)
                 probs = on_target_vocab(warped, self.vocab_map, self.target_vocab_size)
             token = index if self.vocab_map is None else int(self.vocab_map[index])
-            entropy, confidence, token_prob = signal_tensor(
-                torch.log_softmax(logits.float(), -1), index
-            ).tolist()
+            entropy, confidence, token_prob = logit_signals(logits, index)
             yield Proposal(token, entropy, confidence, token_prob, probs)
             feed = [token]  # fed only if the loop asks for another token
 

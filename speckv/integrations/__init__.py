@@ -1,0 +1,1 @@
+"""SpecKV inside other libraries' decoding loops (`hf`: Hugging Face `generate`)."""
