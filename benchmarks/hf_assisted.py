@@ -23,11 +23,11 @@ from collections import Counter
 import torch
 
 from speckv import datasets
-from speckv.cli.options import configure_threads
 from speckv.decoding.draft_files import load_draft
 from speckv.decoding.models import encode_prompt, load_model
 from speckv.pipeline.compare import Method, MethodResult, compare, speedup_table
 from speckv.util.benchmark_header import write_section
+from speckv.util.threads import configure_threads
 
 BASELINE = "target only (HF generate)"
 OURS = "HF + SpecKV controller (custom_generate)"

@@ -30,6 +30,17 @@ def check_tree_attention(loaded: LoadedModel) -> None:
 
 
 @dataclass
+class Feed:
+    """One sequence's share of a forward pass: its tokens (positions length.. of the sequence),
+    how many last rows need logits, and `parents` when the last len(parents) tokens are a token tree."""
+
+    tokens: list[int]
+    keep: int = 1
+    hidden_states: bool = False
+    parents: list[int] | None = None
+
+
+@dataclass
 class ForwardOutput:
     logits: torch.Tensor  # (batch, keep, vocab)
     hidden_states: tuple[torch.Tensor, ...] | None = None  # per layer (embeddings first), when asked
@@ -59,6 +70,16 @@ def cached_forward(
             output_hidden_states=hidden_states,
         )
     return ForwardOutput(out.logits, out.hidden_states if hidden_states else None)
+
+
+def additive_mask(allowed: torch.Tensor, loaded: LoadedModel) -> torch.Tensor:
+    """A boolean mask as an additive one (0 where allowed, the dtype's minimum elsewhere): SDPA
+    takes either, but eager attention adds the mask to the scores, so a boolean would add 0 or 1
+    and mask nothing."""
+    dtype = loaded.model.get_input_embeddings().weight.dtype
+    if not dtype.is_floating_point:  # quantised embeddings: the activations are float32
+        dtype = torch.float32
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 class CachedModel:
@@ -117,14 +138,7 @@ class CachedModel:
         return out
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        """A boolean mask as an additive one (0 where allowed, the dtype's minimum elsewhere):
-        SDPA takes either, but eager attention adds the mask to the scores, so a boolean would
-        add 0 or 1 and mask nothing."""
-        dtype = self.loaded.model.get_input_embeddings().weight.dtype
-        if not dtype.is_floating_point:  # quantised embeddings: the activations are float32
-            dtype = torch.float32
-        additive = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-        return additive[None, None].to(self.loaded.device)
+        return additive_mask(allowed, self.loaded)[None, None].to(self.loaded.device)
 
     def keep_positions(self, positions: list[int]) -> None:
         """Keep only these positions of the cache (ascending), e.g. the sequence plus the accepted

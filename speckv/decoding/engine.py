@@ -1,4 +1,5 @@
-"""The speculative decoding loop (batch size 1).
+"""The speculative decoding loop, one sequence at a time (`speckv.decoding.batch` steps several
+sequences' runs together, one target pass for all).
 
 Each step is `speckv.decoding.step.run_step`: the controller sets a drafting budget, the drafter
 proposes tokens (asking the controller whether to go on), the target verifies them in one pass,
@@ -15,9 +16,10 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from speckv.controllers import Controller
+from speckv.decoding.cache import Feed, ForwardOutput
 from speckv.decoding.drafters import Drafter, model_drafter
 from speckv.decoding.models import LoadedModel
-from speckv.decoding.step import run_step
+from speckv.decoding.step import DraftedStep, draft_step, run_step, settle_step
 from speckv.decoding.target import TargetVerifier
 from speckv.decoding.verify import SamplingConfig
 from speckv.errors import SpecKVError
@@ -75,6 +77,16 @@ class SpeculativeDecoder:
         """Yield (step record, tokens emitted by that step) until EOS or `max_new_tokens`. No stop
         token comes before the `min_new_tokens`-th new token: the target's distribution is the
         one conditioned on not stopping yet, in the target-only loop as in the speculative one."""
+        run = self.start(prompt_ids, max_new_tokens, min_new_tokens)
+        try:
+            while not run.done:
+                yield run.step()
+        finally:
+            run.close()
+
+    def start(self, prompt_ids: list[int], max_new_tokens: int = 128, min_new_tokens: int = 0) -> SequenceRun:
+        """Begin decoding a sequence, to be stepped alone (`SequenceRun.step`) or in a batch with
+        other decoders' sequences (`speckv.decoding.batch.step_together`); `close` it at the end."""
         if not prompt_ids:
             raise SpecKVError("the prompt is empty")
         if max_new_tokens < 1:
@@ -88,39 +100,92 @@ class SpeculativeDecoder:
         if self._streaming:
             raise SpecKVError("this decoder is already decoding a sequence; use one decoder per stream")
         self._streaming = True
-        try:
-            yield from self._steps(list(prompt_ids), max_new_tokens, min_new_tokens)
-        finally:
-            self._streaming = False
+        return SequenceRun(self, list(prompt_ids), max_new_tokens, min_new_tokens)
 
-    def _steps(
-        self, tokens: list[int], max_new_tokens: int, min_new_tokens: int
-    ) -> Iterator[tuple[StepRecord, list[int]]]:
-        generator = None
-        if self.sampling.seed is not None:
-            generator = torch.Generator().manual_seed(self.sampling.seed)
-        if self.controller is not None:
-            self.controller.reset()
-        if self.drafter is not None:
-            self.drafter.begin()
-        self.verifier.begin(len(tokens), min_new_tokens)
-        produced = step = 0
-        while produced < max_new_tokens:
-            # Each step emits accepted + 1 tokens, so drafting more than remaining - 1 is waste.
-            record, new_tokens = run_step(
-                step,
-                tokens,
-                max_new_tokens - produced - 1,
-                self.controller,
-                self.drafter,
-                self.verifier,
-                self.sampling,
-                self.eos_ids,
-                generator,
-            )
-            tokens.extend(new_tokens)
-            produced += len(new_tokens)
-            step += 1
-            yield record, new_tokens
-            if new_tokens[-1] in self.eos_ids:
-                return
+
+class SequenceRun:
+    """One sequence of a decoder, from its prompt to EOS or its length: the tokens so far and the
+    step counter. `step` runs the next step alone; a batch runs the same step in halves around
+    a shared target pass (`draft`, `feed`, `settle`), or reads a chunk of a long prompt first
+    (`prompt_chunk`), so other sequences need not wait for the whole prompt."""
+
+    def __init__(
+        self, decoder: SpeculativeDecoder, prompt: list[int], max_new_tokens: int, min_new_tokens: int
+    ):
+        self.decoder, self.tokens, self.max_new_tokens = decoder, prompt, max_new_tokens
+        self.generator = None
+        if decoder.sampling.seed is not None:
+            self.generator = torch.Generator().manual_seed(decoder.sampling.seed)
+        if decoder.controller is not None:
+            decoder.controller.reset()
+        if decoder.drafter is not None:
+            decoder.drafter.begin()
+        decoder.verifier.begin(len(prompt), min_new_tokens)
+        self.produced = self.steps = 0
+        self.done = False
+
+    @property
+    def _cap(self) -> int:
+        # Each step emits accepted + 1 tokens, so drafting more than remaining - 1 is waste.
+        return self.max_new_tokens - self.produced - 1
+
+    def step(self) -> tuple[StepRecord, list[int]]:
+        d = self.decoder
+        record, new_tokens = run_step(
+            self.steps,
+            self.tokens,
+            self._cap,
+            d.controller,
+            d.drafter,
+            d.verifier,
+            d.sampling,
+            d.eos_ids,
+            self.generator,
+        )
+        return self._advance(record, new_tokens)
+
+    def unread_prompt(self) -> int:
+        """Prompt tokens the target has not read, the last one left for the first step (which
+        needs its logits); 0 once stepping began. Only a drafter that reads no target features
+        lets its prompt be read in chunks (the feature head needs every position's)."""
+        if self.steps or self.decoder.verifier.hidden_layers:
+            return 0
+        return max(0, len(self.tokens) - 1 - self.decoder.verifier.model.length)
+
+    def prompt_chunk(self, size: int) -> Feed:
+        """The next `size` unread prompt tokens (one row of logits, unread: 0 would mean all rows)."""
+        start = self.decoder.verifier.model.length
+        return Feed(self.tokens[start : start + min(size, self.unread_prompt())], keep=1)
+
+    def draft(self) -> DraftedStep:
+        d = self.decoder
+        return draft_step(
+            self.steps, self.tokens, self._cap, d.controller, d.drafter, d.sampling, d.eos_ids, self.generator
+        )
+
+    def feed(self, pending: DraftedStep) -> Feed:
+        return self.decoder.verifier.feed_for(self.tokens, pending.drafted, pending.parents)
+
+    def settle(
+        self, pending: DraftedStep, out: ForwardOutput, verify_start: float
+    ) -> tuple[StepRecord, list[int]]:
+        d = self.decoder
+        verdict = d.verifier.judge(
+            out, self.tokens, pending.drafted, pending.parents, pending.draft_probs, self.generator
+        )
+        record, new_tokens = settle_step(
+            pending, verdict, self.tokens, d.controller, d.drafter, d.verifier, d.eos_ids, verify_start
+        )
+        return self._advance(record, new_tokens)
+
+    def _advance(self, record: StepRecord, new_tokens: list[int]) -> tuple[StepRecord, list[int]]:
+        self.tokens.extend(new_tokens)
+        self.produced += len(new_tokens)
+        self.steps += 1
+        self.done = self.produced >= self.max_new_tokens or new_tokens[-1] in self.decoder.eos_ids
+        return record, new_tokens
+
+    def close(self) -> None:
+        """The sequence is over (or abandoned): its decoder may start another."""
+        self.done = True
+        self.decoder._streaming = False

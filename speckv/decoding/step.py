@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -65,6 +66,16 @@ def asked_prefix(controller: Controller, record: StepRecord) -> int:
     return keep
 
 
+@dataclass
+class DraftedStep:
+    """A step between drafting and verification: the record so far and what the target verifies."""
+
+    record: StepRecord
+    drafted: list[int]
+    parents: list[int]  # a chain unless the drafter says otherwise (speckv.decoding.tree)
+    draft_probs: list[torch.Tensor]
+
+
 def run_step(
     step: int,
     context: list[int],
@@ -79,7 +90,29 @@ def run_step(
     clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[StepRecord, list[int]]:
     """Run one step after `context` (the whole sequence so far, which the caller extends with the
-    returned tokens); `cap` = the most tokens the step may draft. Returns (record, new tokens)."""
+    returned tokens); `cap` = the most tokens the step may draft. Returns (record, new tokens).
+    A batch of sequences runs the same two halves around one shared target pass
+    (`speckv.decoding.batch`)."""
+    pending = draft_step(step, context, cap, controller, drafter, sampling, eos_ids, generator, clock)
+    verify_start = clock()
+    verdict = verifier.verify(context, pending.drafted, pending.parents, pending.draft_probs, generator)
+    return settle_step(
+        pending, verdict, context, controller, drafter, verifier, eos_ids, verify_start, cost, clock
+    )
+
+
+def draft_step(
+    step: int,
+    context: list[int],
+    cap: int,
+    controller: Controller | None,
+    drafter: Drafter | None,
+    sampling: SamplingConfig,
+    eos_ids: frozenset[int],
+    generator: torch.Generator | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> DraftedStep:
+    """Protocol points 1-3: the budget, the drafting, the verified prefix."""
     started = clock()
     budget = 0
     if controller is not None and drafter is not None:
@@ -88,7 +121,7 @@ def run_step(
     record.controller_time_s = clock() - started
 
     drafted: list[int] = []
-    parents: list[int] = []  # a chain unless the drafter says otherwise (speckv.decoding.tree)
+    parents: list[int] = []
     draft_probs: list[torch.Tensor] = []
     if budget > 0:
         draft_start = clock()
@@ -130,10 +163,25 @@ def run_step(
         drafted, parents = drafted[:keep], parents[:keep]  # a prefix of a tree is a tree
         record.parents = parents
         record.controller_time_s += clock() - asked
-
-    verify_start = clock()
     check_parents(parents)
-    verdict = verifier.verify(context, drafted, parents, draft_probs[: len(drafted)], generator)
+    return DraftedStep(record, drafted, parents, draft_probs[: len(drafted)])
+
+
+def settle_step(
+    pending: DraftedStep,
+    verdict: Verdict,
+    context: list[int],
+    controller: Controller | None,
+    drafter: Drafter | None,
+    verifier: Verifier,
+    eos_ids: frozenset[int],
+    verify_start: float,
+    cost: CostModel | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[StepRecord, list[int]]:
+    """Protocol points 4-5 once the target has judged: the new tokens, both sides rolled back to
+    the kept sequence, the record finished and shown to the controller."""
+    record, drafted, parents = pending.record, pending.drafted, pending.parents
     new_tokens = [*verdict.accepted_tokens, verdict.next_token]
     hit_eos = next((i for i, t in enumerate(new_tokens) if t in eos_ids), None)
     if hit_eos is not None:

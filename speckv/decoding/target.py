@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
-from speckv.decoding.cache import CachedModel
+from speckv.decoding.cache import CachedModel, Feed, ForwardOutput
 from speckv.decoding.drafters.base import Verdict
 from speckv.decoding.models import LoadedModel
 from speckv.decoding.tree import greedy_tree_accept, is_chain, row_depths, sampling_tree_accept
@@ -52,14 +52,30 @@ class TargetVerifier:
         generator: torch.Generator | None,
     ) -> Verdict:
         """One pass over the unseen sequence tokens plus the drafted chain or tree."""
-        self._base = len(context)
-        chain = is_chain(parents)
-        out = self.model.feed(
+        out = self.model.feed(**vars(self.feed_for(context, drafted, parents)))
+        return self.judge(out, context, drafted, parents, draft_probs, generator)
+
+    def feed_for(self, context: list[int], drafted: list[int], parents: list[int]) -> Feed:
+        """What the verify pass feeds: the sequence tokens the cache has not seen, then the draft
+        (a batch runs many sequences' feeds in one pass, `speckv.decoding.batch`)."""
+        return Feed(
             context[self.model.length :] + drafted,
             keep=len(drafted) + 1,
             hidden_states=bool(self.hidden_layers),
-            parents=None if chain else parents,
+            parents=None if is_chain(parents) else parents,
         )
+
+    def judge(
+        self,
+        out: ForwardOutput,
+        context: list[int],
+        drafted: list[int],
+        parents: list[int],
+        draft_probs: list[torch.Tensor],
+        generator: torch.Generator | None,
+    ) -> Verdict:
+        """The verification maths on the pass's rows: greedy matching or rejection sampling."""
+        self._base = len(context)
         logits = out.logits[0]
         if self._min_tokens > 0:
             produced = len(context) - self._prompt_length
@@ -71,7 +87,7 @@ class TargetVerifier:
         else:
             # The random draws use the (CPU) generator, so the few rows they read move to the CPU.
             target_probs = warp_probs(logits, self.sampling).cpu()
-            if chain and drafted and len(draft_probs) == len(drafted):
+            if is_chain(parents) and drafted and len(draft_probs) == len(drafted):
                 # A sampled chain knows its proposal distribution: classic speculative sampling.
                 accepted, token = rejection_verify(
                     torch.tensor(drafted), torch.stack(draft_probs).cpu(), target_probs, generator

@@ -1,0 +1,101 @@
+"""Several sequences in one target pass (`speckv.decoding.batch`): each sequence's output is what
+it is alone, whatever the others draft, however long their prompts, and when they join or end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine import reference_greedy
+
+from speckv.controllers import make_controller
+from speckv.decoding.batch import feed_together, step_together
+from speckv.decoding.cache import CachedModel, Feed
+from speckv.decoding.drafters import ModelTreeDrafter, NGramDrafter
+from speckv.decoding.engine import SpeculativeDecoder
+from speckv.decoding.verify import SamplingConfig
+from speckv.errors import SpecKVError
+
+PROMPTS = [[5], [7, 3, 9, 11, 2], [12, 13, 14, 12, 13, 14, 12, 13], list(range(3, 40)), [9, 9]]
+
+
+def decoders(target, drafts, sampling=None):
+    """A mix: target alone, chains of two drafts, a tree, n-grams."""
+    return [
+        SpeculativeDecoder(target, None, None, sampling, eos_token_ids=()),
+        SpeculativeDecoder(target, drafts["close"], make_controller("fixed:3"), sampling, eos_token_ids=()),
+        SpeculativeDecoder(
+            target, drafts["unrelated"], make_controller("heuristic"), sampling, eos_token_ids=()
+        ),
+        SpeculativeDecoder(
+            target, ModelTreeDrafter(drafts["close"]), make_controller("tree:6"), sampling, eos_token_ids=()
+        ),
+        SpeculativeDecoder(target, NGramDrafter(64), make_controller("fixed:4"), sampling, eos_token_ids=()),
+    ]
+
+
+def run_batch(runs, prompt_budget=None, join_at=None):
+    """Tick until every run is done; `join_at[i]` = the tick run i joins at."""
+    outputs = {i: [] for i in range(len(runs))}
+    tick = 0
+    while not all(run.done for run in runs):
+        live = [i for i, run in enumerate(runs) if not run.done and (join_at or {}).get(i, 0) <= tick]
+        for i, result in zip(live, step_together([runs[i] for i in live], prompt_budget), strict=True):
+            if result is not None:
+                outputs[i].extend(result[1])
+        tick += 1
+    return [outputs[i] for i in range(len(runs))]
+
+
+@pytest.mark.parametrize("prompt_budget", [None, 4])
+def test_each_sequence_of_a_batch_decodes_as_alone(tiny_target, tiny_drafts, prompt_budget):
+    runs = [d.start(p, 20) for d, p in zip(decoders(tiny_target, tiny_drafts), PROMPTS, strict=True)]
+    outputs = run_batch(runs, prompt_budget, join_at={3: 2, 4: 5})  # two join late
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
+        assert output == reference_greedy(tiny_target.model, prompt, 20)
+
+
+def test_a_long_prompt_is_read_in_chunks_while_others_step(tiny_target, tiny_drafts):
+    short, long = decoders(tiny_target, tiny_drafts)[1:3]
+    runs = [short.start([5, 6], 12), long.start(list(range(3, 60)), 4)]
+    first = step_together(runs, prompt_budget=16)
+    # The short one stepped (its pass read its last prompt token); the long one read 15 of 56.
+    assert first[0] is not None and first[1] is None
+    assert long.verifier.model.length == 15
+    outputs = run_batch(runs, prompt_budget=16)
+    assert outputs[1] == reference_greedy(tiny_target.model, list(range(3, 60)), 4)
+
+
+def test_sampled_sequences_in_a_batch_reproduce_their_seeds(tiny_target, tiny_drafts):
+    sampling = SamplingConfig(temperature=1.0, seed=7)
+    alone = [
+        d.generate(p, 16).token_ids
+        for d, p in zip(decoders(tiny_target, tiny_drafts, sampling), PROMPTS, strict=True)
+    ]
+    runs = [
+        d.start(p, 16) for d, p in zip(decoders(tiny_target, tiny_drafts, sampling), PROMPTS, strict=True)
+    ]
+    assert run_batch(runs) == alone
+
+
+def test_feed_together_gives_each_sequence_its_own_logits_and_cache(tiny_target):
+    models = [CachedModel(tiny_target) for _ in range(3)]
+    models[0].feed([5, 6, 7, 8])
+    models[1].feed([9])
+    feeds = [
+        Feed([3, 4], keep=2),
+        Feed([10, 11, 12], keep=1, parents=[-1, -1]),
+        Feed([20, 21, 22, 23, 24], keep=0),
+    ]  # 0: every row, as alone
+    outputs = feed_together(models, feeds)
+    alone = [CachedModel(tiny_target) for _ in range(3)]
+    alone[0].feed([5, 6, 7, 8])
+    alone[1].feed([9])
+    for model, batched, own, feed in zip(alone, models, outputs, feeds, strict=True):
+        expected = model.feed(**vars(feed))
+        assert own.logits.shape == expected.logits.shape
+        torch.testing.assert_close(own.logits, expected.logits, rtol=1e-4, atol=1e-4)
+        assert batched.length == model.length
+        for mine, theirs in zip(batched.cache.layers, model.cache.layers, strict=True):
+            torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-4, atol=1e-4)
+    with pytest.raises(SpecKVError, match="at least one token"):
+        feed_together(models[:2], [Feed([1]), Feed([])])
