@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install demo test lint bench clean
 
-$(STAMP): pyproject.toml
+# The README's install line; constraints.txt pins the CPU torch the tests ran with.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -17,8 +18,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/speckv demo
 
-test: $(STAMP)
-	$(BIN)/ruff check speckv tests benchmarks
+test: lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

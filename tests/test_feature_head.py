@@ -245,7 +245,7 @@ def trained(target, feature_data, tmp_path_factory):
         run,
         [2],
         progress=False,
-        log=lambda m: None,
+        note=lambda m: None,
     )
     return head, history, run, cfg, layers
 

@@ -20,9 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = 300_000
 
 CHILD = """
-import os, sys, time
+import logging, os, sys, time
 from pathlib import Path
+from speckv.cli.main import configure_logging
 from speckv.decoding import sources
+
+configure_logging(logging.INFO)  # the library's messages on stderr, as the CLI prints them
 
 what, source, log, delay, marker = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4]), Path(sys.argv[5])
 

@@ -22,10 +22,10 @@ def run(args) -> int:
     from speckv import datasets
 
     if args.action == "list":
-        datasets.print_sets()
+        print(datasets.sets_table())
     elif args.action == "fetch":
         for name in datasets.SETS if args.name == "all" else (args.name,):
             print(f"{name}: {datasets.fetch(name)}")
     else:
-        datasets.show(args.name, args.split, args.limit)
+        print(datasets.show_text(args.name, args.split, args.limit))
     return 0

@@ -25,4 +25,6 @@ def register(sub) -> None:
 def run(args) -> int:
     from speckv import paper
 
-    return paper.run_command(args.paper_action, args.data, args.out, args.seed)
+    command = {"reproduce": paper.reproduce, "audit": paper.audit}[args.paper_action]
+    print(command(args.data, args.out, args.seed).summary)
+    return 0

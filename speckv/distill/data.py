@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import random
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from speckv.decoding.cache import cached_forward
 from speckv.distill.prompts import EXTRA_SETS
 from speckv.errors import SpecKVError
 from speckv.util.paths import cache_dir
+from speckv.util.progress import progress_bar
 
 DEFAULT_SAMPLES = {"code": 6, "math": 6, "chat": 12, "summarization": 2, "other": 4}
 # Train prompts used per task (file order); summarization has many long prompts, so fewer are used.
@@ -281,8 +281,6 @@ def generate_data(
     """All records of `split` (train, heldout or unfamiliar), generating the missing shards first.
     `max_batches` > 0 keeps the first batches of the plan's fixed shuffled order only: a sample of
     every task, the same shards a full run starts with (data of a run cut short)."""
-    from tqdm import tqdm
-
     shard_dir = work / split
     shard_dir.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(target.tokenizer, gen, split, batch_rows)
@@ -295,9 +293,7 @@ def generate_data(
     pad_id = target.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else target.eos_token_ids[0]
     if missing:
-        bar = tqdm(
-            missing, desc=f"target outputs ({split})", unit="batch", disable=not progress, file=sys.stderr
-        )
+        bar = progress_bar(missing, desc=f"target outputs ({split})", unit="batch", show=progress)
         tokens = 0
         start = time.time()
         for job in bar:

@@ -13,9 +13,10 @@ onto the target's top feature (which is what the target's head reads).
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,9 @@ import torch
 from speckv.decoding.feature_head import FeatureHead, FeatureHeadConfig
 from speckv.distill.draft_model import build_vocab_map, parse_layers, vocab_lookup
 from speckv.distill.training import batches, distill_loss, format_scores
+from speckv.util.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -238,7 +242,7 @@ def train_feature_head(
     progress: bool = True,
     checkpoint_s: float = 300.0,
     evals_per_epoch: int = 4,
-    log=print,
+    note: Callable[[str], None] = log.info,
     stop_after: int | None = None,
 ):
     """Train (or continue) a feature head; returns (head, vocab_map, history).
@@ -247,8 +251,6 @@ def train_feature_head(
     `evals_per_epoch` times an epoch (a learning curve against the response tokens seen). A
     checkpoint in `run_dir` (every `checkpoint_s` seconds and at each evaluation) is resumed
     exactly: batch order, schedule and optimiser state."""
-    from tqdm import tqdm
-
     from speckv.distill.training import cosine_lr, save_atomic
 
     torch.manual_seed(cfg.seed)
@@ -273,7 +275,7 @@ def train_feature_head(
         state["history"].append(entry)
         with (run_dir / "log.jsonl").open("a") as f:
             f.write(json.dumps(entry) + "\n")
-        log(
+        note(
             f"{entry['tokens']} tokens: "
             + "; ".join(f"{name} {format_scores(entry[name]['overall'])}" for name in refs)
         )
@@ -285,9 +287,9 @@ def train_feature_head(
         head.load_state_dict(saved["head"])
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
-        log(f"resuming from {checkpoint}: epoch {state['epoch'] + 1}, batch {state['batch']}")
+        note(f"resuming from {checkpoint}: epoch {state['epoch'] + 1}, batch {state['batch']}")
     else:
-        log(
+        note(
             f"{len(train)} examples, {sum(e.count for e in train)} response tokens, {steps_per_epoch} steps an epoch"
         )
         evaluate({"epoch": 0, "step": 0, "tokens": 0})
@@ -302,9 +304,9 @@ def train_feature_head(
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
         plan = plan_of(epoch)
-        bar = tqdm(
+        bar = progress_bar(
             total=len(plan), initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-            disable=not progress, file=sys.stderr,
+            show=progress,
         )  # fmt: skip
         for index in range(state["batch"], len(plan)):
             batch = [train[i] for i in plan[index]]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +30,8 @@ from speckv.distill.measure import cost_ratio, loaded_agreement, loaded_head_agr
 from speckv.distill.saving import save_draft, save_feature_head
 from speckv.distill.training import TrainConfig, format_scores, train_draft
 from speckv.errors import SpecKVError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,7 +63,7 @@ def run_distill(config: DistillConfig) -> int:
     work = config.work_dir or default_work_dir(target.name, gen)
     work.mkdir(parents=True, exist_ok=True)
     (work / "gen_config.json").write_text(json.dumps(asdict(gen), indent=2) + "\n")
-    print(f"speckv distill: work directory {work}", file=sys.stderr)
+    log.info("distill work directory: %s", work)
 
     started = time.time()
     references = {split: generate_data(target, gen, work, split) for split in ("heldout", UNFAMILIAR)}
@@ -70,11 +72,12 @@ def run_distill(config: DistillConfig) -> int:
         train = [r for r in train if not r["id"].startswith(config.exclude)]
     gen_s = time.time() - started
     n_tokens = sum(len(r["response"]) for r in train)
-    print(
-        f"data: {len(train)} target continuations of {len({r['id'] for r in train})} train prompts, "
-        f"{n_tokens} response tokens; reference prompts: "
-        + ", ".join(f"{split} {len(records)}" for split, records in references.items()),
-        file=sys.stderr,
+    log.info(
+        "data: %d target continuations of %d train prompts, %d response tokens; reference prompts: %s",
+        len(train),
+        len({r["id"] for r in train}),
+        n_tokens,
+        ", ".join(f"{split} {len(records)}" for split, records in references.items()),
     )
     # The epoch count is not part of the key: rerunning with another epoch count continues the
     # same run (the cosine schedule is stretched or shortened from the current step on).
@@ -87,19 +90,20 @@ def run_distill(config: DistillConfig) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.json").write_text(json.dumps(settings | {"epochs": cfg.epochs}, indent=2) + "\n")
 
-    def log(message: str) -> None:
-        print(message, file=sys.stderr)
+    def note(message: str) -> None:
+        """A line for the user and for the run's log.txt."""
+        log.info(message)
         with (run_dir / "log.txt").open("a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
     started = time.time()
     if feature:
         draft, vocab_map, history = train_feature_head(
-            target.model, train, references, cfg, features, run_dir, target.eos_token_ids, log=log
+            target.model, train, references, cfg, features, run_dir, target.eos_token_ids, note=note
         )
     else:
         draft, vocab_map, history = train_draft(
-            target.model, train, references["heldout"], cfg, run_dir, target.eos_token_ids, log=log
+            target.model, train, references["heldout"], cfg, run_dir, target.eos_token_ids, note=note
         )
     train_s = time.time() - started
     manifest = {
@@ -132,13 +136,13 @@ def run_distill(config: DistillConfig) -> int:
     for split, records in references.items():
         result = measure(loaded, records)
         manifest[f"{split}_agreement"] = _rounded(result)
-        log(f"saved {out}: {split} agreement {format_scores(result['overall'] if feature else result)}")
+        note(f"saved {out}: {split} agreement {format_scores(result['overall'] if feature else result)}")
     prompt = references["heldout"][0]["prompt"].tolist()
     target_cost, draft_cost, _ = cost_ratio(loaded, target, prompt)
     manifest["cost_ratio"] = round(draft_cost / target_cost, 4)
     manifest["time_s"] = {"data_run": round(gen_s), "train_run": round(train_s)}
     save()
-    log(
+    note(
         f"decode cost per token (batch 1, {target.precision}): target {target_cost * 1000:.1f} ms, "
         f"draft {draft_cost * 1000:.1f} ms (ratio {draft_cost / target_cost:.3f})"
     )

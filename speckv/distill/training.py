@@ -9,11 +9,12 @@ where it stopped.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,9 @@ from speckv.distill.draft_model import (
     trainable_state,
     vocab_lookup,
 )
+from speckv.util.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -164,15 +168,13 @@ def train_draft(
     eos_ids: list[int],
     progress: bool = True,
     checkpoint_s: float = 300.0,
-    log=print,
+    note: Callable[[str], None] = log.info,
     stop_after: int | None = None,
 ):
     """Train (or continue training) a draft; returns (draft, vocab_map, history).
 
     A checkpoint in `run_dir` (written every `checkpoint_s` seconds and after each epoch) is
     resumed: batch order, learning-rate schedule and optimiser state continue exactly."""
-    from tqdm import tqdm
-
     torch.manual_seed(cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     vocab_size = target_model.config.vocab_size
@@ -196,15 +198,15 @@ def train_draft(
         draft.load_state_dict(saved["draft"], strict=False)
         optimizer.load_state_dict(saved["optimizer"])
         state = saved["state"]
-        log(f"resuming from {checkpoint}: epoch {state['epoch'] + 1}, batch {state['batch']}")
+        note(f"resuming from {checkpoint}: epoch {state['epoch'] + 1}, batch {state['batch']}")
     elif vocab_map is not None:
         covered = {}
         for example in heldout:
             covered.setdefault(example.task, []).append(example.targets[:, 0] >= 0)
         coverage = {task: float(torch.cat(v).float().mean()) for task, v in covered.items()}
-        log(f"draft vocabulary {len(vocab_map)}: held-out target-argmax coverage {format_scores(coverage)}")
+        note(f"draft vocabulary {len(vocab_map)}: held-out target-argmax coverage {format_scores(coverage)}")
         before = agreement(draft, head, heldout)
-        log(f"before training: held-out agreement {format_scores(before)}")
+        note(f"before training: held-out agreement {format_scores(before)}")
         state["history"].append({"epoch": 0, "agreement": before})
 
     def save_checkpoint():
@@ -216,13 +218,12 @@ def train_draft(
     while state["epoch"] < cfg.epochs:
         epoch = state["epoch"]
         plan = batches(train, cfg.batch_tokens, cfg.seed + epoch)
-        bar = tqdm(
+        bar = progress_bar(
             total=len(plan),
             initial=state["batch"],
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
             unit="step",
-            disable=not progress,
-            file=sys.stderr,
+            show=progress,
         )
         started = time.time()
         for index in range(state["batch"], len(plan)):
@@ -259,7 +260,7 @@ def train_draft(
             "epoch_s": round(time.time() - started, 1),
         }
         state["history"].append(entry)
-        log(f"epoch {epoch + 1}: loss {entry['loss']:.4f}, held-out agreement {format_scores(result)}")
+        note(f"epoch {epoch + 1}: loss {entry['loss']:.4f}, held-out agreement {format_scores(result)}")
         with (run_dir / "log.jsonl").open("a") as f:
             f.write(json.dumps(entry) + "\n")
         state.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_n=0)

@@ -15,17 +15,7 @@ and for the audit `prompts` (prompt recovery, cross-fitting by prompt), `replay`
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from speckv.paper.audit import audit
 from speckv.paper.reproduce import reproduce
 
-__all__ = ["audit", "reproduce", "run_command"]
-
-
-def run_command(action: str, data_dir: str | Path, out_dir: str | Path, seed: int) -> int:
-    """Entry point of `speckv paper reproduce|audit`: run, print the summary, return 0."""
-    command = {"reproduce": reproduce, "audit": audit}[action]
-    result = command(data_dir, out_dir, seed)
-    print(result.summary)
-    return 0
+__all__ = ["audit", "reproduce"]

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import statistics
 
-from tqdm import tqdm
-
 from speckv.controllers import FixedController
 from speckv.costs import CostModel
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
 from speckv.records import GenerationResult
+from speckv.util.progress import progress_bar
 
 
 def calibrate(
@@ -41,7 +40,7 @@ def calibrate(
     for decoder in decoders:  # first calls pay one-off allocations
         decoder.generate(prompts[0][:8], 4)
     runs: list[tuple[int, GenerationResult]] = []
-    bar = tqdm(total=repeats * len(prompts) * len(decoders), desc="calibrate", disable=not progress)
+    bar = progress_bar(total=repeats * len(prompts) * len(decoders), desc="calibrate", show=progress)
     for _ in range(repeats):
         for prompt in prompts:  # interleaved: drift hits every γ alike
             for decoder in decoders:

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from speckv.controllers import make_controller
 from speckv.decoding.cache import CachedModel
@@ -37,6 +36,7 @@ from speckv.decoding.signals import signal_tensor
 from speckv.errors import SpecKVError
 from speckv.pipeline.replay import TRACE_COLUMNS, Trace, trace_to_frame, traces_from_frame
 from speckv.util.files import TMP_SUFFIX, atomic_write, atomic_write_text, read_json
+from speckv.util.progress import progress_bar
 from speckv.util.reporting import markdown_table
 
 SETTINGS_FILE = "profile.json"
@@ -200,7 +200,7 @@ def _run_profile(out_dir, settings, prompts, load_pair, progress) -> dict[str, i
     write_settings(out_dir, settings, prompts)
     counts = {"recorded": 0, "skipped": 0}
     total = len(prompts) * len(settings.compressions)
-    with tqdm(total=total, desc="profile", disable=not progress) as bar:
+    with progress_bar(total=total, desc="profile", show=progress) as bar:
         checked = False
         for compression in settings.compressions:
             needed = [(p, _missing_parts(out_dir, settings, compression, p)) for p in prompts]

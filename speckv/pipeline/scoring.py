@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from speckv.controllers import Drafts, make_controller
 from speckv.costs import CostModel
 from speckv.errors import SpecKVError
 from speckv.pipeline.replay import Trace, cost_oracle, oracle, replay, target_only
 from speckv.util import stats
+from speckv.util.progress import progress_bar
 
 TARGET_ONLY = "target only"
 ORACLE = "oracle (tokens/s)"
@@ -64,7 +64,7 @@ def replay_policies(
         for spec in specs
     }
     rows = []
-    for trace in tqdm(traces, desc="replay", disable=not progress):
+    for trace in progress_bar(traces, desc="replay", show=progress):
         cost = costs[trace.compression]
         runs = {TARGET_ONLY: target_only(trace, cost), ORACLE: cost_oracle(trace, cost)}
         step_oracle = oracle(trace, np.ones(gamma_max + 1))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from speckv.controllers.predictor import AcceptancePredictor
 from speckv.controllers.speckv import CONTEXT_FEATURES, compression_features, top_choice, tree_features
@@ -27,6 +26,7 @@ from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
 from speckv.pipeline.replay import Trace, replay
 from speckv.pipeline.training import ContextRecorder, calibration_table, prediction_scores
+from speckv.util.progress import progress_bar
 
 TOP_K = 4  # the tree drafter's children per node (speckv.decoding.drafters.tree)
 CONTEXT_GAMMA = 4  # the chain policy whose steps give the sequence context of each position
@@ -57,7 +57,7 @@ def tree_rows(
     """One row per (generated position, draft candidate): sequence context, level one-hot, node
     signals, accepted."""
     rows = []
-    for trace in tqdm(traces, desc="tree rows", disable=not progress):
+    for trace in progress_bar(traces, desc="tree rows", show=progress):
         if trace.chains is not None:
             raise SpecKVError(
                 f"{trace.prompt_id}: a feature head's profile; the tree model is fitted for draft models"

