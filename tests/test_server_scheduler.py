@@ -15,6 +15,8 @@ import httpx
 import pytest
 
 from speckv.decoding.builder import DecoderSpec
+from speckv.decoding.engine import SpeculativeDecoder
+from speckv.decoding.models import encode_prompt
 from speckv.server import ServedModel, create_app
 from speckv.server import app as app_module
 from speckv.server.scheduler import QueueFull, Scheduler
@@ -218,3 +220,36 @@ def test_disconnect_frees_the_slot(served, monkeypatch, stream):
     assert after.status_code == 200  # the one slot was free again
     assert sample(app, "speckv:request_failure_total", {"reason": "abort"}) == 1
     assert sample(app, "speckv:generation_tokens_total") < 400 + 3
+
+
+def test_running_requests_share_target_passes_and_decode_as_alone(tiny_target, tiny_drafts):
+    # A mix of drafters: every request's output must be its own greedy decode, batched or not.
+    served = ServedModel(DecoderSpec(tiny_target, tiny_drafts["close"], "tree:4").build(), "tiny")
+    app = create_app(served, max_running=4, max_queue=4, prompt_budget=8)
+    prompts = ["w5 w6 w7", "w9", " ".join(f"w{3 + i % 40}" for i in range(30)), "w11 w12 w11 w12 w11"]
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            body = {"max_tokens": 10, "temperature": 0, "ignore_eos": True}
+            calls = [
+                asyncio.create_task(client.post("/v1/completions", json=body | {"prompt": p}))
+                for p in prompts
+            ]
+            await wait_for(lambda: app.state.scheduler.waiting == len(prompts))  # all admitted at once
+            app.state.scheduler.start()
+            try:
+                return await asyncio.gather(*calls)
+            finally:
+                await asyncio.to_thread(app.state.scheduler.stop)
+
+    replies = asyncio.run(scenario())
+    for prompt, reply in zip(prompts, replies, strict=True):
+        ids = encode_prompt(tiny_target.tokenizer, prompt, raw=True)
+        alone = SpeculativeDecoder(tiny_target, eos_token_ids=()).generate(ids, 10).token_ids
+        assert reply.json()["choices"][0]["text"] == tiny_target.tokenizer.decode(
+            alone, skip_special_tokens=True
+        )
+    passes = sample(app, "speckv:batch_size_count")
+    sequences = sample(app, "speckv:batch_size_sum")
+    assert passes > 0 and sequences / passes > 1.5  # requests were decoded together, not in turn

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
 from speckv.datasets import SPLITS
 from speckv.errors import SpecKVError
+
+log = logging.getLogger(__name__)
 
 SPLIT_HELP = "train / heldout (by prompt id hash); dev / test halve heldout; all"
 COMPRESSION_HELP = (
@@ -114,13 +116,10 @@ def decoder_spec(args, controller: str | None = None):
 
 
 def build_decoders(spec):
-    """Build the spec's `DecoderFactory`; says on stderr which cost curve SpecKV plans with."""
+    """Build the spec's `DecoderFactory`; says (INFO) which cost curve SpecKV plans with."""
     factory = spec.build()
     if factory.cost_source is not None:
-        print(
-            f"speckv: SpecKV plans with the {factory.target.precision} cost curve {factory.cost_source}",
-            file=sys.stderr,
-        )
+        log.info("SpecKV plans with the %s cost curve %s", factory.target.precision, factory.cost_source)
     return factory
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 
 from speckv.cli.options import (
     add_costs_option,
@@ -13,6 +13,11 @@ from speckv.cli.options import (
     decoder_spec,
 )
 from speckv.errors import SpecKVError
+
+log = logging.getLogger(__name__)
+# Prompt tokens the target reads per pass beside the running requests' steps (chunked prefill):
+# a long prompt is read over several passes instead of stalling every other request for all of it.
+DEFAULT_PROMPT_BUDGET = 256
 
 
 def register(sub) -> None:
@@ -35,6 +40,13 @@ def register(sub) -> None:
     )
     server.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting for a slot; beyond: HTTP 429 (default 64)"
+    )
+    server.add_argument(
+        "--prompt-budget",
+        type=int,
+        default=DEFAULT_PROMPT_BUDGET,
+        help="prompt tokens read per target pass beside the running requests' steps (chunked "
+        f"prefill; default {DEFAULT_PROMPT_BUDGET}): a long prompt cannot stall the other requests",
     )
     server.add_argument(
         "--default-max-tokens",
@@ -61,6 +73,8 @@ def build_app(args):
     spec = decoder_spec(args)  # a bad spec fails at startup, not at the first request
     if args.max_running < 1 or args.max_queue < 0:
         raise SpecKVError("--max-running must be at least 1 and --max-queue at least 0")
+    if args.prompt_budget < 1:
+        raise SpecKVError(f"--prompt-budget must be at least 1, got {args.prompt_budget}")
     if args.default_max_tokens < 1:
         raise SpecKVError("--default-max-tokens must be at least 1")
     if not 0 <= args.port <= 65535:
@@ -69,7 +83,13 @@ def build_app(args):
     factory = build_decoders(spec)
     served = ServedModel(factory, args.model_name or factory.target.name)
     return create_app(
-        served, args.max_running, args.max_queue, args.default_max_tokens, api_key=api_key, docs=args.docs
+        served,
+        args.max_running,
+        args.max_queue,
+        args.default_max_tokens,
+        api_key=api_key,
+        docs=args.docs,
+        prompt_budget=args.prompt_budget,
     )
 
 
@@ -92,10 +112,14 @@ def run(args) -> int:
     served = app.state.served
     how = f"{served.drafter_name}, {served.controller.describe()}" if served.drafter_name else "target only"
     key = ", API key required" if app.state.api_key else ""
-    print(
-        f"speckv: serving '{served.name}' ({served.target.precision}, {how}) on "
-        f"http://{args.host}:{args.port}/v1{key}",
-        file=sys.stderr,
+    log.info(
+        "serving '%s' (%s, %s) on http://%s:%s/v1%s",
+        served.name,
+        served.target.precision,
+        how,
+        args.host,
+        args.port,
+        key,
     )
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from speckv.decoding.builder import DecoderSpec
 from speckv.decoding.drafters import Drafter
@@ -25,6 +24,7 @@ from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
 from speckv.integrations.hf import SpecKVAssisted, hf_assistant
 from speckv.records import StepRecord
+from speckv.util.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,8 @@ def compare(
         results[m.name] = MethodResult(m, cost_source=cost_source)
     for runner in runners.values():  # first calls pay one-off costs (allocations, lazy inits)
         runner(prompts[0][:16])
-    bar = tqdm(
-        total=repeats * len(prompts) * len(methods), desc="benchmark", disable=not progress, leave=False
+    bar = progress_bar(
+        total=repeats * len(prompts) * len(methods), desc="benchmark", show=progress, leave=False
     )
     for repeat in range(repeats):
         totals = {name: [0, 0.0] for name in runners}

@@ -27,7 +27,7 @@ from speckv.decoding import models
 from speckv.decoding.models import encode_prompt
 from speckv.errors import SpecKVError
 from speckv.server.auth import BearerAuth
-from speckv.server.generation import Delta, Failed, Finished, Generation, ServedModel
+from speckv.server.generation import Delta, Failed, Finished, Generation, ServedModel, step_generations
 from speckv.server.metrics import ServerMetrics
 from speckv.server.protocol import (
     APIError,
@@ -54,13 +54,24 @@ def create_app(
     on_step: Callable | None = None,
     api_key: str | None = None,
     docs: bool = False,
+    prompt_budget: int | None = None,
 ) -> FastAPI:
-    """An app serving `served`; its scheduler's worker runs while the app's lifespan does.
-    `api_key`: required of every request but /health; `docs`: serve /docs, /redoc, /openapi.json."""
+    """An app serving `served`; its scheduler's worker runs while the app's lifespan does: each
+    tick, one target pass for every running request, reading at most `prompt_budget` prompt
+    tokens (None: whole prompts). `api_key`: required of every request but /health; `docs`:
+    serve /docs, /redoc, /openapi.json."""
     if api_key is not None and not api_key:  # the middleware is built lazily: say it now
         raise SpecKVError("the API key is empty: give a non-empty key, or none to serve without one")
     metrics = ServerMetrics()
-    scheduler = Scheduler(max_running, max_queue, on_queue=metrics.set_queue, on_step=on_step)
+    if prompt_budget is not None and prompt_budget < 1:
+        raise SpecKVError(f"the prompt budget must be at least 1 token per pass, got {prompt_budget}")
+    scheduler = Scheduler(
+        max_running,
+        max_queue,
+        on_queue=metrics.set_queue,
+        on_step=on_step,
+        step_jobs=lambda jobs: step_generations(jobs, metrics, prompt_budget),
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):

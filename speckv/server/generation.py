@@ -17,11 +17,12 @@ import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from speckv.decoding.batch import step_together
 from speckv.decoding.builder import DecoderFactory
-from speckv.decoding.engine import SpeculativeDecoder
+from speckv.decoding.engine import SequenceRun, SpeculativeDecoder
 from speckv.decoding.models import context_length
 from speckv.decoding.text import TextOutput
 from speckv.decoding.verify import SamplingConfig
@@ -119,7 +120,7 @@ class Generation:
         # Built here, on the event loop: construction runs no model (caches start empty), and an
         # option the decoder refuses becomes a 400 for this request instead of a failed job.
         self._decoder: SpeculativeDecoder | None = served.decoder(sampling, ignore_eos, stop_token_ids)
-        self._stream: Iterator[tuple[StepRecord, list[int]]] | None = None
+        self.run: SequenceRun | None = None
         self._eos_ids = self._decoder.eos_ids  # stop_token_ids only with ignore_eos
         self._last_token: int | None = None
 
@@ -132,14 +133,19 @@ class Generation:
 
     # -- worker thread ---------------------------------------------------------------------
     def start(self) -> None:
-        self._stream = self._decoder.stream(self.prompt_ids, self.max_tokens, self.min_tokens)
+        self.run = self._decoder.start(self.prompt_ids, self.max_tokens, self.min_tokens)
         self.metrics.prompt_tokens.inc(len(self.prompt_ids))
 
     def step(self) -> bool:
-        try:
-            record, tokens = next(self._stream)
-        except StopIteration:  # the decoder ended by itself (EOS or the length)
-            return self._end(self._reason())
+        """One step alone; True when the request has finished."""
+        return self.absorb(self.run.step())
+
+    def absorb(self, result: tuple[StepRecord, list[int]] | None) -> bool:
+        """A step's (record, new tokens) from a batch (None: it only read prompt); True when the
+        request has finished."""
+        if result is None:
+            return False
+        record, tokens = result
         now = time.perf_counter()
         self.steps.append(record)
         self.generated += len(tokens)
@@ -189,9 +195,9 @@ class Generation:
 
     def _close(self) -> None:
         self.done = True
-        if self._stream is not None:
-            self._stream.close()  # lets the decoder finish its stream (it allows one at a time)
-            self._stream = None
+        if self.run is not None:
+            self.run.close()
+            self.run = None
         self._decoder = None  # its KV caches are the request's largest state
 
     def summary(self) -> dict:
@@ -214,3 +220,13 @@ class Generation:
         # A closed event loop (the server stopped) has nobody listening any more.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+def step_generations(jobs: list[Generation], metrics: ServerMetrics, prompt_budget: int | None) -> list[bool]:
+    """One tick of the running requests: one target pass verifies every request's draft and reads
+    up to `prompt_budget` tokens of new prompts (`speckv.decoding.batch.step_together`); whether
+    each request has finished."""
+    results = step_together([job.run for job in jobs], prompt_budget)
+    stepped = [result for result in results if result is not None]
+    metrics.observe_pass(len(jobs), sum(record.gamma + 1 for record, _ in stepped))
+    return [job.absorb(result) for job, result in zip(jobs, results, strict=True)]

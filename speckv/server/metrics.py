@@ -27,6 +27,8 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 LATENCY_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
 GAMMA_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 24, 32, 48, 64)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+PASS_TOKEN_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
 
 
 class ServerMetrics:
@@ -82,6 +84,18 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.batch_size = Histogram(
+            "speckv:batch_size",
+            "Sequences per target pass (stepping or reading their prompt)",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.verify_tokens = Histogram(
+            "speckv:verify_tokens_per_pass",
+            "Tokens a target pass scored for the sequences that stepped (drafted + 1 each)",
+            buckets=PASS_TOKEN_BUCKETS,
+            registry=r,
+        )
         self.running = Gauge("speckv:num_requests_running", "Sequences being decoded", registry=r)
         self.waiting = Gauge("speckv:num_requests_waiting", "Requests queued for a decoding slot", registry=r)
         self.success = Counter(
@@ -108,6 +122,11 @@ class ServerMetrics:
         self.num_accepted_tokens.inc(record.accepted)
         for position in range(record.accepted):
             self.accepted_per_pos.labels(position=str(position)).inc()
+
+    def observe_pass(self, sequences: int, verify_tokens: int) -> None:
+        """One batched target pass: how many sequences it served, how many tokens it verified."""
+        self.batch_size.observe(sequences)
+        self.verify_tokens.observe(verify_tokens)
 
     def set_queue(self, running: int, waiting: int) -> None:
         self.running.set(running)

@@ -5,15 +5,12 @@ asyncio event loop must never wait on a forward pass, so HTTP handlers only `sub
 read their events; the worker thread does all decoding.
 
 Work is organised in ticks. A tick admits waiting jobs into free slots (FIFO, at most
-`max_running` running) and then advances every running job by one speculative step, in
-admission order: concurrent requests progress step by step, interleaved (round-robin), and a
-long request cannot starve the others. Requests beyond the running slots wait in a queue bounded
-by `max_queue`; past that, `submit` raises `QueueFull` (HTTP 429).
-
-A tick is the unit where batching belongs: today `_advance` runs each job's step in turn (batch
-size 1, as the decoder is written); a batched verifier could instead draft for every running job
-and score all of them in one target pass per tick, without changing admission, cancellation or
-the jobs' event streams.
+`max_running` running) and then advances every running job by one speculative step: with
+`step_jobs` (the server's: `speckv.server.generation.step_generations`) all of them together, one
+target pass verifying every job's draft (continuous batching: jobs join and leave between
+ticks); without it, each job's step in turn, in admission order. Either way a long request
+cannot starve the others. Requests beyond the running slots wait in a queue bounded by
+`max_queue`; past that, `submit` raises `QueueFull` (HTTP 429).
 
 A cancelled job (its client went away) leaves the queue at once, or, when running, at the
 start of its next step, freeing its slot.
@@ -57,9 +54,10 @@ class Job(Protocol):
 class Scheduler:
     """Runs jobs on one worker thread, one step per running job per tick (see the module doc).
 
-    `on_queue(running, waiting)` sees every change of the counts (the metrics gauges);
-    `on_step(job)` runs after each step (tests record the order of steps, or slow them down).
-    `trace` keeps the last (tick, job id) pairs, in the order the steps ran."""
+    `step_jobs(jobs)` steps the running jobs together and says which finished (None: one by one,
+    `Job.step`); `on_queue(running, waiting)` sees every change of the counts (the metrics
+    gauges); `on_step(job)` runs after each step (tests record the order of steps, or slow them
+    down). `trace` keeps the last (tick, job id) pairs, in the order the steps ran."""
 
     def __init__(
         self,
@@ -68,11 +66,12 @@ class Scheduler:
         on_queue: Callable[[int, int], None] | None = None,
         on_step: Callable[[Job], None] | None = None,
         trace_size: int = 10_000,
+        step_jobs: Callable[[list[Job]], list[bool]] | None = None,
     ):
         if max_running < 1 or max_queue < 0:
             raise SpecKVError(f"max_running must be ≥ 1 and max_queue ≥ 0, got {max_running}, {max_queue}")
         self.max_running, self.max_queue = max_running, max_queue
-        self.on_queue, self.on_step = on_queue, on_step
+        self.on_queue, self.on_step, self.step_jobs = on_queue, on_step, step_jobs
         self.trace: deque[tuple[int, str]] = deque(maxlen=trace_size)
         self.ticks = 0
         self._waiting: deque[Job] = deque()
@@ -176,7 +175,10 @@ class Scheduler:
         self._advance([job for job in batch if job in self._running])
 
     def _advance(self, batch: list[Job]) -> None:
-        """One step of every job of the tick (the place a batched verify pass would go)."""
+        """One step of every job of the tick: together, or one by one."""
+        if self.step_jobs is not None:
+            self._advance_together(batch)
+            return
         for job in batch:
             if self._stopping:
                 return
@@ -193,6 +195,33 @@ class Scheduler:
                 self._finish(job, error)
                 continue
             if finished:
+                self._remove(job)
+
+    def _advance_together(self, batch: list[Job]) -> None:
+        live = []
+        for job in batch:
+            if job.cancelled:
+                job.abort("abort")
+                self._remove(job)
+            else:
+                live.append(job)
+        if not live or self._stopping:
+            return
+        try:
+            finished = self.step_jobs(live)
+        except Exception as error:  # the shared pass failed: every job in it ends, the server goes on
+            for job in live:
+                self._finish(job, error)
+            return
+        for job, done in zip(live, finished, strict=True):
+            self.trace.append((self.ticks, job.id))
+            try:
+                if self.on_step is not None:
+                    self.on_step(job)
+            except Exception as error:
+                self._finish(job, error)
+                continue
+            if done:
                 self._remove(job)
 
     def _finish(self, job: Job, error: BaseException) -> None:
