@@ -99,3 +99,28 @@ def test_feed_together_gives_each_sequence_its_own_logits_and_cache(tiny_target)
             torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-4, atol=1e-4)
     with pytest.raises(SpecKVError, match="at least one token"):
         feed_together(models[:2], [Feed([1]), Feed([])])
+
+
+def test_the_batch_table_picks_gamma_by_batch_size():
+    controller = make_controller("batch-table:1=3,2=2,4=1,8=0")
+    assert controller.describe() == "batch-table:1=3,2=2,4=1,8=0"
+    for sequences, gamma in ((1, 3), (2, 2), (3, 2), (4, 1), (7, 1), (8, 0), (30, 0)):
+        controller.observe_batch(sequences)
+        assert controller.begin_step() == gamma
+    assert make_controller("batch-table").begin_step() == 3  # vLLM-like default, alone
+    for bad in ("batch-table:2=3", "batch-table:1=-1", "batch-table:1=x"):
+        with pytest.raises(SpecKVError):
+            make_controller(bad)
+
+
+def test_speckv_drafts_less_as_the_batch_grows():
+    from speckv.controllers.speckv import shipped_levels
+
+    level = shipped_levels()[0]
+    budgets = []
+    for sequences in (1, 2, 4, 8, 16):
+        controller = make_controller("speckv-step", compression=level)
+        controller.observe_batch(sequences)
+        budgets.append(controller.begin_step())
+    assert budgets[0] > 0 and budgets[-1] == 0  # speculation switches itself off in a large batch
+    assert budgets == sorted(budgets, reverse=True)

@@ -24,7 +24,8 @@ DRAFT_HELP = (
     "an n-gram branch; with chains: the n-gram continuation where the text's suffix repeats, else the model)"
 )
 CONTROLLER_HELP = (
-    "fixed:N | tree:N | heuristic[:N] | confidence[:TAU] | confidence-fixed[:TAU] | speckv[:PATH] "
+    "fixed:N | tree:N | heuristic[:N] | confidence[:TAU] | confidence-fixed[:TAU] | speckv[:PATH] | "
+    "batch-table[:1=3,2=2,4=1,8=0] (serve: γ by batch size) "
     "(default: with --demo the shipped speckv controller where it knows the compression level, else fixed:4)"
 )
 

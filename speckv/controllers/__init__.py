@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from speckv.controllers.base import GAMMA_LIMIT, Controller, Drafts, check_gamma
 from speckv.controllers.confidence import ConfidenceController
-from speckv.controllers.fixed import FixedController, TreeController
+from speckv.controllers.fixed import BatchTableController, FixedController, TreeController
 from speckv.controllers.heuristic import HeuristicController
 from speckv.errors import SpecKVError
 
@@ -12,7 +12,8 @@ CONTROLLER_HELP = (
     "fixed:N | tree:N (N tree nodes, best-first) | heuristic[:N] (HF schedule from N, default 5) | "
     "confidence[:TAU] (HF-style adaptive threshold, default 0.4) | confidence-fixed[:TAU] | "
     "speckv[:PATH][@LEVEL] (learned; sizes token trees when PATH holds a tree model) | speckv-step[:PATH] | "
-    "speckv-paper[:PATH] (no PATH: the shipped one)"
+    "speckv-paper[:PATH] (no PATH: the shipped one) | batch-table[:1=3,2=2,4=1,8=0] (γ by batch size, "
+    "vLLM's serving rule)"
 )
 
 
@@ -29,6 +30,8 @@ def make_controller(spec: str, gamma_max: int = 20, compression: str | None = No
     try:
         if name == "fixed":
             return FixedController(_int(arg, spec))
+        if name == "batch-table":
+            return BatchTableController(_table(arg) if arg else None)
         if name == "tree":
             return TreeController(_int(arg, spec))
         if name == "heuristic":
@@ -51,6 +54,15 @@ def default_controller(demo: bool, compression: str) -> str:
     return "fixed:4"
 
 
+def _table(text: str) -> dict[int, int]:
+    """`1=3,2=2,4=1,8=0` as {batch size: γ}."""
+    table = {}
+    for item in text.split(","):
+        size, _, gamma = item.partition("=")
+        table[int(size)] = int(gamma)
+    return table
+
+
 def _int(text: str, spec: str) -> int:
     if not text:
         raise SpecKVError(f"controller '{spec}' needs a number, e.g. fixed:4")
@@ -63,6 +75,7 @@ def _int(text: str, spec: str) -> int:
 __all__ = [
     "GAMMA_LIMIT",
     "ConfidenceController",
+    "BatchTableController",
     "Controller",
     "Drafts",
     "FixedController",

@@ -48,6 +48,12 @@ class Controller(ABC):
     def reset(self) -> None:
         """Called before each generation: forget per-sequence state."""
 
+    def observe_batch(self, sequences: int, tokens_per_s: float | None = None) -> None:
+        """Before a step: how many sequences share its target pass (1 alone; the server batches
+        its running requests), and the batch's recent output, all sequences together (None:
+        not measured yet). A pass over a batch costs little more than over one sequence, but the
+        time this step drafts and verifies delays every sequence of the batch."""
+
     @abstractmethod
     def begin_step(self) -> int:
         """The most tokens to draft in the coming step (0..GAMMA_LIMIT; 0 = a plain target step)."""

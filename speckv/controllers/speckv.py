@@ -281,6 +281,7 @@ class SpecKVController(Controller):
         self._copying = False  # this step's tokens are copied: no draft pass, their own calibration
         self._probing = False  # this step is a probe: its token is verified whatever it looks like
         self.rate = RateTracker()
+        self._batch, self._batch_rate = 1, None  # sequences sharing the pass, their tokens/s
         self._n_context = len(CONTEXT_FEATURES) + len(self._one_hot)
         self._x = np.zeros(self._n_context + len(TOKEN_FEATURES))
         self._x[len(CONTEXT_FEATURES) : self._n_context] = self._one_hot
@@ -311,6 +312,9 @@ class SpecKVController(Controller):
     def bind(self, drafter) -> None:
         self._branching = self.drafts is Drafts.EITHER and drafter is not None and drafter.branches
 
+    def observe_batch(self, sequences: int, tokens_per_s: float | None = None) -> None:
+        self._batch, self._batch_rate = max(1, sequences), tokens_per_s
+
     def reset(self) -> None:
         self.context.reset()
         self.acceptance.new_sequence()
@@ -327,7 +331,12 @@ class SpecKVController(Controller):
         fp32, 5 tokens cost 82 ms and 3 cost 119), every plan looks ahead over all wider steps, so
         it drafts on to the cheaper width and verifies that (what the curve's monotone envelope
         promises, paying the extra drafted tokens' cost, which the envelope leaves out)."""
-        rate, t_draft = self.rate.rate, self.costs.t_draft_s
+        # In a batch, a step's time delays every sequence of the pass: the tokens it must yield
+        # are the batch's rate's worth (measured; until then about `_batch` times this one's).
+        rate = self.rate.rate
+        if self._batch > 1:
+            rate = self._batch_rate or rate * self._batch
+        t_draft = self.costs.t_draft_s
         curve = self.costs.t_verify()
         gammas = np.arange(self.gamma_max + 1)
         # λ·step time: the tokens a step of each length must yield to pay for its time

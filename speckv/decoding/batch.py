@@ -134,17 +134,39 @@ def _take_back(model: CachedModel, batched: DynamicCache, row: int, positions: t
             own.keys, own.values = keys, values
 
 
+class BatchPace:
+    """The batch's output, all sequences together, in tokens per second of whole ticks (drafting,
+    the pass, judging): an average over recent ticks (weight `weight` for the newest), which the
+    controllers weigh a step's time against."""
+
+    def __init__(self, weight: float = 0.2):
+        self.weight = weight
+        self.tokens_per_s: float | None = None
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        rate = tokens / seconds
+        previous = self.tokens_per_s
+        self.tokens_per_s = rate if previous is None else previous + self.weight * (rate - previous)
+
+
 def step_together(
-    runs: list[SequenceRun], prompt_budget: int | None = None
+    runs: list[SequenceRun], prompt_budget: int | None = None, pace: BatchPace | None = None
 ) -> list[tuple[StepRecord, list[int]] | None]:
     """One tick of a batch: each run either steps (drafts, then its tokens join the shared verify
     pass, then it judges and rolls back) or, while the prompt it has not read is longer than what
     is left of `prompt_budget` (prompt tokens read per pass, in run order; None: no limit), reads
     a chunk of it (or waits, once the budget is spent).
-    Returns each run's (record, new tokens), None for a run that only read prompt this tick."""
+    Returns each run's (record, new tokens), None for a run that only read prompt this tick.
+    `pace` tells the controllers the batch's recent output and learns this tick's."""
+    tick_start = time.perf_counter()
     budget = prompt_budget
     pending: dict[int, DraftedStep] = {}
     feeds: dict[int, Feed] = {}
+    for run in runs:
+        if run.decoder.controller is not None:
+            run.decoder.controller.observe_batch(len(runs), pace.tokens_per_s if pace else None)
     for i, run in enumerate(runs):
         unread = run.unread_prompt()
         if budget is not None and unread > budget:
@@ -167,6 +189,10 @@ def step_together(
             strict=True,
         )
     )
-    return [
+    results = [
         runs[i].settle(pending[i], outputs[i], started) if i in pending else None for i in range(len(runs))
     ]
+    if pace is not None:
+        tokens = sum(len(result[1]) for result in results if result is not None)
+        pace.observe(tokens, time.perf_counter() - tick_start)
+    return results

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from speckv.decoding import models
+from speckv.decoding.batch import BatchPace
 from speckv.decoding.models import encode_prompt
 from speckv.errors import SpecKVError
 from speckv.server.auth import BearerAuth
@@ -65,12 +66,13 @@ def create_app(
     metrics = ServerMetrics()
     if prompt_budget is not None and prompt_budget < 1:
         raise SpecKVError(f"the prompt budget must be at least 1 token per pass, got {prompt_budget}")
+    pace = BatchPace()  # the running requests' output together, which their controllers weigh
     scheduler = Scheduler(
         max_running,
         max_queue,
         on_queue=metrics.set_queue,
         on_step=on_step,
-        step_jobs=lambda jobs: step_generations(jobs, metrics, prompt_budget),
+        step_jobs=lambda jobs: step_generations(jobs, metrics, prompt_budget, pace),
     )
 
     @asynccontextmanager

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from speckv.decoding.batch import step_together
+from speckv.decoding.batch import BatchPace, step_together
 from speckv.decoding.builder import DecoderFactory
 from speckv.decoding.engine import SequenceRun, SpeculativeDecoder
 from speckv.decoding.models import context_length
@@ -222,11 +222,13 @@ class Generation:
             self._loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
-def step_generations(jobs: list[Generation], metrics: ServerMetrics, prompt_budget: int | None) -> list[bool]:
+def step_generations(
+    jobs: list[Generation], metrics: ServerMetrics, prompt_budget: int | None, pace: BatchPace | None = None
+) -> list[bool]:
     """One tick of the running requests: one target pass verifies every request's draft and reads
     up to `prompt_budget` tokens of new prompts (`speckv.decoding.batch.step_together`); whether
     each request has finished."""
-    results = step_together([job.run for job in jobs], prompt_budget)
+    results = step_together([job.run for job in jobs], prompt_budget, pace)
     stepped = [result for result in results if result is not None]
     metrics.observe_pass(len(jobs), sum(record.gamma + 1 for record, _ in stepped))
     return [job.absorb(result) for job, result in zip(jobs, results, strict=True)]
