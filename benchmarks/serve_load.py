@@ -1,4 +1,6 @@
-"""Load test of `speckv serve`: N concurrent streaming clients on loopback.
+"""Load test of `speckv serve`: concurrent streaming clients on loopback, one server or a sweep.
+
+One server:
 
     python benchmarks/serve_load.py --demo [--clients 4] [--requests 32] [--duration 300] [--max-tokens 64]
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 [--model NAME] ...
@@ -7,26 +9,50 @@ Each client sends streaming chat requests (greedy, prompts from a fixed list) on
 until `--requests` have been sent in all or `--duration` seconds have passed, whichever comes
 first, so a run always ends by itself. With `--demo` the script starts `speckv serve --demo` on a
 free port (with `--max-running` = clients unless given, extra options after `--`), waits for
-/health, and stops it at the end; with `--url` it loads a server already running.
+/health, and stops it at the end; with `--url` it loads a server already running. Reports
+requests and errors, completion tokens per second over the run (all clients together), time to
+first token (TTFT) and time per output token after the first (TPOT), p50 and p95, and the
+server's speculative counters over the run from /metrics, into benchmarks/RESULTS.md (section
+`serve_load-c<clients>`) unless `--no-results`.
 
-Reports requests and errors, completion tokens per second over the run (all clients together),
-time to first token (TTFT) and time per output token after the first (TPOT), p50 and p95, and
-the server's speculative counters over the run from /metrics. Writes its table into
-benchmarks/RESULTS.md (section `serve_load-c<clients>`) unless `--no-results`.
+A sweep of server configurations against concurrency:
+
+    python benchmarks/serve_load.py --configs target,fixed2,fixed3,speckv,table --clients 1,2,4,8 \\
+        [--requests 32] [--duration 300] [--max-tokens 64] [--long-prompt-probe] [-- --threads 1]
+
+Each configuration is its own `speckv serve --demo` process (its options, then those after `--`,
+`--max-running` = the most clients unless given): `target` (--no-draft), `fixedN` (--controller
+fixed:N), `speckv` (--controller speckv), `table` (--controller batch-table), or `NAME=OPTIONS`.
+A server that does not start is recorded with its own error line and the sweep goes on. Per
+configuration and concurrency ("cell"): requests from the test split of the mixed prompt set
+(tasks interleaved, the same requests in every cell, at most `--requests` or `--duration` s), the
+figures above, and the server's resident memory (VmRSS) before, at its sampled peak during, and
+after the cell. Then: the best fixed γ per concurrency, the `speckv` config's margin over the best
+other config with a bootstrap CI over requests, TTFT p95 at 4 clients against 1, and with
+`--long-prompt-probe` the TTFT of a short request sent while a ~4,000-token prompt is being
+read. Writes section `serve_sweep` of RESULTS.md and a plot of tokens/s and TPOT against
+concurrency (benchmarks/figures/serve_sweep.png) unless `--no-results`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -47,18 +73,57 @@ COUNTERS = {
     "draft_tokens": "speckv:spec_decode_num_draft_tokens",
     "accepted": "speckv:spec_decode_num_accepted_tokens",
 }
+SECTION = "serve_sweep"
+BENCHMARKS = Path(__file__).resolve().parent  # RESULTS.md's folder: its links start here
+FIGURE = BENCHMARKS / "figures" / f"{SECTION}.png"
+# Named configurations; `fixedN` is `--controller fixed:N`, anything else is `NAME=OPTIONS`.
+CONFIGS = {
+    "target": ["--no-draft"],
+    "speckv": ["--controller", "speckv"],
+    "table": ["--controller", "batch-table"],
+}
+SUBJECT = "speckv"  # the configuration measured against the best of the others
+BOOTSTRAP_RESAMPLES = 1000
+# The long-prompt probe: prompt length aimed at, and the words it takes. The rate was measured
+# with the demo target's tokenizer over the test split's articles (40,890 tokens, 29,469 words).
+LONG_PROMPT_TOKENS = 4000
+TOKENS_PER_WORD = 1.39
+LONG_PROMPT_INSTRUCTION = "Summarize the following articles in 2-3 sentences.\n\n"
+SHORT_TTFT_LIMIT_S = 2.0  # issue #23: the short request's first token within 2 s
+TTFT_GROWTH_LIMIT = 2.0  # issue #23: TTFT p95 at 4 clients at most 2x the 1-client one
 
 
 @dataclass
 class Outcome:
+    """One request: `index` numbers it within its run (request i reads prompt i, wrapping), which
+    pairs the same request across configurations; times are `time.perf_counter()` readings."""
+
     ok: bool
+    index: int
+    sent_at: float
+    done_at: float
     tokens: int = 0
-    ttft_s: float | None = None
-    tpot_s: float | None = None
+    prompt_tokens: int = 0
+    first_at: float | None = None
+    last_at: float | None = None
     error: str = ""
 
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_at is None else self.first_at - self.sent_at
 
-async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str, args) -> Outcome:
+    @property
+    def tpot_s(self) -> float | None:
+        if self.first_at is None or self.last_at is None or self.tokens < 2:
+            return None
+        return (self.last_at - self.first_at) / (self.tokens - 1)
+
+    @property
+    def latency_s(self) -> float:
+        return self.done_at - self.sent_at
+
+
+async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str, index: int, args) -> Outcome:
     body = {
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": args.max_tokens,
@@ -67,49 +132,56 @@ async def one_request(client: httpx.AsyncClient, model: str | None, prompt: str,
         "stream_options": {"include_usage": True},
         "ignore_eos": args.ignore_eos,
     } | ({"model": model} if model else {})
-    started = time.perf_counter()
+    sent_at = time.perf_counter()
     first = last = None
-    tokens = 0
+    tokens = prompt_tokens = 0
+
+    def failed(error: str) -> Outcome:
+        return Outcome(False, index, sent_at, time.perf_counter(), error=error)
+
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
-                return Outcome(False, error=f"HTTP {response.status_code}")
+                return failed(f"HTTP {response.status_code}")
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[len("data: ") :])
                 if "error" in chunk:
-                    return Outcome(False, error=chunk["error"]["message"])
+                    return failed(chunk["error"]["message"])
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
+                    prompt_tokens = chunk["usage"]["prompt_tokens"]
                 if any(c["delta"].get("content") for c in chunk["choices"]):
                     last = time.perf_counter()
                     first = first or last
     except httpx.HTTPError as error:
-        return Outcome(False, error=type(error).__name__)
-    if first is None:
-        return Outcome(True, tokens)
-    tpot = (last - first) / (tokens - 1) if tokens > 1 else None
-    return Outcome(True, tokens, first - started, tpot)
+        return failed(type(error).__name__)
+    return Outcome(True, index, sent_at, time.perf_counter(), tokens, prompt_tokens, first, last)
 
 
-async def run_load(url: str, model: str | None, args) -> tuple[list[Outcome], float]:
+async def run_load(
+    url: str, model: str | None, prompts: Sequence[str], clients: int, requests: int, args
+) -> tuple[list[Outcome], float]:
+    """`clients` streaming clients, each sending its next request when its last one ends, until
+    `requests` are sent or `--duration` s have passed; the outcomes and the wall time."""
     outcomes: list[Outcome] = []
     sent = 0
     deadline = time.monotonic() + args.duration
 
-    async def client_loop(index: int, client: httpx.AsyncClient) -> None:
+    async def client_loop(client: httpx.AsyncClient) -> None:
         nonlocal sent
-        while sent < args.requests and time.monotonic() < deadline:
-            prompt = PROMPTS[(sent + index) % len(PROMPTS)]
+        while sent < requests and time.monotonic() < deadline:
+            index = sent
             sent += 1
-            outcomes.append(await one_request(client, model, prompt, args))
+            prompt = prompts[index % len(prompts)]
+            outcomes.append(await one_request(client, model, prompt, index, args))
 
-    limits = httpx.Limits(max_connections=args.clients + 2)
+    limits = httpx.Limits(max_connections=clients + 2)
     timeout = httpx.Timeout(args.request_timeout)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         started = time.perf_counter()
-        await asyncio.gather(*(client_loop(i, client) for i in range(args.clients)))
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
         return outcomes, time.perf_counter() - started
 
 
@@ -129,7 +201,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(args, extra: list[str]) -> tuple[subprocess.Popen, str]:
+class ServerFailed(Exception):
+    """The server exited or did not answer /health in time; the message says how."""
+
+
+def relay(stream, last: deque) -> None:
+    """Copy the server's stderr to ours, keeping its last line: the error a failed start printed."""
+    for line in stream:
+        sys.stderr.write(line)
+        if line.strip():
+            last.append(line.strip())
+
+
+def start_server(args, extra: list[str], max_running: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [
         sys.executable,
@@ -142,14 +226,19 @@ def start_server(args, extra: list[str]) -> tuple[subprocess.Popen, str]:
         "--log-level",
         "warning",
     ]
-    if "--max-running" not in extra:
-        command += ["--max-running", str(args.clients)]
-    process = subprocess.Popen(command + extra)
+    if server_option(extra, "--max-running") is None:
+        command += ["--max-running", str(max_running)]
+    process = subprocess.Popen(command + extra, stderr=subprocess.PIPE, text=True)
+    last: deque[str] = deque(maxlen=1)
+    relaying = threading.Thread(target=relay, args=(process.stderr, last), daemon=True)
+    relaying.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.startup_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"the server exited with code {process.returncode}")
+            relaying.join(5)  # the pipe closes with the process: its last line is in by then
+            said = f": {last[0]}" if last else ""
+            raise ServerFailed(f"the server exited with code {process.returncode}{said}")
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return process, url
@@ -157,7 +246,7 @@ def start_server(args, extra: list[str]) -> tuple[subprocess.Popen, str]:
             pass
         time.sleep(0.5)
     stop_server(process)
-    raise SystemExit(f"the server did not answer /health within {args.startup_timeout} s")
+    raise ServerFailed(f"the server did not answer /health within {args.startup_timeout} s")
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -179,19 +268,26 @@ def server_option(extra: list[str], name: str) -> str | None:
     return None
 
 
-def percentiles(values: list[float]) -> tuple[str, str]:
+def p50_p95(values: Sequence[float]) -> tuple[float, float] | None:
+    """The median and 95th percentile (numpy's linear interpolation); None without values."""
     if not values:
-        return "–", "–"
+        return None
     p50, p95 = np.percentile(values, [50, 95])
-    return f"{1e3 * p50:.0f}", f"{1e3 * p95:.0f}"
+    return float(p50), float(p95)
+
+
+def ms(pair: tuple[float, float] | None) -> tuple[str, str]:
+    """A p50/p95 pair of seconds as table cells in milliseconds."""
+    return ("–", "–") if pair is None else (f"{1e3 * pair[0]:.0f}", f"{1e3 * pair[1]:.0f}")
 
 
 def report(outcomes: list[Outcome], wall_s: float, spec: dict[str, float], args, extra: list[str]) -> str:
+    clients = args.clients[0]
     done = [o for o in outcomes if o.ok]
     errors = [o.error for o in outcomes if not o.ok]
     tokens = sum(o.tokens for o in done)
-    ttft = percentiles([o.ttft_s for o in done if o.ttft_s is not None])
-    tpot = percentiles([o.tpot_s for o in done if o.tpot_s is not None])
+    ttft = ms(p50_p95([o.ttft_s for o in done if o.ttft_s is not None]))
+    tpot = ms(p50_p95([o.tpot_s for o in done if o.tpot_s is not None]))
     acceptance = spec["accepted"] / spec["draft_tokens"] if spec["draft_tokens"] else 0.0
     per_draft = spec["accepted"] / spec["drafts"] if spec["drafts"] else 0.0
     server = "`speckv serve --demo " + " ".join(extra) + "`" if args.demo else f"server at {args.url}"
@@ -199,11 +295,11 @@ def report(outcomes: list[Outcome], wall_s: float, spec: dict[str, float], args,
         "| clients | requests | errors | tokens/s | TTFT p50 (ms) | TTFT p95 | TPOT p50 (ms) | TPOT p95 "
         "| accepted / drafted | accepted per draft step |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| {args.clients} | {len(done)} | {len(errors)} | {tokens / wall_s:.1f} | {ttft[0]} | {ttft[1]} "
+        f"| {clients} | {len(done)} | {len(errors)} | {tokens / wall_s:.1f} | {ttft[0]} | {ttft[1]} "
         f"| {tpot[0]} | {tpot[1]} | {acceptance:.1%} | {per_draft:.2f} |",
     ]
     body = (
-        f"### Serving load, {args.clients} concurrent streaming client{'s' if args.clients > 1 else ''}\n\n"
+        f"### Serving load, {clients} concurrent streaming client{'s' if clients > 1 else ''}\n\n"
         f"{server}, "
         f"greedy chat requests of at most {args.max_tokens} tokens, {tokens} tokens in {wall_s:.1f} s "
         f"on {os.cpu_count()} CPUs.\n\n" + "\n".join(lines) + "\n"
@@ -213,35 +309,568 @@ def report(outcomes: list[Outcome], wall_s: float, spec: dict[str, float], args,
     return body
 
 
+# -- the sweep ---------------------------------------------------------------------------------
+
+
+def parse_configs(text: str) -> dict[str, list[str]]:
+    """`--configs`: comma-separated names (target, fixedN, speckv, table) or `NAME=SERVER OPTIONS`,
+    to the options each server gets. Controllers are not checked here: the server says what it
+    does not know, and the sweep records that and goes on."""
+    configs: dict[str, list[str]] = {}
+    for item in (part.strip() for part in text.split(",")):
+        name, given, options = item.partition("=")
+        name = name.strip()
+        if not name:
+            raise ValueError(f"--configs has an empty name in {text!r}")
+        if given:
+            server_args = shlex.split(options)
+        elif name in CONFIGS:
+            server_args = CONFIGS[name]
+        elif match := re.fullmatch(r"fixed(\d+)", name):
+            server_args = ["--controller", f"fixed:{match[1]}"]
+        else:
+            raise ValueError(
+                f"unknown config {name!r}: use {', '.join(CONFIGS)}, fixedN or NAME=SERVER OPTIONS"
+            )
+        if name in configs:
+            raise ValueError(f"config {name!r} is named twice in --configs")
+        configs[name] = server_args
+    return configs
+
+
+def is_fixed(server_args: list[str]) -> bool:
+    """Whether a configuration drafts a fixed γ: `--controller fixed:N` or `--gamma N`."""
+    controller = server_option(server_args, "--controller") or ""
+    return controller.startswith("fixed:") or server_option(server_args, "--gamma") is not None
+
+
+def interleave(items: Sequence) -> list:
+    """Items taken round-robin across their tasks (in order of first appearance), so that the first
+    requests of a run mix the tasks whatever the run's length."""
+    by_task: dict[str, list] = {}
+    for item in items:
+        by_task.setdefault(item.task, []).append(item)
+    rounds = itertools.zip_longest(*by_task.values())
+    return [item for row in rounds for item in row if item is not None]
+
+
+def status_kib(text: str, name: str) -> int:
+    """Field `name` (VmRSS, VmHWM) of a /proc/<pid>/status text, in KiB."""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == name:
+            number, unit = value.split()
+            if unit != "kB":
+                raise ValueError(f"{name} is in {unit!r}, not kB")
+            return int(number)
+    raise ValueError(f"no {name} line in the process status")
+
+
+def rss_mib(pid: int, name: str = "VmRSS") -> float:
+    return status_kib(Path(f"/proc/{pid}/status").read_text(), name) / 1024
+
+
+class RssSampler:
+    """The peak VmRSS of a process while the block runs, sampled every `interval` s on a thread.
+    VmHWM is the peak since the process started, so it cannot give one cell's peak."""
+
+    def __init__(self, pid: int, interval: float = 0.05):
+        self.pid, self.interval = pid, interval
+        self.peak = rss_mib(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.peak = max(self.peak, rss_mib(self.pid))
+            except OSError:  # the process is gone; the run records its failure
+                return
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+@dataclass
+class Cell:
+    """One configuration at one concurrency."""
+
+    config: str
+    clients: int
+    outcomes: list[Outcome]
+    wall_s: float
+    spec: dict[str, float]
+    rss_mib: tuple[float, float, float]  # before, sampled peak during, after
+
+    @property
+    def done(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.ok]
+
+    @property
+    def errors(self) -> list[str]:
+        return [o.error for o in self.outcomes if not o.ok]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(o.tokens for o in self.done) / self.wall_s
+
+    @property
+    def ttft(self) -> tuple[float, float] | None:
+        return p50_p95([o.ttft_s for o in self.done if o.ttft_s is not None])
+
+    @property
+    def tpot(self) -> tuple[float, float] | None:
+        return p50_p95([o.tpot_s for o in self.done if o.tpot_s is not None])
+
+
+@dataclass
+class Probe:
+    """The long-prompt probe: a short request sent while the server reads a long prompt."""
+
+    long: Outcome
+    short: Outcome
+
+    @property
+    def valid(self) -> bool:
+        """Both answered, and the long prompt had no first token yet when the short one was sent."""
+        return (
+            self.long.ok
+            and self.short.ok
+            and self.long.first_at is not None
+            and self.long.first_at > self.short.sent_at
+        )
+
+
+@dataclass
+class ConfigRun:
+    name: str
+    server_args: list[str]
+    cells: list[Cell] = field(default_factory=list)
+    failure: str = ""
+    rss_idle: float | None = None  # after startup, before any request
+    rss_end: float | None = None  # after the last request
+    rss_hwm: float | None = None  # VmHWM: the process's peak, sampled or not
+    probe: Probe | None = None
+
+    def cell(self, clients: int) -> Cell | None:
+        return next((c for c in self.cells if c.clients == clients), None)
+
+
+def best(cells: Sequence[Cell]) -> Cell | None:
+    """The cell with the most tokens/s among those with a finished request."""
+    return max((c for c in cells if c.done), key=lambda c: c.tokens_per_s, default=None)
+
+
+def best_fixed(runs: Sequence[ConfigRun], clients: int) -> Cell | None:
+    """The fixed-γ configuration with the most tokens/s at this concurrency."""
+    return best([c for r in runs if is_fixed(r.server_args) and (c := r.cell(clients))])
+
+
+def rate_ratio_ci(
+    tokens: np.ndarray, times: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> tuple[float, float, float]:
+    """Ratio − 1 of two configurations' rates, Σ tokens / Σ request time, over paired requests
+    (column 0 the subject, 1 the other; one row per request), with a 95% percentile bootstrap CI
+    that resamples the rows."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(tokens), size=(resamples, len(tokens)))
+    rates = tokens[rows].sum(axis=1) / times[rows].sum(axis=1)  # (resamples, 2)
+    margins = rates[:, 0] / rates[:, 1] - 1
+    point = (tokens[:, 0].sum() / times[:, 0].sum()) / (tokens[:, 1].sum() / times[:, 1].sum()) - 1
+    low, high = np.percentile(margins, [2.5, 97.5])
+    return float(point), float(low), float(high)
+
+
+def paired(subject: Sequence[Outcome], other: Sequence[Outcome]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and request times (rows: requests both configurations finished, by index)."""
+    ours = {o.index: o for o in subject if o.ok and o.tokens > 0}
+    theirs = {o.index: o for o in other if o.ok and o.tokens > 0}
+    common = sorted(ours.keys() & theirs.keys())
+    tokens = np.array([[ours[i].tokens, theirs[i].tokens] for i in common], dtype=float).reshape(-1, 2)
+    times = np.array([[ours[i].latency_s, theirs[i].latency_s] for i in common]).reshape(-1, 2)
+    return tokens, times
+
+
+def verdict(low: float, high: float) -> str:
+    if low > 0:
+        return "yes (CI above 0)"
+    if high < 0:
+        return "NO (CI below 0)"
+    return "not resolved (CI spans 0)"
+
+
+def margin_rows(runs: Sequence[ConfigRun], clients: Sequence[int]) -> list[str]:
+    """Per concurrency: SpecKV against the best other configuration, the margin and its CI."""
+    subject = next((r for r in runs if r.name == SUBJECT), None)
+    rows = []
+    for count in clients:
+        ours = subject.cell(count) if subject else None
+        rival = best([c for r in runs if r.name != SUBJECT and (c := r.cell(count))])
+        if ours is None or not ours.done or rival is None:
+            rows.append(f"| {count} | – | – | – | – | 0 | – |")
+            continue
+        tokens, times = paired(ours.outcomes, rival.outcomes)
+        if len(tokens) < 2:
+            margin, judged = "– (fewer than 2 paired requests)", "–"
+        else:
+            point, low, high = rate_ratio_ci(tokens, times)
+            margin, judged = f"{point:+.1%} [{low:+.1%}, {high:+.1%}]", verdict(low, high)
+        rows.append(
+            f"| {count} | {ours.tokens_per_s:.1f} | {rival.config} | {rival.tokens_per_s:.1f} | {margin} "
+            f"| {len(tokens)} | {judged} |"
+        )
+    return rows
+
+
+def cell_row(cell: Cell, fixed_best: bool) -> str:
+    ttft, tpot = ms(cell.ttft), ms(cell.tpot)
+    drafted = cell.spec["draft_tokens"]
+    acceptance = f"{cell.spec['accepted'] / drafted:.1%}" if drafted else "–"
+    rss = " / ".join(f"{value:.0f}" for value in cell.rss_mib)
+    name = f"{cell.config} (best fixed γ)" if fixed_best else cell.config
+    return (
+        f"| {cell.clients} | {name} | {len(cell.done)} | {len(cell.errors)} | {cell.tokens_per_s:.1f} "
+        f"| {ttft[0]} | {ttft[1]} | {tpot[0]} | {tpot[1]} | {acceptance} | {rss} |"
+    )
+
+
+def ttft_growth(run: ConfigRun) -> str:
+    """TTFT p95 at 4 clients over that at 1, and whether it is within the issue's 2x."""
+    one, four = run.cell(1), run.cell(4)
+    if one is None or four is None or one.ttft is None or four.ttft is None:
+        return "–"
+    growth = four.ttft[1] / one.ttft[1]
+    return f"{growth:.2f}× ({'yes' if growth <= TTFT_GROWTH_LIMIT else 'NO'})"
+
+
+def probe_cells(probe: Probe | None) -> str:
+    """Long prompt tokens | its TTFT (s) | short request TTFT (s, within 2 s?)."""
+    if probe is None:
+        return "– | – | –"
+    if not (probe.long.ok and probe.short.ok):
+        failed = probe.long if not probe.long.ok else probe.short
+        return f"failed: {failed.error.replace('|', '/')} | – | –"
+    long_ttft = f"{probe.long.ttft_s:.2f}" if probe.long.ttft_s is not None else "–"
+    short = probe.short.ttft_s
+    if short is None or not probe.valid:
+        # The long prompt's first token came before the short request was sent: nothing measured.
+        return f"{probe.long.prompt_tokens} | {long_ttft} | – (read before the short request came)"
+    return f"{probe.long.prompt_tokens} | {long_ttft} | {short:.2f} ({'yes' if short <= SHORT_TTFT_LIMIT_S else 'NO'})"
+
+
+def mib(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
+def sweep_report(runs: Sequence[ConfigRun], args, extra: list[str], figure: str | None) -> str:
+    clients = args.clients
+    common = " ".join(extra)
+    ran = [r for r in runs if r.cells]
+    lines = [
+        f"### Serving load sweep: {len(runs)} server configurations × {', '.join(map(str, clients))} "
+        "concurrent streaming clients",
+        "",
+        f"Each configuration is its own `speckv serve --demo {common}` process with the options below"
+        f"{'' if server_option(extra, '--max-running') else f' and `--max-running {max_running(args)}`'}"
+        f", on {os.cpu_count()} CPUs. Per cell: greedy streaming chat requests from the test split of "
+        f"the mixed prompt set (tasks interleaved, the same requests in every cell), at most "
+        f"{args.max_tokens} tokens{' (EOS ignored)' if args.ignore_eos else ''}, at most "
+        f"{args.requests} requests or {args.duration:g} s; one request per server beforehand, not "
+        "counted, warms it up. RSS is the server process's VmRSS (MiB) before the cell, its peak "
+        "sampled every 50 ms during the cell, and after.",
+        "",
+        *(f"- `{r.name}`: `{shlex.join(r.server_args)}`" for r in runs),
+        "",
+        "| clients | config | requests | errors | tokens/s | TTFT p50 (ms) | TTFT p95 | TPOT p50 (ms) "
+        "| TPOT p95 | accepted / drafted | RSS before / peak / after (MiB) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for count in clients:
+        fixed = best_fixed(runs, count)
+        lines += [cell_row(c, c is fixed) for r in ran if (c := r.cell(count))]
+    if any(r.name == SUBJECT for r in runs):
+        lines += [
+            "",
+            f"`{SUBJECT}` against the best other configuration at each concurrency (most tokens/s). "
+            "The margin compares the two rates Σ tokens / Σ request time over the requests both "
+            f"finished (the same prompts); 95% CI from {BOOTSTRAP_RESAMPLES} bootstrap resamples of "
+            "those requests.",
+            "",
+            f"| clients | {SUBJECT} tokens/s | best other | its tokens/s | margin [95% CI] "
+            f"| paired requests | {SUBJECT} ≥ best? |",
+            "|---:|---:|---|---:|---|---:|---|",
+            *margin_rows(runs, clients),
+        ]
+    else:
+        lines += ["", f"No `{SUBJECT}` configuration in this sweep, so no margin."]
+    probe = (
+        f"; the long-prompt probe sends a ~{LONG_PROMPT_TOKENS}-token prompt (test-split articles) "
+        "and, once the server has admitted it, a short chat request, whose first token the issue "
+        f"asks within {SHORT_TTFT_LIMIT_S:g} s"
+    )
+    lines += [
+        "",
+        "Per server: RSS (MiB) idle after startup, at the end, and the process's peak (VmHWM); TTFT "
+        f"p95 at 4 clients over that at 1 (the issue asks at most {TTFT_GROWTH_LIMIT:g}×)"
+        f"{probe if args.long_prompt_probe else ''}.",
+        "",
+        "| config | RSS idle | RSS end | RSS peak (VmHWM) | TTFT p95, 4 vs 1 clients | long prompt (tokens) "
+        "| its TTFT (s) | short request TTFT (s) |",
+        "|---|---:|---:|---:|---|---:|---:|---|",
+        *(
+            f"| {r.name} | {mib(r.rss_idle)} | {mib(r.rss_end)} | {mib(r.rss_hwm)} | {ttft_growth(r)} "
+            f"| {probe_cells(r.probe)} |"
+            for r in ran
+        ),
+    ]
+    failures = [f"- `{r.name}`: {r.failure}" for r in runs if r.failure]
+    if failures:
+        lines += ["", "Failed:", "", *failures]
+    errors = [
+        f"- `{c.config}` at {c.clients} clients: {', '.join(sorted(set(c.errors)))}"
+        for r in ran
+        for c in r.cells
+        if c.errors
+    ]
+    if errors:
+        lines += ["", "Request errors:", "", *errors]
+    if figure:
+        lines += ["", f"![tokens/s and TPOT p50 against concurrency]({figure})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(runs: Sequence[ConfigRun], path: Path) -> Path:
+    """Total tokens/s and TPOT p50 against concurrency, one line per configuration."""
+    from matplotlib.figure import Figure
+
+    from speckv.util.reporting import save_figure
+
+    fig = Figure(figsize=(10.0, 4.0))
+    throughput, tpot = fig.subplots(1, 2)
+    counts = sorted({c.clients for r in runs for c in r.cells})
+    for run in runs:
+        cells = [c for c in run.cells if c.done]
+        if not cells:
+            continue
+        x = [c.clients for c in cells]
+        throughput.plot(x, [c.tokens_per_s for c in cells], marker="o", label=run.name)
+        tpot.plot(x, [1e3 * c.tpot[0] if c.tpot else np.nan for c in cells], marker="o", label=run.name)
+    for ax, label in ((throughput, "completion tokens/s, all clients"), (tpot, "TPOT p50 (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(counts, [str(c) for c in counts])
+        ax.set_xlabel("concurrent streaming clients")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    throughput.legend(fontsize="small")
+    return save_figure(fig, path)
+
+
+def long_prompt(articles: Sequence[str], words: int) -> str:
+    """A summarization prompt of `words` words: the articles in order, each cut (at a sentence end
+    where one is near) to the words still wanted."""
+    from speckv.datasets import SUMMARY_INSTRUCTION, truncate_words
+
+    parts, count = [], 0
+    for article in articles:
+        if count >= words:
+            break
+        part = truncate_words(article.removeprefix(SUMMARY_INSTRUCTION), words - count)
+        parts.append(part)
+        count += len(part.split())
+    if count < words:
+        raise ValueError(f"the articles give only {count} of the {words} words asked for")
+    return LONG_PROMPT_INSTRUCTION + "\n\n".join(parts)
+
+
+async def probe_long_prompt(url: str, long_text: str, short_text: str, args) -> Probe:
+    """Send the long prompt; once the server has admitted it (its /health counts it running),
+    send the short one. The short request's TTFT is what a client waits behind a long prompt."""
+    timeout = httpx.Timeout(args.request_timeout)
+    async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
+        long = asyncio.create_task(one_request(client, None, long_text, 0, args))
+        deadline = time.monotonic() + args.request_timeout
+        while not long.done() and time.monotonic() < deadline:
+            if (await client.get("/health")).json().get("running", 0) >= 1:
+                break
+            await asyncio.sleep(0.01)
+        short = await one_request(client, None, short_text, 1, args)
+        return Probe(await long, short)
+
+
+def max_running(args) -> int:
+    """Running slots for a sweep's servers: the most clients, and two for the probe."""
+    return max([*args.clients, 2 if args.long_prompt_probe else 1])
+
+
+def run_config(name: str, server_args: list[str], args, extra: list[str], prompts: list[str]) -> ConfigRun:
+    run = ConfigRun(name, server_args)
+    try:
+        process, url = start_server(args, server_args + extra, max_running(args))
+    except ServerFailed as error:
+        run.failure = str(error)
+        print(f"serve_load: {name}: {error}", file=sys.stderr)
+        return run
+    pid = process.pid
+    try:
+        run.rss_idle = rss_mib(pid)
+        asyncio.run(run_load(url, None, prompts, 1, 1, args))  # warm-up, not counted
+        for clients in args.clients:
+            before, rss_before = counters(url), rss_mib(pid)
+            with RssSampler(pid) as sampler:
+                outcomes, wall_s = asyncio.run(run_load(url, None, prompts, clients, args.requests, args))
+            after = counters(url)
+            spec = {key: after[key] - before[key] for key in COUNTERS}
+            cell = Cell(name, clients, outcomes, wall_s, spec, (rss_before, sampler.peak, rss_mib(pid)))
+            run.cells.append(cell)
+            print(
+                f"serve_load: {name} × {clients} clients: {len(cell.done)} requests, "
+                f"{len(cell.errors)} errors, {cell.tokens_per_s:.1f} tokens/s",
+                file=sys.stderr,
+            )
+        if args.long_prompt_probe:
+            run.probe = asyncio.run(probe_long_prompt(url, *probe_prompts(url, args), args))
+        run.rss_end, run.rss_hwm = rss_mib(pid), rss_mib(pid, "VmHWM")
+    except (httpx.HTTPError, OSError) as error:
+        # The server died or stopped answering mid-sweep: keep what this config measured.
+        run.failure = f"stopped after {len(run.cells)} cell(s): {type(error).__name__}: {error}"
+        print(f"serve_load: {name}: {run.failure}", file=sys.stderr)
+    finally:
+        stop_server(process)
+    return run
+
+
+def probe_prompts(url: str, args) -> tuple[str, str]:
+    """The long prompt, kept inside the served context with room for the reply (and a tenth
+    spare, as its length in tokens is estimated from words), and the shortest test chat prompt."""
+    from speckv.datasets import load_prompts
+
+    test = load_prompts("mixed", split="test")
+    context = httpx.get(url + "/v1/models", timeout=30).json()["data"][0].get("max_model_len")
+    tokens = LONG_PROMPT_TOKENS
+    if context is not None:
+        tokens = min(tokens, int(0.9 * (context - args.max_tokens)))
+    articles = [item.text for item in test if item.task == "summarization"]
+    short = min((item.text for item in test if item.task == "chat"), key=len)
+    return long_prompt(articles, int(tokens / TOKENS_PER_WORD)), short
+
+
+def sweep(args, extra: list[str]) -> None:
+    from speckv.datasets import load_prompts
+
+    prompts = [item.text for item in interleave(load_prompts("mixed", split="test"))]
+    runs = [run_config(name, options, args, extra, prompts) for name, options in args.configs.items()]
+    figure = args.figure or (None if args.no_results else FIGURE)
+    link = None
+    if figure is not None and any(r.cells for r in runs):
+        plot_sweep(runs, figure)
+        shown = figure.resolve()
+        link = shown.relative_to(BENCHMARKS).as_posix() if shown.is_relative_to(BENCHMARKS) else str(shown)
+        print(f"serve_load: plot in {figure}", file=sys.stderr)
+    body = sweep_report(runs, args, extra, link)
+    from speckv.util.benchmark_header import write_section  # imports torch: after the run
+
+    level = server_option(extra, "--compression") or "server default"
+    threads = server_option(extra, "--threads") or "server default"
+    print(write_section(SECTION, body, level=level, threads=threads, write=not args.no_results))
+
+
+def client_counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"client counts must be distinct and positive: {text!r}")
+    return counts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--demo", action="store_true", help="start `speckv serve --demo` for the run")
     target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    target.add_argument(
+        "--configs",
+        help="sweep: start one `speckv serve --demo` per config, comma-separated: target, fixedN, speckv, "
+        "table, or NAME=SERVER OPTIONS",
+    )
     parser.add_argument("--model", help="model name to send (default: none, the server's own)")
-    parser.add_argument("--clients", type=int, default=4, help="concurrent streaming clients (default 4)")
-    parser.add_argument("--requests", type=int, default=32, help="requests in all (default 32)")
-    parser.add_argument("--duration", type=float, default=300.0, help="stop sending after this many seconds")
+    parser.add_argument(
+        "--clients",
+        type=client_counts,
+        help="concurrent streaming clients (default 4); a sweep takes a list (default 1,2,4,8)",
+    )
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=32,
+        help="requests in all (a sweep: per config and concurrency; default 32)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=300.0,
+        help="stop sending after this many seconds (a sweep: per cell)",
+    )
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument(
         "--ignore-eos", action="store_true", help="every request decodes exactly --max-tokens"
     )
     parser.add_argument("--request-timeout", type=float, default=600.0)
-    parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for --demo")
-    parser.add_argument("--no-results", action="store_true", help="do not write benchmarks/RESULTS.md")
+    parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for a server")
+    parser.add_argument(
+        "--long-prompt-probe",
+        action="store_true",
+        help=f"sweep: per server, the TTFT of a short request sent while a ~{LONG_PROMPT_TOKENS}-token prompt is read",
+    )
+    parser.add_argument(
+        "--figure",
+        type=Path,
+        help=f"sweep: where the plot goes (default {FIGURE.relative_to(BENCHMARKS.parent)}; none with "
+        "--no-results unless given)",
+    )
+    parser.add_argument(
+        "--no-results", action="store_true", help="do not write benchmarks/RESULTS.md (nor the sweep's plot)"
+    )
     args, extra = parser.parse_known_args()
     extra = [part for part in extra if part != "--"]  # options after `--` go to `speckv serve`
-    if extra and not args.demo:
-        parser.error(f"unknown options {extra} (server options only go with --demo)")
-    if args.clients < 1 or args.requests < 1 or args.duration <= 0 or args.max_tokens < 1:
-        parser.error("--clients, --requests, --duration and --max-tokens must be positive")
+    if extra and args.url:
+        parser.error(f"unknown options {extra} (server options only go with --demo or --configs)")
+    if args.requests < 1 or args.duration <= 0 or args.max_tokens < 1:
+        parser.error("--requests, --duration and --max-tokens must be positive")
+    if args.configs is not None:
+        if args.model:
+            parser.error("--model goes with --demo or --url: a sweep's servers answer to their own name")
+        try:
+            args.configs = parse_configs(args.configs)
+        except ValueError as error:
+            parser.error(str(error))
+        args.clients = args.clients or [1, 2, 4, 8]
+        sweep(args, extra)
+        return
+    if args.long_prompt_probe or args.figure:
+        parser.error("--long-prompt-probe and --figure go with --configs (a sweep)")
+    args.clients = args.clients or [4]
+    if len(args.clients) != 1:
+        parser.error("one server runs one --clients count; a list goes with --configs")
     process = None
     url = args.url.rstrip("/") if args.url else None
     if args.demo:
-        process, url = start_server(args, extra)
+        try:
+            process, url = start_server(args, extra, args.clients[0])
+        except ServerFailed as error:
+            raise SystemExit(str(error)) from None
     try:
         before = counters(url)
-        outcomes, wall_s = asyncio.run(run_load(url, args.model, args))
+        outcomes, wall_s = asyncio.run(
+            run_load(url, args.model, PROMPTS, args.clients[0], args.requests, args)
+        )
         after = counters(url)
     finally:
         if process is not None:
@@ -255,7 +884,7 @@ def main() -> None:
     level = server_option(extra, "--compression") or known
     threads = server_option(extra, "--threads") or known
     text = write_section(
-        f"serve_load-c{args.clients}", body, level=level, threads=threads, write=not args.no_results
+        f"serve_load-c{args.clients[0]}", body, level=level, threads=threads, write=not args.no_results
     )
     print(text)
 

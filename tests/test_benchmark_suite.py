@@ -3,11 +3,13 @@ script that writes it, and the optional llama.cpp reference without llama-cpp-py
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from speckv.util.benchmark_header import (
@@ -214,3 +216,233 @@ def test_llama_cpp_reference_passes_and_table():
     lines = reference.table([("base", [10.0, 12.0], ["a"]), ("lookup", [22.0], ["b"])]).splitlines()
     assert lines[2] == "| base | 11.0 | 10.0, 12.0 | 1.00× | yes |"
     assert lines[3] == "| lookup | 22.0 | 22.0 | 2.00× | NO |"
+
+
+# -- serve_load's sweep: the pure parts (the sweep itself needs servers: run by hand) ------------
+
+
+@functools.cache
+def serve_load_script():
+    return load_script("serve_load")
+
+
+def served(index: int, tokens: int, seconds: float, ttft: float = 0.1, ok: bool = True):
+    """A finished request of serve_load, sent at 0, first token at `ttft`, done at `seconds`."""
+    return serve_load_script().Outcome(
+        ok, index, 0.0, seconds, tokens, 20, ttft, seconds, "" if ok else "HTTP 500"
+    )
+
+
+def test_serve_load_percentiles_and_milliseconds():
+    serve_load = serve_load_script()
+    assert serve_load.p50_p95([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, 3.85))
+    assert serve_load.p50_p95([]) is None
+    assert serve_load.ms((0.0125, 0.2)) == ("12", "200")
+    assert serve_load.ms(None) == ("–", "–")
+
+
+def test_serve_load_outcome_times():
+    outcome = serve_load_script().Outcome(True, 3, 10.0, 12.0, 5, 40, 10.5, 11.5)
+    assert outcome.ttft_s == 0.5 and outcome.tpot_s == 0.25 and outcome.latency_s == 2.0
+    one_token = serve_load_script().Outcome(True, 0, 0.0, 1.0, 1, 4, 0.5, 0.5)
+    assert one_token.tpot_s is None
+
+
+def test_serve_load_parses_configs():
+    serve_load = serve_load_script()
+    configs = serve_load.parse_configs("target, fixed3,speckv,table,wide=--controller tree:8 --gamma-max 6")
+    assert configs == {
+        "target": ["--no-draft"],
+        "fixed3": ["--controller", "fixed:3"],
+        "speckv": ["--controller", "speckv"],
+        "table": ["--controller", "batch-table"],
+        "wide": ["--controller", "tree:8", "--gamma-max", "6"],
+    }
+    assert [serve_load.is_fixed(a) for a in configs.values()] == [False, True, False, False, False]
+    assert serve_load.is_fixed(["--gamma", "2"]) and serve_load.is_fixed(["--controller=fixed:5"])
+    with pytest.raises(ValueError, match="unknown config 'fixed'"):
+        serve_load.parse_configs("target,fixed")
+    with pytest.raises(ValueError, match="named twice"):
+        serve_load.parse_configs("fixed2,fixed2=--gamma 2")
+    with pytest.raises(ValueError, match="empty name"):
+        serve_load.parse_configs("target,,speckv")
+
+
+def test_serve_load_client_counts():
+    serve_load = serve_load_script()
+    assert serve_load.client_counts("1,2,4,8") == [1, 2, 4, 8]
+    for bad in ("1,x", "0,2", "2,2", ""):
+        with pytest.raises(serve_load.argparse.ArgumentTypeError):
+            serve_load.client_counts(bad)
+
+
+def test_serve_load_interleaves_tasks():
+    from speckv.datasets import PromptItem
+
+    items = [
+        PromptItem(f"{t}/{i}", t, f"{t}{i}")
+        for t, n in (("code", 3), ("math", 1), ("chat", 2))
+        for i in range(n)
+    ]
+    order = [item.text for item in serve_load_script().interleave(items)]
+    assert order == ["code0", "math0", "chat0", "code1", "chat1", "code2"]
+
+
+def test_serve_load_reads_rss_from_proc_status():
+    serve_load = serve_load_script()
+    status = "Name:\tpython\nVmPeak:\t  900 kB\nVmHWM:\t   4096 kB\nVmRSS:\t    2048 kB\nThreads:\t3\n"
+    assert serve_load.status_kib(status, "VmRSS") == 2048
+    assert serve_load.status_kib(status, "VmHWM") == 4096
+    with pytest.raises(ValueError, match="no VmSwap line"):
+        serve_load.status_kib(status, "VmSwap")
+    with pytest.raises(ValueError, match="not kB"):
+        serve_load.status_kib("VmRSS:\t2 MB\n", "VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_serve_load_samples_the_peak_rss_of_a_process():
+    import os
+    import time
+
+    serve_load = serve_load_script()
+    pid = os.getpid()
+    with serve_load.RssSampler(pid, interval=0.01) as sampler:
+        start = sampler.peak
+        block = b"\x01" * (64 << 20)  # 64 MiB, every page written
+        time.sleep(0.2)
+        del block
+    assert sampler.peak >= start + 50
+    assert serve_load.rss_mib(pid, "VmHWM") >= serve_load.rss_mib(pid)  # the kernel's peak
+
+
+def test_serve_load_margin_ci_is_paired_over_requests():
+    serve_load = serve_load_script()
+    tokens = np.full((40, 2), 32.0)
+    times = np.random.default_rng(1).uniform(1, 20, size=40)  # requests of very different lengths
+    # The subject takes 0.8 of the other's time on every request: every resample says +25%,
+    # which only a paired resampling gives.
+    point, low, high = serve_load.rate_ratio_ci(tokens, np.column_stack([0.8 * times, times]))
+    assert (point, low, high) == pytest.approx((0.25, 0.25, 0.25))
+    assert serve_load.rate_ratio_ci(tokens, np.column_stack([times, times])) == pytest.approx((0, 0, 0))
+
+
+def test_serve_load_margin_ci_covers_the_estimate_and_narrows_with_requests():
+    serve_load = serve_load_script()
+    rng = np.random.default_rng(2)
+
+    def sample(n):
+        times = rng.uniform(1, 3, size=(n, 1)) * rng.uniform(0.7, 1.3, size=(n, 2))
+        return np.full((n, 2), 16.0), times
+
+    point, low, high = serve_load.rate_ratio_ci(*sample(10))
+    assert low < point < high
+    wide = high - low
+    tokens, times = sample(400)
+    point, low, high = serve_load.rate_ratio_ci(tokens, times)
+    assert low < point < high and high - low < wide / 3
+    assert serve_load.rate_ratio_ci(tokens, times) == (point, low, high)  # seeded: same again
+
+
+def test_serve_load_pairs_requests_both_configs_finished():
+    serve_load = serve_load_script()
+    ours = [served(0, 10, 1.0), served(1, 10, 2.0), served(2, 10, 1.0, ok=False), served(3, 0, 1.0)]
+    theirs = [served(3, 10, 1.0), served(1, 12, 4.0), served(0, 10, 2.0), served(2, 10, 1.0)]
+    tokens, times = serve_load.paired(ours, theirs)
+    assert tokens.tolist() == [[10, 10], [10, 12]] and times.tolist() == [[1, 2], [2, 4]]
+    assert serve_load.paired([], theirs)[0].shape == (0, 2)
+
+
+def sweep_runs(serve_load):
+    """target fastest, then fixed3, fixed2, speckv; speckv 1.25x faster per request than target at 1 client."""
+
+    def cell(config, clients, seconds, wall_s, ttft=0.1):
+        outcomes = [served(i, 16, seconds, ttft) for i in range(4)]
+        spec = {"drafts": 10.0, "draft_tokens": 40.0, "accepted": 30.0}
+        return serve_load.Cell(config, clients, outcomes, wall_s, spec, (800.0, 850.4, 820.0))
+
+    runs = []
+    for name, options, seconds, wall_s in (
+        ("target", ["--no-draft"], 1.0, 4.0),
+        ("fixed2", ["--controller", "fixed:2"], 1.0, 8.0),
+        ("fixed3", ["--controller", "fixed:3"], 1.0, 6.0),
+        ("speckv", ["--controller", "speckv"], 0.8, 5.0),
+    ):
+        run = serve_load.ConfigRun(name, options, rss_idle=790.0, rss_end=830.0, rss_hwm=900.0)
+        run.cells = [cell(name, 1, seconds, wall_s), cell(name, 4, seconds, wall_s, ttft=0.25)]
+        run.cells[0].spec = {"drafts": 0.0, "draft_tokens": 0.0, "accepted": 0.0}
+        runs.append(run)
+    runs.append(serve_load.ConfigRun("table", ["--controller", "batch-table"], failure="exited: no such"))
+    return runs
+
+
+def test_serve_load_best_fixed_gamma_is_the_fastest_fixed_config():
+    serve_load = serve_load_script()
+    runs = sweep_runs(serve_load)
+    assert serve_load.best_fixed(runs, 1).config == "fixed3"  # not target, faster but not fixed
+    assert serve_load.best_fixed(runs, 2) is None
+    runs[2].cells[0].outcomes = [served(0, 16, 1.0, ok=False)]  # fixed3 finished nothing
+    assert serve_load.best_fixed(runs, 1).config == "fixed2"
+
+
+def test_serve_load_sweep_report_tables(tmp_path):
+    from types import SimpleNamespace
+
+    serve_load = serve_load_script()
+    runs = sweep_runs(serve_load)
+    long = serve_load.Outcome(True, 0, 0.0, 40.0, 16, 4048, 30.0, 40.0)
+    runs[0].probe = serve_load.Probe(long, serve_load.Outcome(True, 1, 0.5, 31.0, 16, 30, 30.5, 31.0))
+    runs[1].probe = serve_load.Probe(long, serve_load.Outcome(True, 1, 0.5, 2.0, 16, 30, 1.5, 2.0))
+    runs[2].probe = serve_load.Probe(long, serve_load.Outcome(True, 1, 35.0, 36.0, 16, 30, 35.5, 36.0))
+    runs[0].cell(4).outcomes = [served(i, 16, 1.0, ttft=0.3) for i in range(4)]
+    args = SimpleNamespace(
+        clients=[1, 4], max_tokens=16, ignore_eos=False, requests=4, duration=300.0, long_prompt_probe=True
+    )
+    text = serve_load.sweep_report(runs, args, ["--threads", "1"], "figures/serve_sweep.png")
+    lines = text.splitlines()
+    assert "| 1 | target | 4 | 0 | 16.0 | 100 | 100 | 60 | 60 | – | 800 / 850 / 820 |" in lines
+    assert "| 1 | fixed3 (best fixed γ) | 4 | 0 | 10.7 | 100 | 100 | 60 | 60 | – | 800 / 850 / 820 |" in lines
+    assert (
+        "| 4 | fixed3 (best fixed γ) | 4 | 0 | 10.7 | 250 | 250 | 50 | 50 | 75.0% | 800 / 850 / 820 |"
+        in lines
+    )
+    # speckv (12.8 tokens/s) against target (16.0), per request 1.25x faster on the same prompts.
+    assert "| 1 | 12.8 | target | 16.0 | +25.0% [+25.0%, +25.0%] | 4 | yes (CI above 0) |" in lines
+    assert "| target | 790 | 830 | 900 | 3.00× (NO) | 4048 | 30.00 | 30.00 (NO) |" in lines
+    assert "| fixed2 | 790 | 830 | 900 | 2.50× (NO) | 4048 | 30.00 | 1.00 (yes) |" in lines
+    assert (
+        "| fixed3 | 790 | 830 | 900 | 2.50× (NO) | 4048 | 30.00 | – (read before the short request came) |"
+        in lines
+    )
+    assert "- `table`: exited: no such" in lines and "- `table`: `--controller batch-table`" in lines
+    assert "| table |" not in text  # it never ran
+    assert lines[-1] == "![tokens/s and TPOT p50 against concurrency](figures/serve_sweep.png)"
+    assert "`speckv serve --demo --threads 1` process with the options below and `--max-running 4`" in text
+    without = serve_load.sweep_report(runs[:3], args, [], None)
+    assert "No `speckv` configuration in this sweep, so no margin." in without and "![" not in without
+    path = serve_load.plot_sweep(runs, tmp_path / "figures" / "sweep.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_serve_load_margin_needs_two_paired_requests():
+    serve_load = serve_load_script()
+    runs = sweep_runs(serve_load)
+    runs[3].cells[0].outcomes = [served(0, 16, 0.8)]
+    assert serve_load.margin_rows(runs, [1, 2]) == [
+        "| 1 | 3.2 | target | 16.0 | – (fewer than 2 paired requests) | 1 | – |",
+        "| 2 | – | – | – | – | 0 | – |",
+    ]
+
+
+def test_serve_load_long_prompt_is_whole_articles_then_a_part():
+    from speckv.datasets import SUMMARY_INSTRUCTION
+
+    serve_load = serve_load_script()
+    first = " ".join(["word"] * 30) + "."
+    articles = [SUMMARY_INSTRUCTION + first, "One. Two three four. Five six seven eight.", "Nine ten."]
+    text = serve_load.long_prompt(articles, 35)
+    assert text.startswith(serve_load.LONG_PROMPT_INSTRUCTION) and SUMMARY_INSTRUCTION not in text
+    # The second article is cut at its last sentence end within budget; the third fills the rest.
+    assert text.removeprefix(serve_load.LONG_PROMPT_INSTRUCTION) == f"{first}\n\nOne. Two three four.\n\nNine"
+    assert serve_load.long_prompt(articles, 30) == serve_load.LONG_PROMPT_INSTRUCTION + first
+    with pytest.raises(ValueError, match="give only 40 of the 60 words"):
+        serve_load.long_prompt(articles, 60)
