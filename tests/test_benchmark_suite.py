@@ -180,12 +180,12 @@ def test_hand_written_sections_have_no_generated_markers():
     assert MARKER.findall(RESULTS.read_text().split(HAND_WRITTEN)[1]) == []
 
 
-def test_serve_load_reads_the_server_options():
-    serve_load = load_script("serve_load")
+def test_serve_report_reads_the_server_options():
+    serve_report = load_script("serve_report")
     extra = ["--compression", "bf16", "--threads=2"]
-    assert serve_load.server_option(extra, "--compression") == "bf16"
-    assert serve_load.server_option(extra, "--threads") == "2"
-    assert serve_load.server_option(extra, "--draft") is None
+    assert serve_report.server_option(extra, "--compression") == "bf16"
+    assert serve_report.server_option(extra, "--threads") == "2"
+    assert serve_report.server_option(extra, "--draft") is None
 
 
 def test_results_path_is_the_benchmarks_file():
@@ -218,7 +218,7 @@ def test_llama_cpp_reference_passes_and_table():
     assert lines[3] == "| lookup | 22.0 | 22.0 | 2.00× | NO |"
 
 
-# -- serve_load's sweep: the pure parts (the sweep itself needs servers: run by hand) ------------
+# -- serve_load's sweep and serve_report: the pure parts (the sweep itself needs servers: run by hand)
 
 
 @functools.cache
@@ -226,25 +226,30 @@ def serve_load_script():
     return load_script("serve_load")
 
 
+@functools.cache
+def serve_report_script():
+    return load_script("serve_report")
+
+
 def served(index: int, tokens: int, seconds: float, ttft: float = 0.1, ok: bool = True):
     """A finished request of serve_load, sent at 0, first token at `ttft`, done at `seconds`."""
-    return serve_load_script().Outcome(
+    return serve_report_script().Outcome(
         ok, index, 0.0, seconds, tokens, 20, ttft, seconds, "" if ok else "HTTP 500"
     )
 
 
-def test_serve_load_percentiles_and_milliseconds():
-    serve_load = serve_load_script()
-    assert serve_load.p50_p95([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, 3.85))
-    assert serve_load.p50_p95([]) is None
-    assert serve_load.ms((0.0125, 0.2)) == ("12", "200")
-    assert serve_load.ms(None) == ("–", "–")
+def test_serve_report_percentiles_and_milliseconds():
+    serve_report = serve_report_script()
+    assert serve_report.p50_p95([1.0, 2.0, 3.0, 4.0]) == pytest.approx((2.5, 3.85))
+    assert serve_report.p50_p95([]) is None
+    assert serve_report.ms((0.0125, 0.2)) == ("12", "200")
+    assert serve_report.ms(None) == ("–", "–")
 
 
-def test_serve_load_outcome_times():
-    outcome = serve_load_script().Outcome(True, 3, 10.0, 12.0, 5, 40, 10.5, 11.5)
+def test_serve_report_outcome_times():
+    outcome = serve_report_script().Outcome(True, 3, 10.0, 12.0, 5, 40, 10.5, 11.5)
     assert outcome.ttft_s == 0.5 and outcome.tpot_s == 0.25 and outcome.latency_s == 2.0
-    one_token = serve_load_script().Outcome(True, 0, 0.0, 1.0, 1, 4, 0.5, 0.5)
+    one_token = serve_report_script().Outcome(True, 0, 0.0, 1.0, 1, 4, 0.5, 0.5)
     assert one_token.tpot_s is None
 
 
@@ -258,8 +263,9 @@ def test_serve_load_parses_configs():
         "table": ["--controller", "batch-table"],
         "wide": ["--controller", "tree:8", "--gamma-max", "6"],
     }
-    assert [serve_load.is_fixed(a) for a in configs.values()] == [False, True, False, False, False]
-    assert serve_load.is_fixed(["--gamma", "2"]) and serve_load.is_fixed(["--controller=fixed:5"])
+    is_fixed = serve_report_script().is_fixed
+    assert [is_fixed(a) for a in configs.values()] == [False, True, False, False, False]
+    assert is_fixed(["--gamma", "2"]) and is_fixed(["--controller=fixed:5"])
     with pytest.raises(ValueError, match="unknown config 'fixed'"):
         serve_load.parse_configs("target,fixed")
     with pytest.raises(ValueError, match="named twice"):
@@ -315,50 +321,50 @@ def test_serve_load_samples_the_peak_rss_of_a_process():
     assert serve_load.rss_mib(pid, "VmHWM") >= serve_load.rss_mib(pid)  # the kernel's peak
 
 
-def test_serve_load_margin_ci_is_paired_over_requests():
-    serve_load = serve_load_script()
+def test_serve_report_margin_ci_is_paired_over_requests():
+    serve_report = serve_report_script()
     tokens = np.full((40, 2), 32.0)
     times = np.random.default_rng(1).uniform(1, 20, size=40)  # requests of very different lengths
     # The subject takes 0.8 of the other's time on every request: every resample says +25%,
     # which only a paired resampling gives.
-    point, low, high = serve_load.rate_ratio_ci(tokens, np.column_stack([0.8 * times, times]))
+    point, low, high = serve_report.rate_ratio_ci(tokens, np.column_stack([0.8 * times, times]))
     assert (point, low, high) == pytest.approx((0.25, 0.25, 0.25))
-    assert serve_load.rate_ratio_ci(tokens, np.column_stack([times, times])) == pytest.approx((0, 0, 0))
+    assert serve_report.rate_ratio_ci(tokens, np.column_stack([times, times])) == pytest.approx((0, 0, 0))
 
 
-def test_serve_load_margin_ci_covers_the_estimate_and_narrows_with_requests():
-    serve_load = serve_load_script()
+def test_serve_report_margin_ci_covers_the_estimate_and_narrows_with_requests():
+    serve_report = serve_report_script()
     rng = np.random.default_rng(2)
 
     def sample(n):
         times = rng.uniform(1, 3, size=(n, 1)) * rng.uniform(0.7, 1.3, size=(n, 2))
         return np.full((n, 2), 16.0), times
 
-    point, low, high = serve_load.rate_ratio_ci(*sample(10))
+    point, low, high = serve_report.rate_ratio_ci(*sample(10))
     assert low < point < high
     wide = high - low
     tokens, times = sample(400)
-    point, low, high = serve_load.rate_ratio_ci(tokens, times)
+    point, low, high = serve_report.rate_ratio_ci(tokens, times)
     assert low < point < high and high - low < wide / 3
-    assert serve_load.rate_ratio_ci(tokens, times) == (point, low, high)  # seeded: same again
+    assert serve_report.rate_ratio_ci(tokens, times) == (point, low, high)  # seeded: same again
 
 
-def test_serve_load_pairs_requests_both_configs_finished():
-    serve_load = serve_load_script()
+def test_serve_report_pairs_requests_both_configs_finished():
+    serve_report = serve_report_script()
     ours = [served(0, 10, 1.0), served(1, 10, 2.0), served(2, 10, 1.0, ok=False), served(3, 0, 1.0)]
     theirs = [served(3, 10, 1.0), served(1, 12, 4.0), served(0, 10, 2.0), served(2, 10, 1.0)]
-    tokens, times = serve_load.paired(ours, theirs)
+    tokens, times = serve_report.paired(ours, theirs)
     assert tokens.tolist() == [[10, 10], [10, 12]] and times.tolist() == [[1, 2], [2, 4]]
-    assert serve_load.paired([], theirs)[0].shape == (0, 2)
+    assert serve_report.paired([], theirs)[0].shape == (0, 2)
 
 
-def sweep_runs(serve_load):
+def sweep_runs(serve_report):
     """target fastest, then fixed3, fixed2, speckv; speckv 1.25x faster per request than target at 1 client."""
 
     def cell(config, clients, seconds, wall_s, ttft=0.1):
         outcomes = [served(i, 16, seconds, ttft) for i in range(4)]
         spec = {"drafts": 10.0, "draft_tokens": 40.0, "accepted": 30.0}
-        return serve_load.Cell(config, clients, outcomes, wall_s, spec, (800.0, 850.4, 820.0))
+        return serve_report.Cell(config, clients, outcomes, wall_s, spec, (800.0, 850.4, 820.0))
 
     runs = []
     for name, options, seconds, wall_s in (
@@ -367,37 +373,37 @@ def sweep_runs(serve_load):
         ("fixed3", ["--controller", "fixed:3"], 1.0, 6.0),
         ("speckv", ["--controller", "speckv"], 0.8, 5.0),
     ):
-        run = serve_load.ConfigRun(name, options, rss_idle=790.0, rss_end=830.0, rss_hwm=900.0)
+        run = serve_report.ConfigRun(name, options, rss_idle=790.0, rss_end=830.0, rss_hwm=900.0)
         run.cells = [cell(name, 1, seconds, wall_s), cell(name, 4, seconds, wall_s, ttft=0.25)]
         run.cells[0].spec = {"drafts": 0.0, "draft_tokens": 0.0, "accepted": 0.0}
         runs.append(run)
-    runs.append(serve_load.ConfigRun("table", ["--controller", "batch-table"], failure="exited: no such"))
+    runs.append(serve_report.ConfigRun("table", ["--controller", "batch-table"], failure="exited: no such"))
     return runs
 
 
-def test_serve_load_best_fixed_gamma_is_the_fastest_fixed_config():
-    serve_load = serve_load_script()
-    runs = sweep_runs(serve_load)
-    assert serve_load.best_fixed(runs, 1).config == "fixed3"  # not target, faster but not fixed
-    assert serve_load.best_fixed(runs, 2) is None
+def test_serve_report_best_fixed_gamma_is_the_fastest_fixed_config():
+    serve_report = serve_report_script()
+    runs = sweep_runs(serve_report)
+    assert serve_report.best_fixed(runs, 1).config == "fixed3"  # not target, faster but not fixed
+    assert serve_report.best_fixed(runs, 2) is None
     runs[2].cells[0].outcomes = [served(0, 16, 1.0, ok=False)]  # fixed3 finished nothing
-    assert serve_load.best_fixed(runs, 1).config == "fixed2"
+    assert serve_report.best_fixed(runs, 1).config == "fixed2"
 
 
-def test_serve_load_sweep_report_tables(tmp_path):
+def test_serve_report_sweep_report_tables(tmp_path):
     from types import SimpleNamespace
 
-    serve_load = serve_load_script()
-    runs = sweep_runs(serve_load)
-    long = serve_load.Outcome(True, 0, 0.0, 40.0, 16, 4048, 30.0, 40.0)
-    runs[0].probe = serve_load.Probe(long, serve_load.Outcome(True, 1, 0.5, 31.0, 16, 30, 30.5, 31.0))
-    runs[1].probe = serve_load.Probe(long, serve_load.Outcome(True, 1, 0.5, 2.0, 16, 30, 1.5, 2.0))
-    runs[2].probe = serve_load.Probe(long, serve_load.Outcome(True, 1, 35.0, 36.0, 16, 30, 35.5, 36.0))
+    serve_report = serve_report_script()
+    runs = sweep_runs(serve_report)
+    long = serve_report.Outcome(True, 0, 0.0, 40.0, 16, 4048, 30.0, 40.0)
+    runs[0].probe = serve_report.Probe(long, serve_report.Outcome(True, 1, 0.5, 31.0, 16, 30, 30.5, 31.0))
+    runs[1].probe = serve_report.Probe(long, serve_report.Outcome(True, 1, 0.5, 2.0, 16, 30, 1.5, 2.0))
+    runs[2].probe = serve_report.Probe(long, serve_report.Outcome(True, 1, 35.0, 36.0, 16, 30, 35.5, 36.0))
     runs[0].cell(4).outcomes = [served(i, 16, 1.0, ttft=0.3) for i in range(4)]
     args = SimpleNamespace(
         clients=[1, 4], max_tokens=16, ignore_eos=False, requests=4, duration=300.0, long_prompt_probe=True
     )
-    text = serve_load.sweep_report(runs, args, ["--threads", "1"], "figures/serve_sweep.png")
+    text = serve_report.sweep_report(runs, args, ["--threads", "1"], "figures/serve_sweep.png")
     lines = text.splitlines()
     assert "| 1 | target | 4 | 0 | 16.0 | 100 | 100 | 60 | 60 | – | 800 / 850 / 820 |" in lines
     assert "| 1 | fixed3 (best fixed γ) | 4 | 0 | 10.7 | 100 | 100 | 60 | 60 | – | 800 / 850 / 820 |" in lines
@@ -417,17 +423,17 @@ def test_serve_load_sweep_report_tables(tmp_path):
     assert "| table |" not in text  # it never ran
     assert lines[-1] == "![tokens/s and TPOT p50 against concurrency](figures/serve_sweep.png)"
     assert "`speckv serve --demo --threads 1` process with the options below and `--max-running 4`" in text
-    without = serve_load.sweep_report(runs[:3], args, [], None)
+    without = serve_report.sweep_report(runs[:3], args, [], None)
     assert "No `speckv` configuration in this sweep, so no margin." in without and "![" not in without
-    path = serve_load.plot_sweep(runs, tmp_path / "figures" / "sweep.png")
+    path = serve_report.plot_sweep(runs, tmp_path / "figures" / "sweep.png")
     assert path.read_bytes().startswith(b"\x89PNG")
 
 
-def test_serve_load_margin_needs_two_paired_requests():
-    serve_load = serve_load_script()
-    runs = sweep_runs(serve_load)
+def test_serve_report_margin_needs_two_paired_requests():
+    serve_report = serve_report_script()
+    runs = sweep_runs(serve_report)
     runs[3].cells[0].outcomes = [served(0, 16, 0.8)]
-    assert serve_load.margin_rows(runs, [1, 2]) == [
+    assert serve_report.margin_rows(runs, [1, 2]) == [
         "| 1 | 3.2 | target | 16.0 | – (fewer than 2 paired requests) | 1 | – |",
         "| 2 | – | – | – | – | 0 | – |",
     ]
