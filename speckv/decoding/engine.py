@@ -84,9 +84,12 @@ class SpeculativeDecoder:
         finally:
             run.close()
 
-    def start(self, prompt_ids: list[int], max_new_tokens: int = 128, min_new_tokens: int = 0) -> SequenceRun:
+    def start(
+        self, prompt_ids: list[int], max_new_tokens: int = 128, min_new_tokens: int = 0, cache=None
+    ) -> SequenceRun:
         """Begin decoding a sequence, to be stepped alone (`SequenceRun.step`) or in a batch with
-        other decoders' sequences (`speckv.decoding.batch.step_together`); `close` it at the end."""
+        other decoders' sequences (`speckv.decoding.batch.step_together`: then `cache` is the
+        sequence's row of the batch's `SlotStore`, which `close` hands back)."""
         if not prompt_ids:
             raise SpecKVError("the prompt is empty")
         if max_new_tokens < 1:
@@ -100,7 +103,7 @@ class SpeculativeDecoder:
         if self._streaming:
             raise SpecKVError("this decoder is already decoding a sequence; use one decoder per stream")
         self._streaming = True
-        return SequenceRun(self, list(prompt_ids), max_new_tokens, min_new_tokens)
+        return SequenceRun(self, list(prompt_ids), max_new_tokens, min_new_tokens, cache)
 
 
 class SequenceRun:
@@ -110,9 +113,17 @@ class SequenceRun:
     (`prompt_chunk`), so other sequences need not wait for the whole prompt."""
 
     def __init__(
-        self, decoder: SpeculativeDecoder, prompt: list[int], max_new_tokens: int, min_new_tokens: int
+        self,
+        decoder: SpeculativeDecoder,
+        prompt: list[int],
+        max_new_tokens: int,
+        min_new_tokens: int,
+        cache=None,
     ):
         self.decoder, self.tokens, self.max_new_tokens = decoder, prompt, max_new_tokens
+        self._own_cache = decoder.verifier.model
+        if cache is not None:  # the target's cache lives in a batch's row for this sequence
+            decoder.verifier.model = cache
         self.generator = None
         if decoder.sampling.seed is not None:
             self.generator = torch.Generator().manual_seed(decoder.sampling.seed)
@@ -186,6 +197,9 @@ class SequenceRun:
         return record, new_tokens
 
     def close(self) -> None:
-        """The sequence is over (or abandoned): its decoder may start another."""
+        """The sequence is over (or abandoned): its decoder may start another; a batch row goes back."""
+        if self.decoder.verifier.model is not self._own_cache:
+            self.decoder.verifier.model.release()
+            self.decoder.verifier.model = self._own_cache
         self.done = True
         self.decoder._streaming = False

@@ -24,6 +24,7 @@ from speckv.decoding.batch import BatchPace, step_together
 from speckv.decoding.builder import DecoderFactory
 from speckv.decoding.engine import SequenceRun, SpeculativeDecoder
 from speckv.decoding.models import context_length
+from speckv.decoding.slots import SlotStore
 from speckv.decoding.text import TextOutput
 from speckv.decoding.verify import SamplingConfig
 from speckv.records import StepRecord
@@ -41,6 +42,7 @@ class ServedModel:
         self.controller = factory.controller
         self.draft = factory.draft_model  # the draft model, if one runs
         self.drafter_name = factory.drafter.name if factory.drafter is not None else None
+        self.store = SlotStore(self.target)  # the running requests' target caches, one row each
 
     @property
     def tokenizer(self):
@@ -133,7 +135,13 @@ class Generation:
 
     # -- worker thread ---------------------------------------------------------------------
     def start(self) -> None:
-        self.run = self._decoder.start(self.prompt_ids, self.max_tokens, self.min_tokens)
+        # The target's cache: a row of the batch's store, handed back when the request ends.
+        row = self.served.store.acquire()
+        try:
+            self.run = self._decoder.start(self.prompt_ids, self.max_tokens, self.min_tokens, cache=row)
+        except BaseException:
+            row.release()
+            raise
         self.metrics.prompt_tokens.inc(len(self.prompt_ids))
 
     def step(self) -> bool:
