@@ -21,6 +21,8 @@ import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from speckv.controllers.speckv import ControllerModels
 from speckv.datasets import load_prompts
 from speckv.decoding.draft_files import draft_kind
@@ -112,11 +114,12 @@ def tune(out: str | Path, settings: TuneSettings, device: str = "cpu", progress:
             "table": table,
             "prompts": [p.id for p in testing],
             "cost_source": results[-1].cost_source,
+            "threads": torch.get_num_threads(),  # the curve and the timings are for this count
         }
         atomic_write_text(comparison_path, json.dumps(comparison, indent=1))
     comparison = read_json(comparison_path)
     models = ControllerModels.load(controller_path)
-    summary = summarise(settings, comparison["rows"], comparison["cost_source"], models, out)
+    summary = summarise(settings, comparison, models, out)
     atomic_write_text(out / SUMMARY_FILE, summary + "\n")
     return summary
 
@@ -158,10 +161,11 @@ def _row(result: MethodResult) -> dict:
     }
 
 
-def summarise(settings: TuneSettings, rows: list[dict], cost_source: str, models, out: Path) -> str:
+def summarise(settings: TuneSettings, comparison: dict, models, out: Path) -> str:
     """One screen: the pair, what was fitted, and SpecKV against the best fixed γ and the target."""
     from speckv.costs import device_description
 
+    rows, threads = comparison["rows"], comparison["threads"]
     base = rows[0]["median_tokens_per_s"]
     fixed = [r for r in rows if r["controller"] and r["controller"].startswith("fixed:")]
     best = max(fixed, key=lambda r: r["median_tokens_per_s"])
@@ -170,7 +174,7 @@ def summarise(settings: TuneSettings, rows: list[dict], cost_source: str, models
     lines = [
         f"# speckv tune: {settings.target} + {settings.draft} at {settings.compression}",
         "",
-        f"Machine: {device_description()}. Cost curve: {cost_source}.",
+        f"Machine: {device_description()}, {threads} torch thread(s). Cost curve: {comparison['cost_source']}.",
         f"Fitted on {settings.fit_per_task} prompt(s) per task of the {settings.fit_split} split of "
         f"{settings.prompts}; compared on {settings.test_per_task} per task of the test split, "
         f"{settings.max_new_tokens} new tokens, median of {settings.repeats}.",
@@ -191,7 +195,8 @@ def summarise(settings: TuneSettings, rows: list[dict], cost_source: str, models
         "",
         f"Controller: {out / CONTROLLER_FILE} (levels {', '.join(models.compressions)}). Use it with",
         f"  speckv generate --target {settings.target} --draft {settings.draft} "
-        f"--controller speckv:{out / CONTROLLER_FILE} --compression {settings.compression} --prompt …",
+        f"--controller speckv:{out / CONTROLLER_FILE} --compression {settings.compression} "
+        f"--threads {threads} --prompt …",
     ]
     return "\n".join(lines)
 
