@@ -147,13 +147,12 @@ class SpecKVCandidateGenerator(AssistedCandidateGenerator):
         self._verify_started = time.perf_counter()
         return candidate_ids, candidate_logits
 
-    def _update_past_and_masks(
-        self, input_ids: torch.LongTensor, remove_from_pkv: int = 0, num_added_tokens: int = 1
-    ):
+    def _update_past_and_masks(self, input_ids: torch.LongTensor, *args, **kwargs):
         # HF brings the assistant's mask and positions up to the sequence only once the assistant
         # has a cache; HF always drafts at its first step, but a controller may not (budget 0), and
-        # the assistant's first pass must then still cover the whole sequence.
-        if super()._update_past_and_masks(input_ids, remove_from_pkv, num_added_tokens):
+        # the assistant's first pass must then still cover the whole sequence. (The other
+        # arguments pass through: their names changed between transformers 5.24 and 5.25.)
+        if super()._update_past_and_masks(input_ids, *args, **kwargs):
             return True
         encoder_decoder = self.assistant_model.config.is_encoder_decoder
         self.assistant_kwargs = _prepare_attention_mask(
