@@ -88,10 +88,13 @@ class SpeculativeDecoder:
         if self._streaming:
             raise SpecKVError("this decoder is already decoding a sequence; use one decoder per stream")
         self._streaming = True
+        sequence = list(prompt_ids)  # `_steps` extends it with every verified token
         try:
-            yield from self._steps(list(prompt_ids), max_new_tokens, min_new_tokens)
+            yield from self._steps(sequence, max_new_tokens, min_new_tokens)
         finally:
             self._streaming = False
+            if self.drafter is not None:
+                self.drafter.end(sequence)  # a stream stopped early still wrote verified text
 
     def _steps(
         self, tokens: list[int], max_new_tokens: int, min_new_tokens: int
