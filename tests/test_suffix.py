@@ -113,6 +113,24 @@ def test_the_longer_match_wins_and_the_own_sequence_wins_a_tie():
     assert list(NGramDrafter(16, 1, 3).draft([9, 6, 7], 2, GREEDY, None)) == []
 
 
+def test_an_earlier_match_counts_a_token_shorter_for_the_switch(tiny_target, tiny_drafts):
+    earlier = EarlierSequences()
+    earlier.add([4, 5, 6, 7, 8])
+    drafter = SuffixDrafter(tiny_target.model.config.vocab_size, earlier=earlier)
+    drafter.begin()
+    assert drafter.match_length([0, 5, 6, 7]) == 2  # "5 6 7" occurred earlier: 3 tokens, counted 2
+    assert drafter.match_length([0, 5, 6, 7, 1, 5, 6]) == 2  # "5 6" is its own as well: 2
+    assert drafter.match_length([4, 5, 6, 7]) == 3  # "4 5 6 7": 4 tokens, counted 3
+    # So the switching drafter runs the model after the 3-token earlier match, copies after the 4.
+    switch = SwitchingChainDrafter(switching(tiny_target, tiny_drafts["unrelated"]).model, drafter.fresh())
+    switch.begin()
+    copied = list(switch.draft([4, 5, 6, 7], 2, GREEDY, None))
+    assert [p.token for p in copied] == [8] and copied[0].free
+    switch.begin()
+    drafted = list(switch.draft([0, 5, 6, 7], 2, GREEDY, None))
+    assert len(drafted) == 2 and not any(p.free for p in drafted)
+
+
 def test_spec_parsing_and_fresh_copies_share_the_earlier_sequences(tiny_target):
     drafter = make_drafter("suffix", tiny_target)
     assert isinstance(drafter, SuffixDrafter) and drafter.name == "suffix:1-4"

@@ -96,5 +96,15 @@ class SuffixDrafter(NGramDrafter):
             return own
         return earlier
 
+    def match_length(self, context: list[int]) -> int:
+        """The case for copying instead of running a draft model (`SwitchingChainDrafter`): the
+        match in the sequence's own text, or one in an earlier sequence counted a token shorter.
+        Another request's phrase is weaker evidence than the request repeating itself: at equal
+        length its copies are accepted less than half as often (docs/drafters.md)."""
+        self.index.extend(context[len(self.index.tokens) :])
+        suffix = context[-self.index.max_match :]
+        own, earlier = self.index.lookup(suffix), self.earlier.lookup(suffix)
+        return max(own.length if own is not None else 0, earlier.length - 1 if earlier is not None else 0)
+
     def end(self, sequence: list[int]) -> None:
         self.earlier.add(sequence)
