@@ -57,10 +57,11 @@ def load(
 ) -> SpecKV:
     """Load a target and a drafter once. `target`: a path, .gguf file, cached hub id or "demo",
     or a transformers model (then pass its `tokenizer`). `draft`: a draft path or model object,
-    "ngram", "DRAFT+ngram", or None for the target alone (default: the demo's drafter for the
-    demo target, else none). `controller`: "speckv", "fixed:4", "heuristic", "tree:8", … (default:
-    the shipped SpecKV controller for the demo pair, else fixed:4). `costs`: "auto" measures this
-    machine's cost curve on first use (cached), "shipped", or a cost file."""
+    "ngram", "suffix" (n-grams also from this object's earlier calls), "DRAFT+ngram", or None for
+    the target alone (default: the demo's drafter for the demo target, else none). `controller`:
+    "speckv", "fixed:4", "heuristic", "tree:8", … (default: the shipped SpecKV controller for the
+    demo pair, else fixed:4). `costs`: "auto" measures this machine's cost curve on first use
+    (cached), "shipped", or a cost file."""
     if not isinstance(target, str | LoadedModel):
         if tokenizer is None:
             raise SpecKVError("a loaded model needs its tokenizer: pass tokenizer=")

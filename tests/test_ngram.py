@@ -11,7 +11,7 @@ from test_engine import reference_greedy
 
 from speckv.controllers import make_controller
 from speckv.decoding.drafters import ModelDrafter, NGramDrafter, SwitchingChainDrafter, Verdict, make_drafter
-from speckv.decoding.drafters.ngram import SuffixIndex
+from speckv.decoding.drafters.ngram import Match, NGramTable, SuffixIndex, ngrams, proposal
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.verify import SamplingConfig
 from speckv.errors import SpecKVError
@@ -19,17 +19,38 @@ from speckv.errors import SpecKVError
 GREEDY = SamplingConfig()
 
 
+def test_ngrams_by_hand():
+    # Followers at positions 1, 2, 3; the 2-grams start once a follower has two tokens before it.
+    assert list(ngrams([5, 6, 7, 8], 1, 2)) == [((5,), 6), ((6,), 7), ((5, 6), 7), ((7,), 8), ((6, 7), 8)]
+    assert list(ngrams([5, 6, 7, 8], 2, 3, first=3)) == [((6, 7), 8), ((5, 6, 7), 8)]
+
+
 def test_suffix_index_by_hand():
     index = SuffixIndex(min_match=1, max_match=2)
     index.extend([1, 2, 3, 1, 2])
     index.extend([4, 1, 2])  # indexed incrementally: the same as all at once
-    # [1, 2] was followed by 3 (position 2) and 4 (position 5); the most recent follower is at 5.
-    counts, recent = index.lookup([9, 1, 2])
-    assert counts == {3: 1, 4: 1} and recent == 5
+    # [1, 2] was followed by 3, then by 4: counts in order of the latest occurrence.
+    found = index.lookup([9, 1, 2])
+    assert found == Match(2, {3: 1, 4: 1}) and list(found.counts) == [3, 4]
     # The longest match wins: [2, 1] never occurred, so [1] alone: followed by 2, 2, 2.
-    counts, recent = index.lookup([2, 1])
-    assert counts == {2: 3} and recent == 7
+    assert index.lookup([2, 1]) == Match(1, {2: 3})
     assert index.lookup([7]) is None
+    # An n-gram followed once holds its follower alone; a second follower makes a dict of counts.
+    assert index.followers[(2, 3)] == 1 and index.followers[(1, 2)] == {3: 1, 4: 1}
+
+
+def test_table_keeps_followers_in_order_of_their_latest_occurrence():
+    table = NGramTable(1, 1)
+    table.count([5, 1, 5, 2, 5, 1])  # 5 → 1, 5 → 2, 5 → 1: 1 occurred last
+    assert list(table.followers[(5,)].items()) == [(2, 1), (1, 2)]
+    table.count([5, 2])
+    assert list(table.followers[(5,)].items()) == [(1, 2), (2, 2)]
+    # A tie of counts goes to the most recent follower, 2.
+    (greedy,) = [proposal(table.lookup([5]), GREEDY, None, 8)]
+    assert greedy.token == 2 and greedy.token_prob == 0.5 and greedy.entropy == pytest.approx(1.0)
+    # Taking back the oldest sequence leaves the order of what remains.
+    table.uncount([5, 1, 5, 2, 5, 1])
+    assert table.followers[(5,)] == {2: 1} and (1,) not in table.followers
 
 
 def test_drafter_copies_the_continuation_with_count_signals():

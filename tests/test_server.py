@@ -282,6 +282,29 @@ def test_serve_command_builds_the_app(tiny_model_dirs, drafter, controller):
     )
 
 
+def test_served_requests_draft_from_earlier_requests(tiny_model_dirs):
+    argv = [
+        "serve",
+        "--target",
+        str(tiny_model_dirs["target"]),
+        "--draft",
+        "suffix",
+        "--controller",
+        "fixed:4",
+    ]
+    app = build_app(build_parser().parse_args([*argv, "--compression", "fp32"]))
+    body = {"model": app.state.served.name, "prompt": "w5 w9 w14", "max_tokens": 16, "temperature": 0}
+    earlier = app.state.served.factory.drafter.earlier  # the prototype's, shared by every request
+    with TestClient(app) as client:
+        first = client.post("/v1/completions", json=body).json()
+        assert earlier.sequences == 1
+        again = client.post("/v1/completions", json=body).json()
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+    assert earlier.sequences == 2
+    # The second request copied the first one's output (a fresh prompt has nothing of its own to copy).
+    assert again["speckv"]["mean_accepted_length"] > first["speckv"]["mean_accepted_length"]
+
+
 def test_serve_refuses_a_tree_budget_for_a_chain_drafter(tiny_model_dirs):
     argv = ["serve", "--target", str(tiny_model_dirs["target"]), "--draft", "ngram", "--controller", "tree:4"]
     with pytest.raises(SpecKVError, match="tree:4 budgets tree nodes, and ngram:1-4 drafts chains"):

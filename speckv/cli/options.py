@@ -20,8 +20,9 @@ COMPRESSION_HELP = (
 
 DRAFT_HELP = (
     "drafter: a draft model (directory, .gguf or HF id; `demo` = the shipped one), ngram[:MIN-MAX] "
-    "(model-free, copies from the prompt and output), or DRAFT+ngram (with tree:N: the model's tree plus "
-    "an n-gram branch; with chains: the n-gram continuation where the text's suffix repeats, else the model)"
+    "(model-free, copies from the prompt and output), suffix[:MIN-MAX] (the same, also copying from earlier "
+    "requests' prompts and outputs), or DRAFT+ngram / DRAFT+suffix (with tree:N: the model's tree plus an "
+    "n-gram branch; with chains: the n-gram continuation where the text's suffix repeats, else the model)"
 )
 CONTROLLER_HELP = (
     "fixed:N | tree:N | heuristic[:N] | confidence[:TAU] | confidence-fixed[:TAU] | speckv[:PATH] | "

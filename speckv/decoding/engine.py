@@ -133,7 +133,7 @@ class SequenceRun:
             decoder.drafter.begin()
         decoder.verifier.begin(len(prompt), min_new_tokens)
         self.produced = self.steps = 0
-        self.done = False
+        self.done = self.closed = False
 
     @property
     def _cap(self) -> int:
@@ -197,7 +197,13 @@ class SequenceRun:
         return record, new_tokens
 
     def close(self) -> None:
-        """The sequence is over (or abandoned): its decoder may start another; a batch row goes back."""
+        """The sequence is over (or abandoned): its decoder may start another; a batch row goes
+        back; the drafter sees the sequence's verified text (drafts from earlier requests)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.decoder.drafter is not None:
+            self.decoder.drafter.end(self.tokens)
         if self.decoder.verifier.model is not self._own_cache:
             self.decoder.verifier.model.release()
             self.decoder.verifier.model = self._own_cache

@@ -1,5 +1,6 @@
 """Drafters behind one interface (`base.Drafter`): the small-model draft and the feature head
-(each chains or trees), n-gram candidates, and a draft model's tree with an n-gram branch."""
+(each chains or trees), n-gram candidates (from the sequence, or also from earlier sequences),
+and a draft model's tree with an n-gram branch."""
 
 from __future__ import annotations
 
@@ -9,22 +10,27 @@ from speckv.decoding.drafters.feature import FeatureDrafter, FeatureTreeDrafter
 from speckv.decoding.drafters.hybrid import HybridTreeDrafter, SwitchingChainDrafter
 from speckv.decoding.drafters.model import ModelDrafter
 from speckv.decoding.drafters.ngram import NGramDrafter
+from speckv.decoding.drafters.suffix import EarlierSequences, SuffixDrafter
 from speckv.decoding.drafters.tree import ModelTreeDrafter, TreeDrafter
 from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError
 
+# Model-free drafters by spec name: copies from the sequence itself, or also from earlier ones.
+COPYING = {"ngram": NGramDrafter, "suffix": SuffixDrafter}
+
 
 def make_drafter(source: str, target: LoadedModel, drafts: Drafts = Drafts.CHAINS) -> Drafter:
     """A drafter from its spec, for a controller whose budget counts `drafts`: `ngram[:MIN-MAX]`
-    (model-free chains, default 1-4); a feature head's directory (chains, its token trees for
-    TREES); a draft model loaded for `target` (a token tree unless the controller plans chains);
-    or `DRAFT+ngram[:MIN-MAX]`: for trees the model's tree with n-gram candidates as an extra
-    branch, for chains the n-gram continuation instead of the model's chain at steps where the
-    sequence's suffix has a long earlier match. The shipped name: `demo` (or `demo-model`), the
-    demo target's draft model."""
+    (model-free chains copied from the sequence itself, default 1-4); `suffix[:MIN-MAX]` (the same,
+    also matching the earlier sequences of every drafter `fresh()` makes from this one); a feature
+    head's directory (chains, its token trees for TREES); a draft model loaded for `target` (a
+    token tree unless the controller plans chains); or `DRAFT+ngram[:MIN-MAX]` (or `+suffix`): for
+    trees the model's tree with n-gram candidates as an extra branch, for chains the n-gram
+    continuation instead of the model's chain at steps where the sequence's suffix has a long
+    earlier match. The shipped name: `demo` (or `demo-model`), the demo target's draft model."""
     vocab_size = target.model.config.vocab_size
     base, plus, ngram = source.partition("+")
-    if base.partition(":")[0] == "ngram" and not plus:
+    if base.partition(":")[0] in COPYING and not plus:
         return _ngram(base, vocab_size)
     from speckv.decoding.draft_files import draft_kind, load_draft, load_feature_drafter
 
@@ -37,22 +43,25 @@ def make_drafter(source: str, target: LoadedModel, drafts: Drafts = Drafts.CHAIN
     drafter = model_drafter(load_draft(base, target), target, drafts)
     if not plus:
         return drafter
-    if ngram.partition(":")[0] != "ngram":
-        raise SpecKVError(f"'{source}': only n-gram candidates join a draft model: DRAFT+ngram[:MIN-MAX]")
+    if ngram.partition(":")[0] not in COPYING:
+        raise SpecKVError(
+            f"'{source}': only n-gram candidates join a draft model: DRAFT+ngram[:MIN-MAX] or DRAFT+suffix[:MIN-MAX]"
+        )
     if drafter.branches:
         return HybridTreeDrafter(drafter, _ngram(ngram, vocab_size))
     return SwitchingChainDrafter(drafter, _ngram(ngram, vocab_size))
 
 
 def _ngram(spec: str, vocab_size: int) -> NGramDrafter:
-    _, _, arg = spec.partition(":")
+    name, _, arg = spec.partition(":")
     low, _, high = arg.partition("-")
     try:
-        return NGramDrafter(vocab_size, *(int(x) for x in (low, high or low) if arg))
+        lengths = [int(x) for x in (low, high or low) if arg]
     except ValueError:
         raise SpecKVError(
-            f"bad n-gram drafter '{spec}': use ngram or ngram:MIN-MAX, e.g. ngram:2-4"
+            f"bad n-gram drafter '{spec}': use {name} or {name}:MIN-MAX, e.g. {name}:2-4"
         ) from None
+    return COPYING[name](vocab_size, *lengths)
 
 
 def model_drafter(draft: LoadedModel, target: LoadedModel, drafts: Drafts = Drafts.CHAINS) -> Drafter:
@@ -64,6 +73,7 @@ def model_drafter(draft: LoadedModel, target: LoadedModel, drafts: Drafts = Draf
 
 __all__ = [
     "Drafter",
+    "EarlierSequences",
     "FeatureDrafter",
     "FeatureTreeDrafter",
     "HybridTreeDrafter",
@@ -71,6 +81,7 @@ __all__ = [
     "ModelTreeDrafter",
     "TreeDrafter",
     "NGramDrafter",
+    "SuffixDrafter",
     "SwitchingChainDrafter",
     "Proposal",
     "Verdict",

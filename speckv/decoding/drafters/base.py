@@ -5,6 +5,8 @@ pulling when the budget is reached, a proposal is an end-of-sequence token or th
 stop (the stopping rules live in the step protocol, `speckv.decoding.step`, not in drafters).
 After verification it calls `rollback(kept, verdict)`: the drafter keeps the first `kept`
 positions of the sequence in whatever state it holds (a KV cache, a suffix index, nothing).
+`begin()` and `end(sequence)` bracket each sequence; `end` hands over the whole of it, which a
+drafter matching earlier requests (`suffix.SuffixDrafter`) indexes.
 
 A drafter that reads the target's hidden states (a feature head) names the layers in
 `target_hidden_layers`; the verify pass then returns them in `Verdict.hidden_states` without an
@@ -81,6 +83,10 @@ class Drafter(ABC):
 
     def begin(self) -> None:
         """A new sequence starts: forget the previous one."""
+
+    def end(self, sequence: list[int]) -> None:
+        """The sequence is over (finished, stopped early or abandoned): `sequence` is all of it,
+        prompt and verified output. Only a drafter that learns across sequences keeps anything."""
 
     @abstractmethod
     def draft(

@@ -43,6 +43,10 @@ class HybridTreeDrafter(Drafter):
         self.model_tree.begin()
         self.ngram.begin()
 
+    def end(self, sequence: list[int]) -> None:
+        self.model_tree.end(sequence)
+        self.ngram.end(sequence)
+
     def draft(
         self,
         context: list[int],
@@ -102,6 +106,10 @@ class SwitchingChainDrafter(Drafter):
     def begin(self) -> None:
         self.model.begin()
         self.ngram.begin()
+
+    def end(self, sequence: list[int]) -> None:
+        self.model.end(sequence)
+        self.ngram.end(sequence)
 
     def draft(
         self,
