@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import Counter
 
 import torch
 
@@ -63,14 +62,11 @@ def verdict(results: list[MethodResult]) -> str:
     rate, alone = ours.median_tokens_per_s, by_name[BASELINE].median_tokens_per_s
     schedules = [r for r in results if r.method.name.startswith("HF assisted")]
     best = max(schedules, key=lambda r: r.median_tokens_per_s)
-    counts = Counter(ours.verified)
-    total = max(sum(counts.values()), 1)
-    widths = "  ".join(f"{n}: {counts[n] / total:.0%}" for n in sorted(counts))
     engine = by_name[ENGINE].median_tokens_per_s
     return (
         f"{OURS}: {rate / alone:.2f}× the target alone, {rate / best.median_tokens_per_s:.2f}× the fastest "
         f"HF schedule ({best.method.name}), {rate / engine:.2f}× SpecKV's own engine; tokens verified per "
-        f"drafting step: {widths or 'none'}"
+        f"drafting step: {ours.width_shares()}"
     )
 
 

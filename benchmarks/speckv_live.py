@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections import Counter
 
 import torch
 
@@ -53,12 +52,9 @@ def verdict(results: list[MethodResult], name: str) -> str:
     fixed = max(
         (r for r in results if r.method.name.startswith("chain fixed")), key=lambda r: r.median_tokens_per_s
     )
-    counts = Counter(by_name[name].verified)
-    total = max(sum(counts.values()), 1)
-    widths = "  ".join(f"{n}: {counts[n] / total:.0%}" for n in sorted(counts))
     return (
         f"{name}: {ours / alone:.2f}× the target alone, {ours / fixed.median_tokens_per_s:.2f}× the best "
-        f"fixed γ ({fixed.method.name}); tokens verified per drafting step: {widths or 'none'}"
+        f"fixed γ ({fixed.method.name}); tokens verified per drafting step: {by_name[name].width_shares()}"
     )
 
 

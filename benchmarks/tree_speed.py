@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 from speckv import datasets
@@ -70,13 +69,11 @@ def split_controller(path: str, work: Path) -> dict[str, str]:
 
 def node_distribution(results: list[MethodResult]) -> str:
     """How many nodes SpecKV verified per drafting step, as shares."""
-    verified = next((r.verified for r in results if r.method.name == TREE_SPECKV), [])
-    if not verified:
+    tree = next((r for r in results if r.method.name == TREE_SPECKV), None)
+    if tree is None or not tree.verified:
         return ""
-    counts = Counter(verified)
-    shares = "  ".join(f"{n}: {counts[n] / len(verified):.0%}" for n in sorted(counts))
-    mean = sum(verified) / len(verified)
-    return f"Nodes verified per drafting step by tree SpecKV (mean {mean:.1f}): {shares}\n"
+    mean = sum(tree.verified) / len(tree.verified)
+    return f"Nodes verified per drafting step by tree SpecKV (mean {mean:.1f}): {tree.width_shares()}\n"
 
 
 def main() -> None:
