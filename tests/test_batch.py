@@ -3,16 +3,20 @@ it is alone, whatever the others draft, however long their prompts, and when the
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_engine import reference_greedy
 
 from speckv.controllers import make_controller
-from speckv.decoding.batch import step_together
+from speckv.controllers.batch_budget import BatchCosts, SharedVerifyBudget, share_verify
+from speckv.controllers.speckv import SpecKVController
+from speckv.costs import CostModel
+from speckv.decoding.batch import BatchPace, step_together
 from speckv.decoding.cache import CachedModel, Feed
-from speckv.decoding.drafters import ModelTreeDrafter, NGramDrafter
+from speckv.decoding.drafters import ModelDrafter, ModelTreeDrafter, NGramDrafter, SwitchingChainDrafter
 from speckv.decoding.engine import SpeculativeDecoder
-from speckv.decoding.slots import SlotStore
+from speckv.decoding.slots import SOLO_TOKENS, SlotStore
 from speckv.decoding.verify import SamplingConfig
 from speckv.errors import SpecKVError
 
@@ -34,6 +38,18 @@ def decoders(target, drafts, sampling=None):
     ]
 
 
+def draft_stores(decoders_):
+    """One draft store per draft model the decoders' chains run."""
+    stores = {}
+    for decoder in decoders_:
+        chain = decoder.drafter.chain_drafter() if decoder.drafter is not None else None
+        if chain is not None:
+            stores.setdefault(id(chain.loaded), SlotStore(chain.loaded))
+    return lambda decoder: stores.get(
+        id(getattr(decoder.drafter and decoder.drafter.chain_drafter(), "loaded", None))
+    )
+
+
 def run_batch(runs, prompt_budget=None, join_at=None):
     """Tick until every run is done; `join_at[i]` = the tick run i joins at."""
     outputs = {i: [] for i in range(len(runs))}
@@ -44,19 +60,60 @@ def run_batch(runs, prompt_budget=None, join_at=None):
             if result is not None:
                 outputs[i].extend(result[1])
         tick += 1
+    for run in runs:
+        run.close()  # rows back to their stores
     return [outputs[i] for i in range(len(runs))]
 
 
-@pytest.mark.parametrize("prompt_budget", [None, 4])
-def test_each_sequence_of_a_batch_decodes_as_alone(tiny_target, tiny_drafts, prompt_budget):
+@pytest.mark.parametrize(("prompt_budget", "batched_drafts"), [(None, False), (4, False), (None, True)])
+def test_each_sequence_of_a_batch_decodes_as_alone(tiny_target, tiny_drafts, prompt_budget, batched_drafts):
     store = SlotStore(tiny_target)
+    made = decoders(tiny_target, tiny_drafts)
+    store_for = draft_stores(made) if batched_drafts else lambda _: None
     runs = [
-        d.start(p, 20, cache=store.acquire())
-        for d, p in zip(decoders(tiny_target, tiny_drafts), PROMPTS, strict=True)
+        d.start(p, 20, cache=store.acquire(), draft_store=store_for(d))
+        for d, p in zip(made, PROMPTS, strict=True)
     ]
     outputs = run_batch(runs, prompt_budget, join_at={3: 2, 4: 5})  # two join late
     for prompt, output in zip(PROMPTS, outputs, strict=True):
         assert output == reference_greedy(tiny_target.model, prompt, 20)
+
+
+def test_the_batch_drafts_every_chain_in_one_pass_per_round(tiny_target, tiny_drafts, monkeypatch):
+    draft = tiny_drafts["close"]
+    vocab = tiny_target.model.config.vocab_size
+    made = [
+        SpeculativeDecoder(tiny_target, draft, make_controller("fixed:3"), eos_token_ids=()),
+        SpeculativeDecoder(tiny_target, draft, make_controller("heuristic"), eos_token_ids=()),
+        SpeculativeDecoder(  # the model's chain or the n-gram's, per step
+            tiny_target,
+            SwitchingChainDrafter(ModelDrafter(draft, vocab), NGramDrafter(vocab)),
+            make_controller("fixed:4"),
+            eos_token_ids=(),
+        ),
+    ]
+    store, draft_store = SlotStore(tiny_target), SlotStore(draft)
+    passes = []
+    forward = SlotStore.forward
+    monkeypatch.setattr(
+        SlotStore, "forward", lambda self, feeds: passes.append((self, len(feeds))) or forward(self, feeds)
+    )
+    prompts = PROMPTS[1:4]
+    runs = [
+        d.start(p, 24, cache=store.acquire(), draft_store=draft_store)
+        for d, p in zip(made, prompts, strict=True)
+    ]
+    outputs = run_batch(runs)
+    assert outputs == [reference_greedy(tiny_target.model, p, 24) for p in prompts]
+    shared = [rows for s, rows in passes if s is draft_store and rows > 1]
+    alone = [rows for s, rows in passes if s is draft_store and rows == 1]
+    assert shared and max(shared) == 3  # every chain's next token in one pass
+    # Alone, every row fed would be a pass of its own.
+    assert len(shared) + len(alone) < 0.7 * (sum(shared) + len(alone)), (shared, alone)
+    assert not draft_store.lengths and not store.lengths  # every row went back
+    # A store of another model's caches is refused.
+    with pytest.raises(SpecKVError, match="draft store holds"):
+        made[0].start([5], 4, draft_store=SlotStore(tiny_drafts["unrelated"]))
 
 
 def test_a_long_prompt_is_read_in_chunks_while_others_step(tiny_target, tiny_drafts):
@@ -81,9 +138,11 @@ def test_sampled_sequences_in_a_batch_reproduce_their_seeds(tiny_target, tiny_dr
         for d, p in zip(decoders(tiny_target, tiny_drafts, sampling), PROMPTS, strict=True)
     ]
     store = SlotStore(tiny_target)
+    made = decoders(tiny_target, tiny_drafts, sampling)
+    store_for = draft_stores(made)
     runs = [
-        d.start(p, 16, cache=store.acquire())
-        for d, p in zip(decoders(tiny_target, tiny_drafts, sampling), PROMPTS, strict=True)
+        d.start(p, 16, cache=store.acquire(), draft_store=store_for(d))
+        for d, p in zip(made, PROMPTS, strict=True)
     ]
     assert run_batch(runs) == alone
 
@@ -161,3 +220,105 @@ def test_a_short_prompt_steps_at_once_beside_a_long_one(tiny_target, tiny_drafts
     first = step_together(runs, prompt_budget=16)
     assert first[0] is None and first[1] is not None
     assert long.verifier.model.length == 13  # what the short one's 3 unread tokens left of 16
+
+
+def test_share_verify_by_hand():
+    reliable, unreliable = [0.9, 0.8, 0.7], [0.2, 0.05, 0.01]
+
+    def steep(width):  # seconds of a pass whose widest row feeds `width` tokens
+        return 0.1 + 0.08 * (width - 1)
+
+    # λ = 10 tokens/s. E − λ·t by width 1..4: 2 − 1.0, 3.1 − 1.8, 3.95 − 2.6, 4.66 − 3.4
+    # = 1.0, 1.3, 1.35, 1.26: width 3, so each verifies 2 of its 3.
+    assert share_verify([reliable, unreliable], [3, 3], [1, 1], 1, steep, 10.0) == [2, 2]
+    # An unreliable draft does not widen the pass: width 2 is the reliable one-token draft's.
+    # E − λ·t: width 1: 2 − 1.0; width 2: 2.9 + 0.2 − 1.8 = 1.3; width 3: 3.15 − 2.6 = 0.55.
+    assert share_verify([[0.9], unreliable], [1, 3], [1, 1], 1, steep, 10.0) == [1, 1]
+    # A row verifying all it drafts (a tree, a probe) or a prompt chunk widens the pass anyway,
+    # and within the width every token is free.
+    assert share_verify([reliable, unreliable, None], [3, 3, 4], [1, 1, 1], 1, steep, 10.0) == [3, 3, 4]
+    assert share_verify([reliable, unreliable], [3, 3], [1, 1], 16, steep, 10.0) == [3, 3]
+    # A row still reading the rest of its prompt (base 3) keeps what the width leaves it.
+    assert share_verify([reliable, reliable], [3, 3], [3, 1], 1, steep, 10.0) == [1, 3]
+    # No rate measured yet: tokens per second of the tick (0.2 s sunk in drafting).
+    # width 1..4: 2/0.3 = 6.67, 3.1/0.38 = 8.16, 3.95/0.46 = 8.59, 4.66/0.54 = 8.63 → width 4.
+    assert share_verify([reliable, unreliable], [3, 3], [1, 1], 1, steep, None, sunk_s=0.2) == [3, 3]
+    # Expensive passes (E − λ·t: 2 − 1.5, 3.1 − 3.0, …): nothing but the target's own token.
+    assert share_verify([reliable, unreliable], [3, 3], [1, 1], 1, lambda w: 0.15 * w, 10.0) == [0, 0]
+
+
+def test_batch_costs_start_from_the_curve_and_follow_measured_passes():
+    costs = BatchCosts(CostModel("fp32", 0.01, [0.10, 0.11, 0.12, 0.13], target_prefill_s_per_token=0.02))
+    assert costs.pass_time(1, 3) == pytest.approx(0.12)
+    assert costs.pass_time(2, 2) == pytest.approx(0.13)  # 4 tokens in all
+    assert costs.pass_time(4, 2) == pytest.approx(0.13 + 4 * 0.02)  # past the curve: prefill rate
+    for _ in range(60):
+        costs.observe(4, 2, 0.42)  # this shape is twice its prior here
+        costs.observe(1, 1, 0.10)  # and the one-row pass is as measured
+    assert costs.pass_time(4, 2) == pytest.approx(0.42, rel=0.1)
+    assert costs.pass_time(1, 1) == pytest.approx(0.10, rel=0.1)
+    np.testing.assert_allclose(costs.pass_times(1, 2), [costs.pass_time(1, 1), costs.pass_time(1, 2)])
+
+
+@pytest.mark.parametrize("accept", [0.3, 0.95])
+def test_speckv_sequences_sharing_a_pass_decode_as_alone(tiny_target, tiny_drafts, monkeypatch, accept):
+    from test_speckv_controller import hand_models
+
+    models = hand_models(accept=accept)
+    costs = CostModel(
+        "fp32", 0.002, [0.01 * (1 + 0.3 * k) for k in range(9)], target_prefill_s_per_token=0.004
+    )
+    made = []
+    for name in ("close", "unrelated", "close"):
+        controller = SpecKVController(models, "fp32", gamma_max=8, costs=costs, follow_costs=False)
+        made.append(SpeculativeDecoder(tiny_target, tiny_drafts[name], controller, eos_token_ids=()))
+    shared = made[0].controller.batch_budget()
+    shares = []
+    share = SharedVerifyBudget.share
+    monkeypatch.setattr(
+        SharedVerifyBudget,
+        "share",
+        lambda self, rows, reaches, drafted, *rest: (
+            shares.append((reaches, drafted, kept := share(self, rows, reaches, drafted, *rest))) or kept
+        ),
+    )
+    store, store_for = SlotStore(tiny_target), draft_stores(made)
+    prompts = PROMPTS[1:4]
+    runs = [
+        d.start(p, 24, cache=store.acquire(), draft_store=store_for(d))
+        for d, p in zip(made, prompts, strict=True)
+    ]
+    outputs = {i: [] for i in range(len(runs))}
+    pace = BatchPace()
+    while not all(run.done for run in runs):
+        live = [i for i, run in enumerate(runs) if not run.done]
+        for i, result in zip(live, step_together([runs[i] for i in live], None, pace, shared), strict=True):
+            if result is not None:
+                outputs[i].extend(result[1])
+    assert [outputs[i] for i in range(3)] == [reference_greedy(tiny_target.model, p, 24) for p in prompts]
+    drafting = [s for s in shares if any(s[1])]
+    assert drafting and all(
+        r is None or len(r) == d for s in drafting for r, d in zip(s[0], s[1], strict=True)
+    )
+    assert shared.costs.machine != 0.0  # the measured passes moved the estimate
+
+
+def test_a_long_feed_runs_alone_and_does_not_widen_the_shared_pass(tiny_target):
+    store = SlotStore(tiny_target)
+    rows = [store.acquire() for _ in range(3)]
+    alone = [CachedModel(tiny_target) for _ in range(3)]
+    feeds = [Feed(list(range(3, 3 + SOLO_TOKENS + 8)), keep=1), Feed([5, 6], keep=2), Feed([7], keep=1)]
+    outputs = store.forward({row.row: feed for row, feed in zip(rows, feeds, strict=True)})
+    assert store.shared_pass[:2] == (3, 2)  # the prompt's 40 tokens ran in a pass of their own
+    for row, model, feed in zip(rows, alone, feeds, strict=True):
+        torch.testing.assert_close(
+            outputs[row.row].logits, model.feed(**vars(feed)).logits, rtol=1e-4, atol=1e-4
+        )
+        assert row.length == model.length
+    # The next shared pass sees every row's cache as if it had been fed alone.
+    feeds = [Feed([9]), Feed([10]), Feed([11, 12], keep=2)]
+    outputs = store.forward({row.row: feed for row, feed in zip(rows, feeds, strict=True)})
+    for row, model, feed in zip(rows, alone, feeds, strict=True):
+        torch.testing.assert_close(
+            outputs[row.row].logits, model.feed(**vars(feed)).logits, rtol=1e-4, atol=1e-4
+        )

@@ -64,16 +64,17 @@ class LiveCosts:
         drafting = 0.0 if copied else record.drafted * self.t_draft_s
         return drafting + verify + self.prior.t_step_s
 
-    def observe(self, record) -> None:
-        """Fold in a step's measured times. The first step of a sequence reads the prompt and is
-        skipped; so are widths beyond the curve."""
+    def observe(self, record, verify: bool = True) -> None:
+        """Fold in a step's measured times (`verify` False: its drafting only). The first step of a
+        sequence reads the prompt and is skipped; so are widths beyond the curve."""
         if record.step == 0 or record.gamma > self.gamma_max or record.verify_time_s <= 0:
             return
-        k = record.gamma
-        error = math.log(record.verify_time_s) - (self._log_prior[k] + self.machine + self.width[k])
-        error = min(max(error, -_CLIP), _CLIP)
-        self.machine += self.machine_weight * error
-        self.width[k] += self.width_weight * (1.0 - self.machine_weight) * error
+        if verify:
+            k = record.gamma
+            error = math.log(record.verify_time_s) - (self._log_prior[k] + self.machine + self.width[k])
+            error = min(max(error, -_CLIP), _CLIP)
+            self.machine += self.machine_weight * error
+            self.width[k] += self.width_weight * (1.0 - self.machine_weight) * error
         per_token = record.draft_time_s / record.drafted if record.drafted else 0.0
         # A step drafting at a quarter of the estimate or less ran no model (n-gram candidates):
         # it says nothing about what the draft model costs.

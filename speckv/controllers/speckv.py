@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from speckv.controllers.base import Controller, Drafts
+from speckv.controllers.batch_budget import SharedVerifyBudget
 from speckv.controllers.live import LiveAcceptance, LiveCosts, RateTracker, derive_rate
 from speckv.controllers.predictor import AcceptancePredictor
 from speckv.costs import CostModel, costs_from_dict, costs_to_dict
@@ -282,6 +283,7 @@ class SpecKVController(Controller):
         self._probing = False  # this step is a probe: its token is verified whatever it looks like
         self.rate = RateTracker()
         self._batch, self._batch_rate = 1, None  # sequences sharing the pass, their tokens/s
+        self._pass_times = None  # the shared pass's seconds by its width, in a batch that shares it
         self._n_context = len(CONTEXT_FEATURES) + len(self._one_hot)
         self._x = np.zeros(self._n_context + len(TOKEN_FEATURES))
         self._x[len(CONTEXT_FEATURES) : self._n_context] = self._one_hot
@@ -312,8 +314,20 @@ class SpecKVController(Controller):
     def bind(self, drafter) -> None:
         self._branching = self.drafts is Drafts.EITHER and drafter is not None and drafter.branches
 
-    def observe_batch(self, sequences: int, tokens_per_s: float | None = None) -> None:
+    def observe_batch(
+        self, sequences: int, tokens_per_s: float | None = None, pass_times: np.ndarray | None = None
+    ) -> None:
         self._batch, self._batch_rate = max(1, sequences), tokens_per_s
+        self._pass_times = pass_times if self._batch > 1 else None
+
+    def batch_budget(self) -> SharedVerifyBudget:
+        return SharedVerifyBudget(self.costs.prior)
+
+    def step_reach(self, record) -> list[float] | None:
+        if self._branching or self._probing:  # trees size themselves; a probe's token is verified
+            return None
+        self._observe_record(record)
+        return self._reach[1 : len(record.draft_confidence) + 1]
 
     def reset(self) -> None:
         self.context.reset()
@@ -338,6 +352,8 @@ class SpecKVController(Controller):
             rate = self._batch_rate or rate * self._batch
         t_draft = self.costs.t_draft_s
         curve = self.costs.t_verify()
+        if self._pass_times is not None:  # what widening the batch's shared pass costs
+            curve = np.asarray(self._pass_times[: len(curve)], float)
         gammas = np.arange(self.gamma_max + 1)
         # λ·step time: the tokens a step of each length must yield to pay for its time
         self._charges = rate * (gammas * t_draft + curve[: self.gamma_max + 1] + self.costs.prior.t_step_s)
@@ -398,7 +414,7 @@ class SpecKVController(Controller):
         if self._branching:
             return self._tree_count(record)
         self._observe_record(record)
-        if self._probing:
+        if self._probing or self._pass_times is not None:  # the batch shares its pass out itself
             return len(record.draft_confidence)
         expected = np.cumsum(self._reach)  # E[tokens] when verifying j = 0, 1, …: 1 + Σ_{i≤j} reach_i
         return int(np.argmax(expected - self._verify_charges[: len(self._reach)]))
@@ -464,7 +480,9 @@ class SpecKVController(Controller):
             calibration = self.copied_acceptance if self._copying else self.acceptance
             calibration.observe(self._raw[: record.gamma], record.accepted)
         if self.follow_costs:
-            self.costs.observe(record)
+            # In a batch the pass's time is the batch's (`batch_budget` follows it): only the
+            # drafting says something of this sequence's costs.
+            self.costs.observe(record, verify=self._batch == 1)
         self.rate.observe(record.tokens_produced, self.costs.step_time(record, self._copying))
 
 

@@ -11,7 +11,7 @@ controller or drafter.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 
 import torch
 
@@ -19,7 +19,7 @@ from speckv.controllers import Controller
 from speckv.decoding.cache import Feed, ForwardOutput
 from speckv.decoding.drafters import Drafter, model_drafter
 from speckv.decoding.models import LoadedModel
-from speckv.decoding.step import DraftedStep, draft_step, run_step, settle_step
+from speckv.decoding.step import DraftedStep, drafting, run_step, settle_step
 from speckv.decoding.target import TargetVerifier
 from speckv.decoding.verify import SamplingConfig
 from speckv.errors import SpecKVError
@@ -85,11 +85,18 @@ class SpeculativeDecoder:
             run.close()
 
     def start(
-        self, prompt_ids: list[int], max_new_tokens: int = 128, min_new_tokens: int = 0, cache=None
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int = 128,
+        min_new_tokens: int = 0,
+        cache=None,
+        draft_store=None,
     ) -> SequenceRun:
         """Begin decoding a sequence, to be stepped alone (`SequenceRun.step`) or in a batch with
         other decoders' sequences (`speckv.decoding.batch.step_together`: then `cache` is the
-        sequence's row of the batch's `SlotStore`, which `close` hands back)."""
+        sequence's row of the batch's `SlotStore`, and a draft model's chains keep their cache in
+        a row of `draft_store`, if given, so the batch drafts for all its sequences at once;
+        `close` hands the rows back)."""
         if not prompt_ids:
             raise SpecKVError("the prompt is empty")
         if max_new_tokens < 1:
@@ -103,7 +110,7 @@ class SpeculativeDecoder:
         if self._streaming:
             raise SpecKVError("this decoder is already decoding a sequence; use one decoder per stream")
         self._streaming = True
-        return SequenceRun(self, list(prompt_ids), max_new_tokens, min_new_tokens, cache)
+        return SequenceRun(self, list(prompt_ids), max_new_tokens, min_new_tokens, cache, draft_store)
 
 
 class SequenceRun:
@@ -119,11 +126,19 @@ class SequenceRun:
         max_new_tokens: int,
         min_new_tokens: int,
         cache=None,
+        draft_store=None,
     ):
         self.decoder, self.tokens, self.max_new_tokens = decoder, prompt, max_new_tokens
         self._own_cache = decoder.verifier.model
         if cache is not None:  # the target's cache lives in a batch's row for this sequence
             decoder.verifier.model = cache
+        self._chain = decoder.drafter.chain_drafter() if draft_store is not None and decoder.drafter else None
+        if self._chain is not None:  # so does the draft model's, in the batch's draft store
+            if draft_store.loaded is not self._chain.loaded:
+                raise SpecKVError(
+                    f"the draft store holds {draft_store.loaded.name}'s caches, not {self._chain.name}'s"
+                )
+            self._own_draft_cache, self._chain.model = self._chain.model, draft_store.acquire()
         self.generator = None
         if decoder.sampling.seed is not None:
             self.generator = torch.Generator().manual_seed(decoder.sampling.seed)
@@ -168,9 +183,10 @@ class SequenceRun:
         start = self.decoder.verifier.model.length
         return Feed(self.tokens[start : start + min(size, self.unread_prompt())], keep=1)
 
-    def draft(self) -> DraftedStep:
+    def drafting(self) -> Generator[list[int], None, DraftedStep]:
+        """The next step's drafting in rounds (`speckv.decoding.step.drafting`)."""
         d = self.decoder
-        return draft_step(
+        return drafting(
             self.steps, self.tokens, self._cap, d.controller, d.drafter, d.sampling, d.eos_ids, self.generator
         )
 
@@ -207,5 +223,8 @@ class SequenceRun:
         if self.decoder.verifier.model is not self._own_cache:
             self.decoder.verifier.model.release()
             self.decoder.verifier.model = self._own_cache
+        if self._chain is not None:
+            self._chain.model.release()
+            self._chain.model = self._own_draft_cache
         self.done = True
         self.decoder._streaming = False

@@ -18,6 +18,8 @@ load (`SlotStore.bytes`).
 
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -27,6 +29,9 @@ from speckv.decoding.tree import tree_attention, tree_positions
 from speckv.errors import SpecKVError
 
 MIN_CAPACITY = 256  # positions per row at first; doubled as rows grow
+# A feed longer than this (a prompt, a draft catching up) runs over its row alone: a shared pass
+# pads every row to its longest feed, so one prompt chunk would multiply the whole batch's work.
+SOLO_TOKENS = 32
 
 
 class SlotLayer(CacheLayerMixin):
@@ -46,18 +51,18 @@ class SlotLayer(CacheLayerMixin):
         store = self.store
         keys, values = store.keys[self.index], store.values[self.index]
         new = key_states.shape[-2]
-        for row, length in enumerate(store.lengths):
-            keys[row, :, length : length + new] = key_states[row]
-            values[row, :, length : length + new] = value_states[row]
-        end = max(store.lengths) + new
-        rows = len(store.lengths)
-        return keys[:rows, :, :end], values[:rows, :, :end]
+        window = store.window  # the rows in this pass: a slice, so what attention reads is a view
+        for i, length in enumerate(store.lengths[window]):
+            keys[window.start + i, :, length : length + new] = key_states[i]
+            values[window.start + i, :, length : length + new] = value_states[i]
+        end = max(store.lengths[window]) + new
+        return keys[window, :, :end], values[window, :, :end]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return max(self.store.lengths) + query_length, 0
+        return max(self.store.lengths[self.store.window]) + query_length, 0
 
     def get_seq_length(self) -> int:
-        return max(self.store.lengths, default=0)
+        return max(self.store.lengths[self.store.window], default=0)
 
     def get_max_length(self) -> int:
         return -1
@@ -69,6 +74,7 @@ class SlotModel:
 
     def __init__(self, store: SlotStore, row: int):
         self.store, self.row = store, row
+        self.prepared: tuple[list[int], ForwardOutput] | None = None  # (tokens, output): `SlotStore.prepare`
 
     @property
     def loaded(self) -> LoadedModel:
@@ -76,17 +82,35 @@ class SlotModel:
 
     @property
     def length(self) -> int:
-        return self.store.lengths[self.row]
+        """Positions the sequence has fed (a prepared pass counts once its output is read)."""
+        return self.store.lengths[self.row] - (len(self.prepared[0]) if self.prepared else 0)
 
     def reset(self) -> None:
         self.store.lengths[self.row] = 0
 
     def feed(self, tokens, keep=1, hidden_states=False, parents=None) -> ForwardOutput:
-        """A pass of this sequence alone (the batch's other rows feed nothing)."""
+        """A pass of this sequence alone (the batch's other rows feed nothing), unless the batch
+        already ran it (`SlotStore.prepare`)."""
+        prepared = self.prepared
+        if (
+            prepared is not None
+            and prepared[0] == list(tokens)
+            and (keep, hidden_states, parents) == (1, False, None)
+        ):
+            self.prepared = None
+            return prepared[1]
+        self.unprepare()  # not what the batch expected: undo it, then feed alone
         return self.store.forward({self.row: Feed(tokens, keep, hidden_states, parents)})[self.row]
 
     def crop(self, kept: int) -> None:
+        self.unprepare()
         self.store.lengths[self.row] = min(self.length, kept)
+
+    def unprepare(self) -> None:
+        """Undo a prepared pass nobody read (the row keeps what it held before)."""
+        if self.prepared is not None:
+            self.store.lengths[self.row] = self.length
+            self.prepared = None
 
     def keep_positions(self, positions: list[int]) -> None:
         """Keep only these positions (ascending): the sequence plus a tree's accepted path, moved
@@ -115,6 +139,8 @@ class SlotStore:
         self.values: list[torch.Tensor] = []
         self.lengths: list[int] = []  # per row in use
         self.handles: list[SlotModel] = []  # per row in use
+        self.window = slice(0, 0)  # the rows the running pass covers
+        self.shared_pass: tuple[int, int, float] | None = None  # the last shared pass: rows, width, s
         self.cache = Cache(layers=[SlotLayer(self, i) for i in range(loaded.model.config.num_hidden_layers)])
 
     @property
@@ -148,23 +174,41 @@ class SlotStore:
             self.keys, self.values = [], []
 
     def forward(self, feeds: dict[int, Feed]) -> dict[int, ForwardOutput]:
-        """One pass over every row in use: `feeds[row]` (`cache.Feed`) for the rows that feed,
-        a masked dummy token for the others. Each row's output is as if fed alone: logits
-        (1, keep, V) (keep 0: every row), hidden states (1, n, H) when asked."""
+        """The rows' passes: `feeds[row]` (`cache.Feed`) for the rows that feed. Each row's output
+        is as if fed alone: logits (1, keep, V) (keep 0: every row), hidden states (1, n, H) when
+        asked. Short feeds share one pass over every row in use (the others feed a masked dummy
+        token); a feed longer than `SOLO_TOKENS` (a prompt) or the only one runs over its row
+        alone, since a shared pass pads every row to its longest feed."""
         rows = len(self.lengths)
         if not feeds or any(not 0 <= row < rows for row in feeds):
             raise SpecKVError("a pass feeds rows of sequences in the store")
         if any(not feed.tokens for feed in feeds.values()):
             raise SpecKVError("every sequence of a pass feeds at least one token")
-        sizes = [len(feeds[row].tokens) if row in feeds else 1 for row in range(rows)]
+        solo = [row for row, feed in feeds.items() if len(feed.tokens) > SOLO_TOKENS or len(feeds) == 1]
+        outputs = {}
+        for row in solo:
+            outputs |= self._pass(slice(row, row + 1), {row: feeds[row]})
+        shared = {row: feed for row, feed in feeds.items() if row not in solo}
+        if shared:
+            started = time.perf_counter()
+            outputs |= self._pass(slice(0, rows), shared)
+            width = max(len(feed.tokens) for feed in shared.values())
+            self.shared_pass = (rows, width, time.perf_counter() - started)
+        return outputs
+
+    def _pass(self, window: slice, feeds: dict[int, Feed]) -> dict[int, ForwardOutput]:
+        """One forward over the rows of `window`."""
+        first, rows = window.start, window.stop - window.start
+        lengths = self.lengths[window]
+        sizes = [len(feeds[row].tokens) if row in feeds else 1 for row in range(first, window.stop)]
         new = max(sizes)
-        self._make_room(max(length + new for length in self.lengths), rows)
-        width = max(self.lengths) + new
+        self._make_room(max(length + new for length in lengths), len(self.lengths))
+        width = max(lengths) + new
         input_ids = torch.zeros(rows, new, dtype=torch.long)
         positions = torch.zeros(rows, new, dtype=torch.long)
         allowed = torch.zeros(rows, new, width, dtype=torch.bool)
-        for row, (length, size) in enumerate(zip(self.lengths, sizes, strict=True)):
-            feed = feeds.get(row)
+        for row, (length, size) in enumerate(zip(lengths, sizes, strict=True)):
+            feed = feeds.get(first + row)
             tree = (feed.parents or []) if feed else []
             unseen = size - len(tree)
             if feed is not None:
@@ -176,31 +220,48 @@ class SlotStore:
                 allowed[row, pad, length + pad] = True
                 positions[row, pad] = length + pad
         # The LM head only over the positions some row needs logits of (the same for all rows).
+        size_of = {row: sizes[row - first] for row in feeds}
         wanted = sorted(
-            {i for row, f in feeds.items() for i in range(sizes[row] - (f.keep or sizes[row]), sizes[row])}
+            {
+                i
+                for row, f in feeds.items()
+                for i in range(size_of[row] - (f.keep or size_of[row]), size_of[row])
+            }
         )
         device = self.loaded.device
-        out = cached_forward(
-            self.loaded.model,
-            self.cache,
-            input_ids.to(device),
-            torch.tensor(wanted, device=device),
-            additive_mask(allowed, self.loaded)[:, None].to(device),
-            positions.to(device),
-            hidden_states=any(f.hidden_states for f in feeds.values()),
-        )
+        self.window = window
+        try:
+            out = cached_forward(
+                self.loaded.model,
+                self.cache,
+                input_ids.to(device),
+                torch.tensor(wanted, device=device),
+                additive_mask(allowed, self.loaded)[:, None].to(device),
+                positions.to(device),
+                hidden_states=any(f.hidden_states for f in feeds.values()),
+            )
+        finally:
+            self.window = slice(0, 0)
         where = {position: i for i, position in enumerate(wanted)}
         outputs = {}
         for row, feed in feeds.items():
-            size = sizes[row]
-            rows_kept = [where[i] for i in range(size - (feed.keep or size), size)]
-            logits = out.logits[row : row + 1, rows_kept]
+            size, i = size_of[row], row - first
+            rows_kept = [where[p] for p in range(size - (feed.keep or size), size)]
+            logits = out.logits[i : i + 1, rows_kept]
             hidden = None
             if feed.hidden_states:
-                hidden = tuple(layer[row : row + 1, :size] for layer in out.hidden_states)
+                hidden = tuple(layer[i : i + 1, :size] for layer in out.hidden_states)
             outputs[row] = ForwardOutput(logits, hidden)
             self.lengths[row] += size
         return outputs
+
+    def prepare(self, feeds: dict[SlotModel, list[int]]) -> None:
+        """Run the passes several sequences are about to ask for, one token row each (`keep=1`),
+        as one pass: each row's `feed` then returns its output instead of running it (a batch's
+        draft passes, `speckv.decoding.batch`)."""
+        outputs = self.forward({slot.row: Feed(tokens, keep=1) for slot, tokens in feeds.items()})
+        for slot, tokens in feeds.items():
+            slot.prepared = (list(tokens), outputs[slot.row])
 
     def _make_room(self, positions: int, rows: int) -> None:
         """Tensors with at least `rows` rows and `positions` positions (doubling, copying once)."""

@@ -19,7 +19,7 @@ Times are wall-clock seconds, or modelled by a cost model when one is given (rep
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,6 +75,12 @@ class DraftedStep:
     parents: list[int]  # a chain unless the drafter says otherwise (speckv.decoding.tree)
     draft_probs: list[torch.Tensor]
 
+    def keep(self, count: int) -> None:
+        """Verify only the first `count` drafted tokens (a prefix of a tree is a tree)."""
+        self.drafted, self.parents = self.drafted[:count], self.parents[:count]
+        self.record.parents = self.parents
+        self.draft_probs = self.draft_probs[:count]
+
 
 def run_step(
     step: int,
@@ -113,6 +119,29 @@ def draft_step(
     clock: Callable[[], float] = time.perf_counter,
 ) -> DraftedStep:
     """Protocol points 1-3: the budget, the drafting, the verified prefix."""
+    rounds = drafting(step, context, cap, controller, drafter, sampling, eos_ids, generator, clock)
+    while True:
+        try:
+            next(rounds)
+        except StopIteration as finished:
+            return finished.value
+
+
+def drafting(
+    step: int,
+    context: list[int],
+    cap: int,
+    controller: Controller | None,
+    drafter: Drafter | None,
+    sampling: SamplingConfig,
+    eos_ids: frozenset[int],
+    generator: torch.Generator | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Generator[list[int], None, DraftedStep]:
+    """`draft_step` in rounds: it yields the tokens drafted so far each time it is about to ask
+    the drafter for another, and returns the `DraftedStep`. A batch runs every sequence's next
+    draft pass at once between rounds (`speckv.decoding.batch`); the time spent paused is not
+    this step's drafting."""
     started = clock()
     budget = 0
     if controller is not None and drafter is not None:
@@ -125,8 +154,15 @@ def draft_step(
     draft_probs: list[torch.Tensor] = []
     if budget > 0:
         draft_start = clock()
-        asking = 0.0
-        for position, proposal in enumerate(drafter.draft(context, budget, sampling, generator), start=1):
+        asking = paused = 0.0
+        proposals = drafter.draft(context, budget, sampling, generator)
+        for position in range(1, budget + 1):
+            pause = clock()
+            yield drafted
+            paused += clock() - pause
+            proposal = next(proposals, None)
+            if proposal is None:
+                break
             record.draft_entropy.append(proposal.entropy)
             record.draft_confidence.append(proposal.confidence)
             record.draft_token_prob.append(proposal.token_prob)
@@ -152,7 +188,7 @@ def draft_step(
             if not go_on:
                 break
         record.controller_time_s += asking
-        record.draft_time_s = clock() - draft_start - asking
+        record.draft_time_s = clock() - draft_start - asking - paused
     record.drafted = len(drafted)
     record.parents = parents
     if draft_probs and len(draft_probs) != len(drafted):
@@ -160,11 +196,13 @@ def draft_step(
     if drafted and sampling.greedy:
         asked = clock()
         keep = asked_prefix(controller, record)
-        drafted, parents = drafted[:keep], parents[:keep]  # a prefix of a tree is a tree
-        record.parents = parents
         record.controller_time_s += clock() - asked
+    else:
+        keep = len(drafted)
     check_parents(parents)
-    return DraftedStep(record, drafted, parents, draft_probs[: len(drafted)])
+    step = DraftedStep(record, drafted, parents, draft_probs)
+    step.keep(keep)
+    return step
 
 
 def settle_step(

@@ -43,6 +43,10 @@ class ServedModel:
         self.draft = factory.draft_model  # the draft model, if one runs
         self.drafter_name = factory.drafter.name if factory.drafter is not None else None
         self.store = SlotStore(self.target)  # the running requests' target caches, one row each
+        # ... and their draft model's, where it drafts chains: the batch drafts for all at once
+        self.draft_store = SlotStore(self.draft) if self.draft is not None else None
+        # How the batch shares its verify pass out (SpecKV's controllers; None: each verifies all)
+        self.shared = self.controller.batch_budget() if self.controller is not None else None
 
     @property
     def tokenizer(self):
@@ -138,7 +142,13 @@ class Generation:
         # The target's cache: a row of the batch's store, handed back when the request ends.
         row = self.served.store.acquire()
         try:
-            self.run = self._decoder.start(self.prompt_ids, self.max_tokens, self.min_tokens, cache=row)
+            self.run = self._decoder.start(
+                self.prompt_ids,
+                self.max_tokens,
+                self.min_tokens,
+                cache=row,
+                draft_store=self.served.draft_store,
+            )
         except BaseException:
             row.release()
             raise
@@ -236,7 +246,8 @@ def step_generations(
     """One tick of the running requests: one target pass verifies every request's draft and reads
     up to `prompt_budget` tokens of new prompts (`speckv.decoding.batch.step_together`); whether
     each request has finished."""
-    results = step_together([job.run for job in jobs], prompt_budget, pace)
+    shared = jobs[0].served.shared if jobs else None
+    results = step_together([job.run for job in jobs], prompt_budget, pace, shared)
     stepped = [result for result in results if result is not None]
     metrics.observe_pass(len(jobs), sum(record.gamma + 1 for record, _ in stepped))
     return [job.absorb(result) for job, result in zip(jobs, results, strict=True)]

@@ -101,3 +101,11 @@ class Drafter(ABC):
 
     def rollback(self, kept: int, verdict: Verdict) -> None:
         """After verification: keep the first `kept` positions of the sequence."""
+
+    def chain_drafter(self, context: list[int] | None = None) -> Drafter | None:
+        """The draft model's chain drafter (`ModelDrafter`) inside this one: one pass per drafted
+        token over its cache `model`, which a batch makes a row of one draft store so that every
+        sequence's next pass runs as one (`speckv.decoding.batch`). Given `context`: only if it
+        drafts the step after it. None where there is none (n-grams, trees and feature heads
+        draft each sequence alone)."""
+        return None

@@ -30,6 +30,9 @@ class ModelDrafter(Drafter):
     def begin(self) -> None:
         self.model.reset()
 
+    def chain_drafter(self, context: list[int] | None = None) -> ModelDrafter:
+        return self
+
     def draft(
         self,
         context: list[int],
@@ -37,7 +40,7 @@ class ModelDrafter(Drafter):
         sampling: SamplingConfig,
         generator: torch.Generator | None,
     ) -> Iterator[Proposal]:
-        feed = context[self.model.length :]
+        feed = context[self.model.length :]  # what a batch expects it to feed (`chain_drafter`)
         for _ in range(budget):
             logits = self.model.feed(feed, keep=1).logits[0, -1]
             probs = None

@@ -1,0 +1,135 @@
+"""One target pass for a batch: what it costs, and how its verify slots are shared out.
+
+In a batch the target pass pads every sequence's tokens to the widest row
+(`speckv.decoding.slots`), so its time is a function of the rows and that width, t_pass(rows,
+width), and a sequence may verify up to width - 1 drafted tokens at no extra cost. Sharing the
+pass is therefore one choice per tick, the width: each drafted token a sequence offers is worth
+its reach (the probability that it and every token before it are accepted), and widening the
+pass by one costs every row. `share_verify` picks the width that maximises the batch's expected
+tokens minus λ times the pass time (λ: the batch's measured tokens/s; Dinkelbach, as for one
+sequence), so a sequence whose draft is unreliable yields to one whose draft is reliable, and
+the pass stays narrow where the batch is large and widening it costs more than it yields.
+
+`BatchCosts` is t_pass: a prior from the cost curve of one sequence (the pass over rows × width
+tokens; beyond the curve, its last point plus the prefill time per token), followed live from
+every tick's measured pass, per (rows, width), as `live.LiveCosts` follows one sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from speckv.costs import CostModel
+
+_CLIP = math.log(2.0)  # one stall moves the estimate as if it were 2× off, no more
+
+
+class BatchCosts:
+    """t_pass(rows, width): seconds of one target pass over `rows` sequences, the widest feeding
+    `width` tokens. log t = log prior + g + r(rows, width): `g` follows the whole machine, `r` what
+    one shape showed of its own (exponential averages of clipped log errors)."""
+
+    def __init__(self, prior: CostModel, machine_weight: float = 0.1, shape_weight: float = 0.3):
+        self.curve = np.asarray(prior.t_verify_s, float)
+        # Past the curve a pass grows by about the prefill's time per token.
+        measured_slope = (self.curve[-1] - self.curve[0]) / max(len(self.curve) - 1, 1)
+        self.slope = prior.target_prefill_s_per_token or measured_slope
+        self.machine_weight, self.shape_weight = machine_weight, shape_weight
+        self.machine = 0.0
+        self.shape: dict[tuple[int, int], float] = {}
+
+    def prior(self, rows: int, width: int) -> float:
+        tokens = max(rows, 1) * max(width, 1)
+        if tokens <= len(self.curve):
+            return float(self.curve[tokens - 1])
+        return float(self.curve[-1] + self.slope * (tokens - len(self.curve)))
+
+    def pass_time(self, rows: int, width: int) -> float:
+        residual = self.machine + self.shape.get((rows, width), 0.0)
+        return self.prior(rows, width) * math.exp(residual)
+
+    def pass_times(self, rows: int, widths: int) -> np.ndarray:
+        """t_pass(rows, k) for k = 1..widths."""
+        return np.array([self.pass_time(rows, k) for k in range(1, widths + 1)])
+
+    def observe(self, rows: int, width: int, seconds: float) -> None:
+        """A measured pass."""
+        if seconds <= 0 or rows < 1 or width < 1:
+            return
+        error = math.log(seconds) - math.log(self.pass_time(rows, width))
+        error = min(max(error, -_CLIP), _CLIP)
+        self.machine += self.machine_weight * error
+        key = (rows, width)
+        self.shape[key] = self.shape.get(key, 0.0) + self.shape_weight * (1.0 - self.machine_weight) * error
+
+
+def share_verify(
+    reaches: Sequence[Sequence[float] | None],
+    drafted: Sequence[int],
+    bases: Sequence[int],
+    floor: int,
+    pass_time: Callable[[int], float],
+    rate: float | None,
+    sunk_s: float = 0.0,
+) -> list[int]:
+    """How many of its drafted tokens each sequence of a batch verifies.
+
+    Sequence i feeds `bases[i]` tokens whatever it verifies (the last verified ones, its prompt's
+    rest) and then its drafted tokens. `reaches[i]`: P(the first j drafted tokens are all accepted),
+    j = 1..drafted[i] (non-increasing), or None to verify all it drafted (a token tree, a probe,
+    sampling). `floor`: the widest row that feeds anyway (a prompt chunk). `pass_time(width)`: the
+    pass's seconds with `width` tokens in its widest row. The width w maximises
+    Σ_i (1 + Σ_{j ≤ min(d_i, w - base_i)} reach_ij) − rate·t_pass(w) (with no rate yet: expected
+    tokens per second of `sunk_s` + the pass); sequence i verifies min(d_i, w − base_i), since
+    within the width a token costs nothing."""
+    rows = list(zip(reaches, drafted, bases, strict=True))
+    forced = max([floor, 1, *(b + (d if r is None else 0) for r, d, b in rows)])
+    widest = max([forced, *(b + d for _, d, b in rows)])
+
+    def kept(width: int) -> list[int]:
+        return [d if r is None else max(0, min(d, width - b)) for r, d, b in rows]
+
+    best_width, best_value = forced, -math.inf
+    for width in range(forced, widest + 1):
+        expected = sum(
+            1.0 + (k if r is None else float(sum(r[:k])))
+            for (r, _, _), k in zip(rows, kept(width), strict=True)
+        )
+        seconds = pass_time(width)
+        value = expected - rate * seconds if rate else expected / (sunk_s + seconds)
+        if value > best_value + 1e-12:
+            best_width, best_value = width, value
+    return kept(best_width)
+
+
+class SharedVerifyBudget:
+    """A batch's shared target pass for SpecKV controllers: the pass times they plan their
+    drafting with at this batch size, and the width every sequence's verification shares."""
+
+    def __init__(self, prior: CostModel):
+        self.costs = BatchCosts(prior)
+        self.widths = prior.gamma_max + 1
+
+    def pass_times(self, rows: int) -> np.ndarray:
+        return self.costs.pass_times(rows, self.widths)
+
+    def share(
+        self,
+        rows: int,
+        reaches: Sequence[Sequence[float] | None],
+        drafted: Sequence[int],
+        bases: Sequence[int],
+        floor: int,
+        rate: float | None,
+        sunk_s: float = 0.0,
+    ) -> list[int]:
+        """`share_verify` with this batch's pass times over `rows` rows."""
+        return share_verify(
+            reaches, drafted, bases, floor, lambda width: self.costs.pass_time(rows, width), rate, sunk_s
+        )
+
+    def observe(self, rows: int, width: int, seconds: float) -> None:
+        self.costs.observe(rows, width, seconds)
