@@ -16,9 +16,7 @@ from typing import TYPE_CHECKING
 from speckv.errors import SpecKVError
 
 if TYPE_CHECKING:
-    import numpy as np
-
-    from speckv.controllers.batch_budget import SharedVerifyBudget
+    from speckv.controllers.batch_budget import SharedPass, SharedVerifyBudget
     from speckv.records import StepRecord, TokenSignals
 
 GAMMA_LIMIT = 64
@@ -52,14 +50,14 @@ class Controller(ABC):
         """Called before each generation: forget per-sequence state."""
 
     def observe_batch(
-        self, sequences: int, tokens_per_s: float | None = None, pass_times: np.ndarray | None = None
+        self, sequences: int, tokens_per_s: float | None = None, shared: SharedPass | None = None
     ) -> None:
         """Before a step: how many sequences share its target pass (1 alone; the server batches
         its running requests), and the batch's recent output, all sequences together (None:
         not measured yet). A pass over a batch costs little more than over one sequence, but the
-        time this step drafts and verifies delays every sequence of the batch. `pass_times`
-        (from a `batch_budget`): the pass's seconds as its widest row feeds k = 1.. tokens; then
-        the batch shares the pass out by `step_reach`, and `verify_count` keeps every token."""
+        time this step drafts and verifies delays every sequence of the batch. `shared` (from a
+        `batch_budget`): the pass's seconds as its widest row feeds k = 1.. tokens, and the tick;
+        then the batch shares the pass out by `step_reach`, and `verify_count` keeps every token."""
 
     def batch_budget(self) -> SharedVerifyBudget | None:
         """What a batch of this controller's sequences shares its verify pass by (None: each

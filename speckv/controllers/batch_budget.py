@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -105,16 +106,28 @@ def share_verify(
     return kept(best_width)
 
 
+@dataclass(frozen=True)
+class SharedPass:
+    """What the controllers of a batch see of the pass they share, before a tick."""
+
+    pass_times: np.ndarray  # seconds as the widest row feeds k = 1.. tokens
+    tick: int  # the batch's tick count: sequences that probe do it on the same ticks
+
+
 class SharedVerifyBudget:
     """A batch's shared target pass for SpecKV controllers: the pass times they plan their
-    drafting with at this batch size, and the width every sequence's verification shares."""
+    drafting with at this batch size, the tick count they align their probes on (a probe's draft
+    pass and wider verification cost the batch about as much for one sequence as for all), and
+    the width every sequence's verification shares."""
 
     def __init__(self, prior: CostModel):
         self.costs = BatchCosts(prior)
         self.widths = prior.gamma_max + 1
+        self.ticks = 0
 
-    def pass_times(self, rows: int) -> np.ndarray:
-        return self.costs.pass_times(rows, self.widths)
+    def start_tick(self, rows: int) -> SharedPass:
+        self.ticks += 1
+        return SharedPass(self.costs.pass_times(rows, self.widths), self.ticks)
 
     def share(
         self,

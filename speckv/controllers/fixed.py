@@ -31,7 +31,7 @@ class BatchTableController(Controller):
         self.name = "batch-table:" + ",".join(f"{size}={gamma}" for size, gamma in self.table.items())
         self._gamma = self.table[1]
 
-    def observe_batch(self, sequences: int, tokens_per_s: float | None = None, pass_times=None) -> None:
+    def observe_batch(self, sequences: int, tokens_per_s: float | None = None, shared=None) -> None:
         self._gamma = self.table[max(size for size in self.table if size <= max(sequences, 1))]
 
     def begin_step(self) -> int:

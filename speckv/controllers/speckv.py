@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from speckv.controllers.base import Controller, Drafts
-from speckv.controllers.batch_budget import SharedVerifyBudget
+from speckv.controllers.batch_budget import SharedPass, SharedVerifyBudget
 from speckv.controllers.live import LiveAcceptance, LiveCosts, RateTracker, derive_rate
 from speckv.controllers.predictor import AcceptancePredictor
 from speckv.costs import CostModel, costs_from_dict, costs_to_dict
@@ -283,7 +283,7 @@ class SpecKVController(Controller):
         self._probing = False  # this step is a probe: its token is verified whatever it looks like
         self.rate = RateTracker()
         self._batch, self._batch_rate = 1, None  # sequences sharing the pass, their tokens/s
-        self._pass_times = None  # the shared pass's seconds by its width, in a batch that shares it
+        self._shared = None  # the pass a batch shares (its times by width, the tick), if any
         self._n_context = len(CONTEXT_FEATURES) + len(self._one_hot)
         self._x = np.zeros(self._n_context + len(TOKEN_FEATURES))
         self._x[len(CONTEXT_FEATURES) : self._n_context] = self._one_hot
@@ -315,10 +315,10 @@ class SpecKVController(Controller):
         self._branching = self.drafts is Drafts.EITHER and drafter is not None and drafter.branches
 
     def observe_batch(
-        self, sequences: int, tokens_per_s: float | None = None, pass_times: np.ndarray | None = None
+        self, sequences: int, tokens_per_s: float | None = None, shared: SharedPass | None = None
     ) -> None:
         self._batch, self._batch_rate = max(1, sequences), tokens_per_s
-        self._pass_times = pass_times if self._batch > 1 else None
+        self._shared = shared if self._batch > 1 else None
 
     def batch_budget(self) -> SharedVerifyBudget:
         return SharedVerifyBudget(self.costs.prior)
@@ -352,8 +352,8 @@ class SpecKVController(Controller):
             rate = self._batch_rate or rate * self._batch
         t_draft = self.costs.t_draft_s
         curve = self.costs.t_verify()
-        if self._pass_times is not None:  # what widening the batch's shared pass costs
-            curve = np.asarray(self._pass_times[: len(curve)], float)
+        if self._shared is not None:  # what widening the batch's shared pass costs
+            curve = np.asarray(self._shared.pass_times[: len(curve)], float)
         gammas = np.arange(self.gamma_max + 1)
         # λ·step time: the tokens a step of each length must yield to pay for its time
         self._charges = rate * (gammas * t_draft + curve[: self.gamma_max + 1] + self.costs.prior.t_step_s)
@@ -381,7 +381,13 @@ class SpecKVController(Controller):
         best = int(np.argmax(self._gains - self._charges))
         if best == 0:
             self._idle += 1
-            if self._idle < self._probe_gap:
+            # In a shared batch, sequences probe on the same ticks (every gap-th, gaps being powers
+            # of 2), so one draft pass and one wider verification serve all their probes; and no
+            # more often than every `batch size`-th tick, since each probe tick delays them all.
+            due = self._idle >= self._probe_gap
+            if self._shared is not None:
+                due = self._shared.tick % max(self._probe_gap, 1 << (self._batch - 1).bit_length()) == 0
+            if not due:
                 return 0
             self._idle = 0
             self._probe_gap = min(2 * self._probe_gap, self.PROBE_LIMIT)  # reset when drafting pays
@@ -414,7 +420,7 @@ class SpecKVController(Controller):
         if self._branching:
             return self._tree_count(record)
         self._observe_record(record)
-        if self._probing or self._pass_times is not None:  # the batch shares its pass out itself
+        if self._probing or self._shared is not None:  # the batch shares its pass out itself
             return len(record.draft_confidence)
         expected = np.cumsum(self._reach)  # E[tokens] when verifying j = 0, 1, …: 1 + Σ_{i≤j} reach_i
         return int(np.argmax(expected - self._verify_charges[: len(self._reach)]))

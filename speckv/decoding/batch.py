@@ -68,10 +68,10 @@ def step_together(
     feeds: dict[int, Feed] = {}
     store = _store_of(runs)
     rate = pace.tokens_per_s if pace else None
-    pass_times = shared.pass_times(len(store.lengths)) if shared is not None else None
+    view = shared.start_tick(len(store.lengths)) if shared is not None else None
     for run in runs:
         if run.decoder.controller is not None:
-            run.decoder.controller.observe_batch(len(runs), rate, pass_times)
+            run.decoder.controller.observe_batch(len(runs), rate, view)
     unread = [run.unread_prompt() for run in runs]
     # The budget goes to the shortest unread prompts first: a short request steps at once even
     # while a long prompt is being read (and runs already stepping read nothing).
