@@ -4,6 +4,7 @@ verifier is caught (library and `speckv check-lossless`)."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -194,3 +195,46 @@ def test_check_lossless_command(capsys, monkeypatch, tiny_model_dirs):
     assert err.startswith("speckv: check-lossless: prompt token ")
     code, _, err = run(capsys, "check-lossless", "--prompt", "w5")
     assert code == 2 and err.count("\n") == 1
+
+
+class AcceptEverythingJudged(TargetVerifier):
+    """The same broken verifier where a batch reaches it: in judging the pass's rows."""
+
+    def judge(self, out, context, drafted, *rest) -> Verdict:
+        verdict = copy.copy(super().judge(out, context, drafted, *rest))
+        if verdict.accepted < len(drafted):
+            verdict.accepted_tokens, verdict.path = list(drafted), list(range(len(drafted)))
+        return verdict
+
+
+def test_check_lossless_decodes_in_a_batch_as_the_server_does(capsys, monkeypatch, tiny_model_dirs, tmp_path):
+    from speckv.decoding import batch
+
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [
+        {"id": f"p{i}", "prompt": " ".join(f"w{(5 * i + j) % 40 + 3}" for j in range(3 + i))}
+        for i in range(5)
+    ]
+    prompts.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    argv = [
+        "check-lossless",
+        "--target",
+        str(tiny_model_dirs["target"]),
+        "--draft",
+        str(tiny_model_dirs["draft"]),
+    ]
+    argv += ["--prompts", str(prompts), "--max-new-tokens", "16", "--gamma", "3", "--compression", "fp32"]
+    widths = []
+    step_together = batch.step_together
+    monkeypatch.setattr(
+        batch, "step_together", lambda runs, *a: widths.append(len(runs)) or step_together(runs, *a)
+    )
+    code, out, err = run(capsys, *argv, "--batch", "3")
+    assert code == 0, err
+    assert out.count("identical to target-only") == 5 and "3 at a time in one pass" in out
+    assert max(widths) == 3  # three sequences shared each pass, the others joined as they finished
+    monkeypatch.setattr(engine, "TargetVerifier", AcceptEverythingJudged)
+    code, out, err = run(capsys, *argv, "--batch", "3")
+    assert code == 1 and "NOT lossless" in out
+    code, _, err = run(capsys, *argv, "--batch", "0")
+    assert code == 2 and "--batch must be at least 1" in err

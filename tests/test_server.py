@@ -73,6 +73,7 @@ def test_models_health_and_metrics(client):
         'speckv:request_success_total{finished_reason="',
     ):
         assert name in text, name
+    assert 'speckv:generation_tokens_total{model_name="tiny"}' in text  # vLLM's label
     # fixed:3 drafts 3 tokens at every step but the last ones (capped by the length left).
     drafts = next(
         line for line in text.splitlines() if line.startswith("speckv:spec_decode_num_drafts_total")
@@ -261,8 +262,11 @@ def test_serve_command_builds_the_app(tiny_model_dirs, drafter, controller):
     app = build_app(build_parser().parse_args(argv))
     assert app.state.scheduler.max_running == 3 and app.state.served.name == "mine"
     body = {"model": "mine", "prompt": "w5 w6 w5 w6", "max_tokens": 12, "temperature": 0}
+    prototype = app.state.served.factory.controller
     with TestClient(app) as client:
         reply = client.post("/v1/completions", json=body).json()
+    # The next request's controller starts from what the finished one learnt (a copy of it).
+    assert (app.state.served.factory.controller is prototype) == (controller is None)
     summary = reply["speckv"]
     assert summary["controller"] == (controller and make_controller(controller).describe())
     assert (summary["draft"] is None) == (drafter is None)
@@ -323,3 +327,15 @@ def test_serve_command_errors(capsys, tiny_model_dirs, extra):
         argv += ["--no-draft"]
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("speckv: error: ")
+
+
+def test_serve_says_what_it_serves_then_runs_uvicorn(tiny_model_dirs, monkeypatch, caplog):
+    import uvicorn
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append((app, options)))
+    argv = ["serve", "--target", str(tiny_model_dirs["target"]), "--draft", str(tiny_model_dirs["draft"])]
+    with caplog.at_level("INFO", logger="speckv"):
+        assert main([*argv, "--controller", "fixed:3", "--compression", "fp32", "--port", "8123"]) == 0
+    assert started and started[0][1]["port"] == 8123
+    assert "fixed:3" in caplog.text and "fp32" in caplog.text

@@ -98,7 +98,8 @@ def test_client_hanging_up_mid_stream_frees_its_slot(live):
     url, app = live
     scheduler, registry = app.state.scheduler, app.state.metrics.registry
     scheduler.on_step = lambda job: time.sleep(0.005)  # slow enough to hang up halfway
-    generated_before = registry.get_sample_value("speckv:generation_tokens_total") or 0
+    name = {"model_name": app.state.served.name}  # vLLM's label, on every series
+    generated_before = registry.get_sample_value("speckv:generation_tokens_total", name) or 0
     try:
         body = {"prompt": PROMPT, "max_tokens": 500, "temperature": 0, "ignore_eos": True, "stream": True}
         with (
@@ -113,5 +114,5 @@ def test_client_hanging_up_mid_stream_frees_its_slot(live):
             time.sleep(0.01)
     finally:
         scheduler.on_step = None
-    assert registry.get_sample_value("speckv:request_failure_total", {"reason": "abort"}) == 1
-    assert registry.get_sample_value("speckv:generation_tokens_total") - generated_before < 500
+    assert registry.get_sample_value("speckv:request_failure_total", {"reason": "abort", **name}) == 1
+    assert registry.get_sample_value("speckv:generation_tokens_total", name) - generated_before < 500

@@ -116,7 +116,8 @@ async def wait_for(condition, timeout: float = 10.0) -> None:
 
 
 def sample(app, name: str, labels: dict | None = None) -> float:
-    return app.state.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+    labels = {**(labels or {}), "model_name": app.state.served.name}  # vLLM's label on every series
+    return app.state.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 @pytest.mark.parametrize("max_running", [2, 1])

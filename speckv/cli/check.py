@@ -35,6 +35,14 @@ def register(sub) -> None:
     add_prompt_options(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        metavar="N",
+        help="decode the prompts speculatively N at a time in one target pass, as `speckv serve` "
+        "batches its running requests (default 1: each alone)",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="one JSON object per prompt, then a summary object"
     )
     parser.set_defaults(func=run)
@@ -50,19 +58,27 @@ def run(args) -> int:
         raise SpecKVError("choose a draft with --draft PATH")
     if args.max_new_tokens < 1:
         raise SpecKVError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.batch < 1:
+        raise SpecKVError(f"--batch must be at least 1, got {args.batch}")
     # Fixed γ unless asked otherwise: the check is about the verifier, not about the policy.
     spec = decoder_spec(args, controller=None if args.controller or args.gamma else "fixed:4")
     items = prompt_items(args)
     decoders = build_decoders(spec)
     target = decoders.target
     checks = []
-    for item_id, text in items:
-        prompt_ids = encode_prompt(target.tokenizer, text, raw=args.raw)
-        check = check_prompt(decoders, prompt_ids, args.max_new_tokens, item_id)
+    prompts = [encode_prompt(target.tokenizer, text, raw=args.raw) for _, text in items]
+    batched = [None] * len(prompts)
+    if args.batch > 1:  # the speculative side decoded as the server decodes concurrent requests
+        from speckv.decoding.batch import generate_together
+
+        batched = generate_together(decoders, prompts, args.max_new_tokens, args.batch)
+    for (item_id, _), prompt_ids, speculative in zip(items, prompts, batched, strict=True):
+        check = check_prompt(decoders, prompt_ids, args.max_new_tokens, item_id, speculative)
         checks.append(check)
         print(json.dumps(check.to_dict()) if args.json else describe(check), flush=True)
+    how = f", {args.batch} at a time in one pass" if args.batch > 1 else ""
     line = summary(
-        checks, f"{target.precision} (compute {target.compute_dtype}), {decoders.controller.describe()}"
+        checks, f"{target.precision} (compute {target.compute_dtype}), {decoders.controller.describe()}{how}"
     )
     if args.json:
         print(json.dumps({"summary": line, "lossless": all(c.lossless for c in checks)}))

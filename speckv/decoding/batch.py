@@ -28,7 +28,9 @@ from speckv.errors import SpecKVError
 from speckv.records import StepRecord
 
 if TYPE_CHECKING:
+    from speckv.decoding.builder import DecoderFactory
     from speckv.decoding.engine import SequenceRun
+    from speckv.decoding.verify import SamplingConfig
 
 
 class BatchPace:
@@ -107,6 +109,49 @@ def step_together(
         tokens = sum(len(result[1]) for result in results if result is not None)
         pace.observe(tokens, time.perf_counter() - tick_start)
     return results
+
+
+def generate_together(
+    factory: DecoderFactory,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    concurrency: int,
+    prompt_budget: int | None = 256,
+    sampling: SamplingConfig | None = None,
+) -> list[list[int]]:
+    """Decode `prompts` as the server does: up to `concurrency` at once, each joining as another
+    finishes (continuous batching), one `step_together` per tick, with the factory's controller's
+    shared verify budget. Returns each prompt's new tokens."""
+    store = SlotStore(factory.target)
+    draft_store = SlotStore(factory.draft_model) if factory.draft_model is not None else None
+    shared = factory.controller.batch_budget() if factory.controller is not None else None
+    pace = BatchPace()
+    waiting, running = list(range(len(prompts))), []
+    outputs: list[list[int]] = [[] for _ in prompts]
+    try:
+        while waiting or running:
+            while waiting and len(running) < concurrency:
+                i = waiting.pop(0)
+                decoder = factory.new(sampling)
+                running.append(
+                    (
+                        i,
+                        decoder.start(
+                            prompts[i], max_new_tokens, cache=store.acquire(), draft_store=draft_store
+                        ),
+                    )
+                )
+            results = step_together([run for _, run in running], prompt_budget, pace, shared)
+            for (i, run), result in zip(running, results, strict=True):
+                if result is not None:
+                    outputs[i].extend(result[1])
+                if run.done:
+                    run.close()
+            running = [(i, run) for i, run in running if not run.done]
+    finally:
+        for _, run in running:
+            run.close()
+    return outputs
 
 
 def _share_pass(

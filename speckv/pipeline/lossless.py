@@ -142,13 +142,18 @@ def replay_divergences(
 
 
 def check_prompt(
-    decoders: DecoderFactory, prompt_ids: list[int], max_new_tokens: int, prompt_id: str = "prompt"
+    decoders: DecoderFactory,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    prompt_id: str = "prompt",
+    speculative: list[int] | None = None,
 ) -> PromptCheck:
-    """Greedy target-only vs speculative decoding of one prompt (a fresh decoder of `decoders`),
-    and the divergences of the latter."""
+    """Greedy target-only vs speculative decoding of one prompt (a fresh decoder of `decoders`,
+    unless `speculative` gives its output, e.g. decoded in a batch), and the latter's divergences."""
     target = decoders.target
     target_only = SpeculativeDecoder(target).generate(prompt_ids, max_new_tokens).token_ids
-    speculative = decoders.new().generate(prompt_ids, max_new_tokens).token_ids
+    if speculative is None:
+        speculative = decoders.new().generate(prompt_ids, max_new_tokens).token_ids
     dtype = target.compute_dtype
     divergences = replay_divergences(target, prompt_ids, speculative, dtype)
     return PromptCheck(prompt_id, target_only, speculative, divergences, str(dtype).removeprefix("torch."))

@@ -63,7 +63,7 @@ def create_app(
     serve /docs, /redoc, /openapi.json."""
     if api_key is not None and not api_key:  # the middleware is built lazily: say it now
         raise SpecKVError("the API key is empty: give a non-empty key, or none to serve without one")
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(served.name)
     if prompt_budget is not None and prompt_budget < 1:
         raise SpecKVError(f"the prompt budget must be at least 1 token per pass, got {prompt_budget}")
     pace = BatchPace()  # the running requests' output together, which their controllers weigh

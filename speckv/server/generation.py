@@ -39,14 +39,18 @@ class ServedModel:
     def __init__(self, factory: DecoderFactory, name: str):
         self.factory, self.name = factory, name
         self.target = factory.target
-        self.controller = factory.controller
         self.draft = factory.draft_model  # the draft model, if one runs
         self.drafter_name = factory.drafter.name if factory.drafter is not None else None
         self.store = SlotStore(self.target)  # the running requests' target caches, one row each
         # ... and their draft model's, where it drafts chains: the batch drafts for all at once
         self.draft_store = SlotStore(self.draft) if self.draft is not None else None
         # How the batch shares its verify pass out (SpecKV's controllers; None: each verifies all)
-        self.shared = self.controller.batch_budget() if self.controller is not None else None
+        self.shared = factory.controller.batch_budget() if factory.controller is not None else None
+
+    @property
+    def controller(self):
+        """The controller new requests' controllers are copies of (`learn_from` moves it on)."""
+        return self.factory.controller
 
     @property
     def tokenizer(self):
@@ -62,6 +66,13 @@ class ServedModel:
     def describe(self) -> dict:
         config = self.factory.describe()
         return {key: config[key] for key in ("controller", "compression", "draft")}
+
+    def learn_from(self, controller) -> None:
+        """A finished request's controller: the next requests' start from what it learnt, as one
+        decoder's controller does from one sequence to the next (SpecKV keeps its live cost
+        estimate and half its acceptance evidence), instead of from the controller file each time.
+        Called from the worker thread; `decoder` copies whichever is in place."""
+        self.factory.controller = controller
 
     def decoder(
         self, sampling: SamplingConfig, ignore_eos: bool = False, stop_token_ids: Sequence[int] = ()
@@ -194,6 +205,8 @@ class Generation:
         return "stop" if self._hit_eos() else "length"
 
     def _end(self, reason: str) -> bool:
+        if self._decoder is not None and self._decoder.controller is not None:
+            self.served.learn_from(self._decoder.controller)
         self._close()
         completion = self.output.tokens if reason == "stop" and self.output.stopped else self.generated
         self.metrics.success.labels(finished_reason=reason).inc()

@@ -4,6 +4,9 @@ Each app has its own `CollectorRegistry`, so several apps in one process (tests)
 on the global registry. prometheus-client appends `_total` to counter names when it exposes
 them, as vLLM's counters read too (`speckv:spec_decode_num_drafts_total`).
 
+Every series carries vLLM's `model_name` label (the served model's id), so dashboards built for
+vLLM's metrics read ours.
+
 Speculative counters count what the target verified: `num_draft_tokens` is the verified drafted
 tokens (γ per step), so accepted / draft tokens is the acceptance rate; tokens a controller
 drafted but did not send to the target are counted separately.
@@ -11,14 +14,10 @@ drafted but did not send to the target are counted separately.
 
 from __future__ import annotations
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
+from prometheus_client import Counter as _Counter
+from prometheus_client import Gauge as _Gauge
+from prometheus_client import Histogram as _Histogram
 
 from speckv.records import StepRecord
 
@@ -31,15 +30,27 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 PASS_TOKEN_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512)
 
 
-class ServerMetrics:
-    """Every metric the server exports, in its own registry."""
+class _Labelled:
+    """A metric with more labels than `model_name`, that one filled in."""
 
-    def __init__(self) -> None:
+    def __init__(self, metric, model_name: str):
+        self.metric, self.model_name = metric, model_name
+
+    def labels(self, **labels):
+        return self.metric.labels(**labels, model_name=self.model_name)
+
+
+class ServerMetrics:
+    """Every metric the server exports, in its own registry, labelled with `model_name`."""
+
+    def __init__(self, model_name: str = "speckv") -> None:
         # No `*_created` series next to every counter (as vLLM does): a process-wide switch of
         # prometheus-client, harmless in a server process, where nothing else reads them.
         disable_created_metrics()
         self.registry = CollectorRegistry()
+        self.model_name = model_name
         r = self.registry
+        Counter, Gauge, Histogram = (self._named(kind) for kind in (_Counter, _Gauge, _Histogram))
         self.num_drafts = Counter(
             "speckv:spec_decode_num_drafts", "Steps in which the target verified drafted tokens", registry=r
         )
@@ -109,6 +120,18 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter("speckv:prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("speckv:generation_tokens", "Generated tokens", registry=r)
+
+    def _named(self, kind):
+        """`kind` (Counter, Gauge, Histogram) made with a `model_name` label after any others,
+        and handed out with it filled in."""
+
+        def make(name, documentation, labelnames=(), **kwargs):
+            metric = kind(name, documentation, [*labelnames, "model_name"], **kwargs)
+            if labelnames:
+                return _Labelled(metric, self.model_name)
+            return metric.labels(model_name=self.model_name)
+
+        return make
 
     def observe_step(self, record: StepRecord) -> None:
         """One speculative step's counters (a plain target step has γ = 0 and drafts nothing)."""
