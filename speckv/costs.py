@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +34,19 @@ class CostModel:
     t_step_s: float = 0.0
     target_prefill_s_per_token: float = 0.0
     draft_prefill_s_per_token: float = 0.0
+    # A batch's target pass (`speckv serve`): `t_pass_s[rows][k - 1]` is a pass over `rows`
+    # sequences each feeding k tokens, for the batch sizes measured (none: not measured).
+    t_pass_s: dict[int, list[float]] = field(default_factory=dict)
 
     def __post_init__(self):
         if len(self.t_verify_s) < 1 or min(self.t_verify_s) < 0 or self.t_draft_s < 0:
             raise SpecKVError(f"cost model for {self.compression}: times must be non-negative")
+        try:  # JSON keys are strings
+            self.t_pass_s = {int(rows): [float(t) for t in times] for rows, times in self.t_pass_s.items()}
+        except (TypeError, ValueError, AttributeError) as error:
+            raise SpecKVError(f"cost model for {self.compression}: bad t_pass_s ({error})") from None
+        if any(rows < 1 or not times or min(times) < 0 for rows, times in self.t_pass_s.items()):
+            raise SpecKVError(f"cost model for {self.compression}: t_pass_s needs rows ≥ 1 and times ≥ 0")
 
     @property
     def gamma_max(self) -> int:

@@ -322,3 +322,15 @@ def test_a_long_feed_runs_alone_and_does_not_widen_the_shared_pass(tiny_target):
         torch.testing.assert_close(
             outputs[row.row].logits, model.feed(**vars(feed)).logits, rtol=1e-4, atol=1e-4
         )
+
+
+def test_batch_costs_start_from_the_passes_measured_on_this_machine():
+    curve = [0.10, 0.11, 0.12]
+    costs = BatchCosts(
+        CostModel("fp32", 0.01, curve, 0.0, 0.02, t_pass_s={2: [0.12, 0.15, 0.2], 4: [0.16, 0.25, 0.4]})
+    )
+    assert costs.pass_time(1, 2) == pytest.approx(0.11)  # one row: the one-sequence curve
+    assert costs.pass_time(2, 3) == pytest.approx(0.2)
+    assert costs.pass_time(3, 2) == pytest.approx((0.15 + 0.25) / 2)  # between the sizes measured
+    assert costs.pass_time(8, 1) == pytest.approx(0.16 + (0.16 - 0.12) * 2)  # on past the largest
+    assert costs.pass_time(4, 5) == pytest.approx(0.4 + 0.02 * 4 * 2)  # wider: prefill time per token

@@ -116,7 +116,42 @@ def test_calibrate_quick_measures_again_and_caches(capsys, tiny_model_dirs):
         line = capsys.readouterr().out
         assert line.startswith("fp32, 1 thread(s): t_draft") and "t_verify(1..4)" in line
         assert "measured now" in line
+    assert main([*argv, "--batch-rows", "2,3"]) == 0  # and a server's batch passes, if asked
+    out = capsys.readouterr().out
+    assert "batch of 2: t_pass(1..4)" in out and "batch of 3: t_pass(1..4)" in out
+    assert main([*argv, "--batch-rows", "1"]) == 2
+    assert "--batch-rows are numbers of sequences" in capsys.readouterr().err
     assert main(["calibrate", "--quick", "--compression", "fp32"]) == 2
     assert "needs --demo, --target SRC --draft SRC, or --profile DIR" in capsys.readouterr().err
     assert main(["calibrate"]) == 2
     assert "calibrate needs --profile DIR" in capsys.readouterr().err
+
+
+def test_a_server_measures_its_batch_passes_once(tiny_target, tiny_drafts, monkeypatch):
+    draft = tiny_drafts["unrelated"]
+    plain = local_costs.local_costs("auto", tiny_target, draft, gamma_max=2, progress=False)
+    assert plain.cost.t_pass_s == {}
+    served = local_costs.local_costs(
+        "auto", tiny_target, draft, gamma_max=2, progress=False, batch_rows=(2, 4)
+    )
+    assert "batch passes over 2, 4 sequences measured now" in served.source
+    assert sorted(served.cost.t_pass_s) == [2, 4] and all(len(t) == 3 for t in served.cost.t_pass_s.values())
+    assert served.cost.t_verify_s == plain.cost.t_verify_s  # the curve itself is the cached one
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(local_costs, "measure_pass_costs", no_measuring)
+    again = local_costs.local_costs("auto", tiny_target, draft, gamma_max=2, progress=False, batch_rows=(2,))
+    assert again.source.startswith("cached") and again.cost.t_pass_s == served.cost.t_pass_s
+    with pytest.raises(AssertionError, match="measured again"):  # a batch size not measured yet
+        local_costs.local_costs("auto", tiny_target, draft, gamma_max=2, progress=False, batch_rows=(8,))
+
+
+def test_cost_files_carry_batch_passes(tmp_path):
+    cost = CostModel("fp32", 0.001, [0.01, 0.02], t_pass_s={2: [0.012, 0.03], 4: [0.02, 0.05]})
+    save_costs({"fp32": cost}, tmp_path / "c.json")
+    assert local_costs.load_costs(tmp_path / "c.json")["fp32"] == cost  # keys back to numbers
+    for bad in ({0: [0.1]}, {2: []}, {"x": [0.1]}, {2: [-1.0]}):
+        with pytest.raises(SpecKVError, match="t_pass_s"):
+            CostModel("fp32", 0.001, [0.01], t_pass_s=bad)

@@ -59,6 +59,12 @@ def _add_calibrate(sub) -> None:
         "in seconds, and cache it; the profile's models with --profile",
     )
     parser.add_argument("--demo", action="store_true", help="with --quick: the demo pair")
+    parser.add_argument(
+        "--batch-rows",
+        metavar="N,N,…",
+        help="with --quick: also time a batch's target pass over these numbers of sequences, as "
+        "`speckv serve` does at startup for its batch sizes (e.g. 2,4,8)",
+    )
     parser.add_argument("--target", help="with --quick: the target (directory, .gguf or cached HF id)")
     parser.add_argument(
         "--draft", help="with --quick: the draft model (default with --demo: the shipped one)"
@@ -314,19 +320,26 @@ def _quick_calibrate(args) -> int:
     threads = configure_threads(args.threads)
     device = resolve_device(args.device)
     levels = _unique_list(args.compression, "--compression") or ["auto"]
+    rows = tuple(_int_list(args.batch_rows, "--batch-rows"))
+    if any(r < 2 for r in rows):
+        raise SpecKVError("--batch-rows are numbers of sequences, each at least 2")
     load = _pair_loader(target_source, draft_source, str(device))
     for level in levels:
         target, draft = load(resolve_compression(level, device))
         if not isinstance(draft, LoadedModel):
             raise SpecKVError(f"{draft_source} is a feature head: --quick times a draft model")
         # γ_max 8 covers the shipped controller; a controller planning wider steps asks --gamma-max.
-        chosen = local_costs("auto", target, draft, args.gamma_max or 8, remeasure=True)
+        chosen = local_costs("auto", target, draft, args.gamma_max or 8, remeasure=True, batch_rows=rows)
         cost = chosen.cost
         verify = ", ".join(f"{1e3 * t:.1f}" for t in cost.t_verify_s)
         print(
             f"{target.precision}, {threads} thread(s): t_draft {1e3 * cost.t_draft_s:.2f} ms, "
             f"t_verify(1..{cost.gamma_max + 1}) [{verify}] ms — {chosen.source}"
         )
+        for count, times in sorted(cost.t_pass_s.items()):
+            print(
+                f"  batch of {count}: t_pass(1..{len(times)}) [{', '.join(f'{1e3 * t:.1f}' for t in times)}] ms"
+            )
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -80,7 +81,9 @@ def build_app(args):
     if not 0 <= args.port <= 65535:
         raise SpecKVError(f"--port must be in 0..65535, got {args.port}")
     api_key = api_key_of(args)
-    factory = build_decoders(spec)
+    # SpecKV shares each batch's pass out by its time over 2, 4, 8 … running requests, measured here
+    sizes = tuple(rows for rows in (2, 4, 8, 16, 32) if rows <= args.max_running)
+    factory = build_decoders(dataclasses.replace(spec, batch_rows=sizes))
     served = ServedModel(factory, args.model_name or factory.target.name)
     return create_app(
         served,

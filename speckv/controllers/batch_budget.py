@@ -31,11 +31,16 @@ _CLIP = math.log(2.0)  # one stall moves the estimate as if it were 2× off, no 
 class BatchCosts:
     """t_pass(rows, width): seconds of one target pass over `rows` sequences, the widest feeding
     `width` tokens. log t = log prior + g + r(rows, width): `g` follows the whole machine, `r` what
-    one shape showed of its own (exponential averages of clipped log errors)."""
+    one shape showed of its own (exponential averages of clipped log errors).
+
+    The prior: the batch passes measured on this machine (`CostModel.t_pass_s`, by `serve` at
+    startup), linear in the rows between the batch sizes measured (one row: the curve of one
+    sequence); without them, the one-sequence curve at rows × width tokens. Past the widths
+    measured, each extra token of every row costs about the prefill's time per token."""
 
     def __init__(self, prior: CostModel, machine_weight: float = 0.1, shape_weight: float = 0.3):
         self.curve = np.asarray(prior.t_verify_s, float)
-        # Past the curve a pass grows by about the prefill's time per token.
+        self.measured = {1: self.curve, **{r: np.asarray(t, float) for r, t in prior.t_pass_s.items()}}
         measured_slope = (self.curve[-1] - self.curve[0]) / max(len(self.curve) - 1, 1)
         self.slope = prior.target_prefill_s_per_token or measured_slope
         self.machine_weight, self.shape_weight = machine_weight, shape_weight
@@ -43,10 +48,25 @@ class BatchCosts:
         self.shape: dict[tuple[int, int], float] = {}
 
     def prior(self, rows: int, width: int) -> float:
-        tokens = max(rows, 1) * max(width, 1)
-        if tokens <= len(self.curve):
-            return float(self.curve[tokens - 1])
-        return float(self.curve[-1] + self.slope * (tokens - len(self.curve)))
+        rows, width = max(rows, 1), max(width, 1)
+        if len(self.measured) == 1:  # one sequence's curve only: a pass over rows × width tokens
+            return self._along(self.curve, rows * width, 1)
+        sizes = sorted(self.measured)
+        below = max((r for r in sizes if r <= rows), default=sizes[0])
+        above = min((r for r in sizes if r >= rows), default=sizes[-1])
+        if below == above:  # measured, or past the largest batch measured: on from the two largest
+            if rows <= sizes[-1]:
+                return self._along(self.measured[rows], width, rows)
+            below, above = sizes[-2], sizes[-1]
+        low = self._along(self.measured[below], width, below)
+        high = self._along(self.measured[above], width, above)
+        return max(low + (high - low) * (rows - below) / (above - below), 1e-6)
+
+    def _along(self, times: np.ndarray, tokens: int, rows: int) -> float:
+        """`times` at `tokens`, or past its end by the prefill's time per extra token of each row."""
+        if tokens <= len(times):
+            return float(times[tokens - 1])
+        return float(times[-1] + self.slope * rows * (tokens - len(times)))
 
     def pass_time(self, rows: int, width: int) -> float:
         residual = self.machine + self.shape.get((rows, width), 0.0)

@@ -54,6 +54,7 @@ class DecoderSpec:
     fp32_head: bool | None = None
     gamma_max: int = 20
     costs: str = "auto"  # auto | shipped | a cost file (`speckv.decoding.local_costs`)
+    batch_rows: tuple[int, ...] = ()  # a server's batch sizes: their passes join the measured costs
     target_only: bool = False
 
     @property
@@ -96,7 +97,7 @@ class DecoderSpec:
         if target is None:
             target = load_model(self.target, compression, str(device), self.fp32_head)
         drafter = _drafter(draft, target, controller) if draft is not None else None
-        cost_source = give_costs(controller, self.costs, target, drafter, progress)
+        cost_source = give_costs(controller, self.costs, target, drafter, progress, self.batch_rows)
         return DecoderFactory(target, drafter, controller, threads, cost_source)
 
 

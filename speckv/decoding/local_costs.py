@@ -21,7 +21,7 @@ import json
 import logging
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -117,6 +117,53 @@ def measure_costs(
     )
 
 
+def measure_pass_costs(
+    target: LoadedModel,
+    widths: int,
+    rows: tuple[int, ...] = (2, 4, 8),
+    repeats: int = 5,
+    context_tokens: int = 128,
+    progress: bool = True,
+) -> dict[int, list[float]]:
+    """A batch's target pass, measured now: for each number of sequences in `rows`, the pass over
+    that many rows of one `SlotStore` (each holding a `context_tokens`-token sequence) feeding k =
+    1..`widths` tokens each, rolled back each time; widths interleaved, medians of `repeats`."""
+    from speckv.decoding.cache import Feed
+    from speckv.decoding.slots import SlotStore
+
+    if widths < 1 or repeats < 1 or any(r < 1 for r in rows):
+        raise SpecKVError("measure batch passes with widths ≥ 1, repeats ≥ 1 and rows ≥ 1")
+    ids = target.tokenizer(_PROMPT)["input_ids"]
+    prompt = (ids * (context_tokens // max(len(ids), 1) + 1))[:context_tokens]
+    times: dict[int, list[float]] = {}
+    bar = progress_bar(
+        total=len(rows) * (repeats + 1),
+        desc="measuring this machine's batch passes",
+        show=progress,
+        leave=False,
+    )
+    for count in sorted(set(rows)):
+        store = SlotStore(target)
+        slots = [store.acquire() for _ in range(count)]
+        for slot in slots:
+            slot.feed(prompt)  # alone: one row at a time
+        samples: dict[int, list[float]] = {k: [] for k in range(1, widths + 1)}
+        for repeat in range(repeats + 1):  # the first round warms every width up and is not kept
+            for k in range(1, widths + 1):
+                started = time.perf_counter()
+                store.forward({slot.row: Feed(prompt[:k], keep=k) for slot in slots})
+                if repeat:
+                    samples[k].append(time.perf_counter() - started)
+                for slot in slots:
+                    slot.crop(len(prompt))
+            bar.update()
+        times[count] = [statistics.median(samples[k]) for k in range(1, widths + 1)]
+        for slot in slots:
+            slot.release()
+    bar.close()
+    return times
+
+
 def cache_key(target: LoadedModel, draft: LoadedModel, device: str, threads: int) -> dict:
     """What a cached curve holds for: the models (name and configuration), the level, the device
     (CPU model and flags, or GPU name), the thread count and torch's version."""
@@ -147,9 +194,12 @@ def local_costs(
     gamma_max: int = 8,
     remeasure: bool = False,
     progress: bool = True,
+    batch_rows: tuple[int, ...] = (),
 ) -> CostChoice:
     """The cost curve for `--costs CHOICE`: auto (cached, else measured now and cached), shipped,
-    or a cost file. `remeasure` measures even when a cached curve exists."""
+    or a cost file. `remeasure` measures even when a cached curve exists. Under auto, `batch_rows`
+    (the server's batch sizes) adds the batch's pass over that many sequences (`t_pass_s`),
+    measured once and cached beside the curve."""
     if choice == "shipped":
         return CostChoice(None, "shipped (the controller file's, measured elsewhere)")
     if choice != "auto":
@@ -167,7 +217,9 @@ def local_costs(
         try:
             cached = load_costs(path)[target.compression]
             if cached.gamma_max >= gamma_max:
-                return CostChoice(cached, f"cached ({path})")
+                return _with_batch_passes(
+                    CostChoice(cached, f"cached ({path})"), target, batch_rows, path, key, progress
+                )
             log.debug(
                 "cached curve stops at width %d, %d wanted: measuring again", cached.gamma_max, gamma_max
             )
@@ -177,13 +229,41 @@ def local_costs(
     cost = measure_costs(target, draft, gamma_max, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_costs({target.compression: cost}, path, {"key": key})
-    return CostChoice(cost, f"measured now ({time.perf_counter() - started:.0f} s; cached in {path})")
+    chosen = CostChoice(cost, f"measured now ({time.perf_counter() - started:.0f} s; cached in {path})")
+    return _with_batch_passes(chosen, target, batch_rows, path, key, progress)
 
 
-def give_costs(controller, choice: str, target: LoadedModel, drafter, progress: bool = True) -> str | None:
-    """Give a SpecKV controller the curve `--costs CHOICE` names (measuring it if need be); returns
-    where the curve came from, or None for a controller that plans without costs. A drafter with
-    no draft model to time (a feature head) keeps the file's fallback under `auto`."""
+def _with_batch_passes(
+    chosen: CostChoice, target: LoadedModel, rows: tuple[int, ...], path: Path, key: dict, progress: bool
+) -> CostChoice:
+    """`chosen`, with the batch passes over `rows` sequences measured now (and cached) if missing."""
+    missing = tuple(r for r in rows if r > 1 and r not in chosen.cost.t_pass_s)
+    if not missing:
+        return chosen
+    started = time.perf_counter()
+    widths = len(chosen.cost.t_verify_s)
+    measured = measure_pass_costs(target, widths, missing, progress=progress)
+    cost = replace(chosen.cost, t_pass_s={**chosen.cost.t_pass_s, **measured})
+    save_costs({target.compression: cost}, path, {"key": key})
+    seconds = time.perf_counter() - started
+    sizes = ", ".join(map(str, missing))
+    return CostChoice(
+        cost, f"{chosen.source}; batch passes over {sizes} sequences measured now ({seconds:.0f} s)"
+    )
+
+
+def give_costs(
+    controller,
+    choice: str,
+    target: LoadedModel,
+    drafter,
+    progress: bool = True,
+    batch_rows: tuple[int, ...] = (),
+) -> str | None:
+    """Give a SpecKV controller the curve `--costs CHOICE` names (measuring it if need be, with the
+    batch passes over `batch_rows` sequences for a server); returns where the curve came from, or
+    None for a controller that plans without costs. A drafter with no draft model to time (a
+    feature head) keeps the file's fallback under `auto`."""
     from speckv.controllers.speckv import SpecKVController
 
     if not isinstance(controller, SpecKVController):
@@ -193,7 +273,7 @@ def give_costs(controller, choice: str, target: LoadedModel, drafter, progress: 
         controller.cost_source = "shipped (the drafter has no draft model to time)"
         return controller.cost_source
     widths = max(controller.models.gamma_max, controller.models.costs[target.compression].gamma_max)
-    chosen = local_costs(choice, target, draft, widths, progress=progress)
+    chosen = local_costs(choice, target, draft, widths, progress=progress, batch_rows=batch_rows)
     if chosen.cost is None:
         controller.cost_source = chosen.source
     else:
