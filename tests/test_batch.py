@@ -334,3 +334,21 @@ def test_batch_costs_start_from_the_passes_measured_on_this_machine():
     assert costs.pass_time(3, 2) == pytest.approx((0.15 + 0.25) / 2)  # between the sizes measured
     assert costs.pass_time(8, 1) == pytest.approx(0.16 + (0.16 - 0.12) * 2)  # on past the largest
     assert costs.pass_time(4, 5) == pytest.approx(0.4 + 0.02 * 4 * 2)  # wider: prefill time per token
+
+
+def test_rows_that_never_fed_can_leave(tiny_target):
+    # A draft store whose sequences stopped drafting (a batch-table at 8 = 0) holds rows acquired
+    # after its last pass: no tensors are allocated for them, and freeing any row must still work.
+    store = SlotStore(tiny_target)
+    first = store.acquire()
+    first.feed([5, 6])
+    later = [store.acquire() for _ in range(3)]
+    first.release()  # the last row (never fed) moves into row 0
+    assert later[-1].row == 0 and store.lengths == [0, 0, 0]
+    for row in later:
+        row.release()
+    assert store.bytes == 0
+    # Nor does a store that never ran a pass lose track of its rows.
+    rows = [store.acquire() for _ in range(3)]
+    rows[0].release()
+    assert [r.row for r in rows] == [-1, 1, 0] and store.handles == [rows[2], rows[1]]

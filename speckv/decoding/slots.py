@@ -160,10 +160,12 @@ class SlotStore:
         if not held or self.handles[handle.row] is not handle:
             raise SpecKVError("this row is not held by that sequence")
         row, last = handle.row, len(self.lengths) - 1
-        if row != last and self.keys:
-            with torch.inference_mode():
-                for tensor in (*self.keys, *self.values):
-                    tensor[row, :, : self.lengths[last]] = tensor[last, :, : self.lengths[last]]
+        if row != last:
+            # A row acquired since the last pass has no tensors yet (and holds nothing to move).
+            if self.keys and last < self.keys[0].shape[0]:
+                with torch.inference_mode():
+                    for tensor in (*self.keys, *self.values):
+                        tensor[row, :, : self.lengths[last]] = tensor[last, :, : self.lengths[last]]
             moved = self.handles[last]
             moved.row = row
             self.handles[row], self.lengths[row] = moved, self.lengths[last]
