@@ -254,3 +254,35 @@ def test_running_requests_share_target_passes_and_decode_as_alone(tiny_target, t
     passes = sample(app, "speckv:batch_size_count")
     sequences = sample(app, "speckv:batch_size_sum")
     assert passes > 0 and sequences / passes > 1.5  # requests were decoded together, not in turn
+
+
+def test_a_request_whose_cleanup_fails_does_not_stop_the_server(served, monkeypatch, caplog):
+    from speckv.decoding.engine import SequenceRun
+
+    close = SequenceRun.close
+    broken = []
+
+    def close_once_broken(self):
+        if not broken:
+            broken.append(self)
+            raise RuntimeError("a row that will not go back")
+        close(self)
+
+    monkeypatch.setattr(SequenceRun, "close", close_once_broken)
+    app = create_app(served, max_running=2, max_queue=4)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            app.state.scheduler.start()
+            try:
+                body = {"prompt": "w5 w6", "max_tokens": 4, "temperature": 0}
+                first = await client.post("/v1/completions", json=body)
+                second = await client.post("/v1/completions", json=body)
+                return first, second, app.state.scheduler.alive
+            finally:
+                await asyncio.to_thread(app.state.scheduler.stop)
+
+    first, second, alive = asyncio.run(scenario())
+    assert broken and first.status_code == 200 and second.status_code == 200 and alive
+    assert "closing request" in caplog.text

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -29,6 +30,8 @@ from speckv.decoding.text import TextOutput
 from speckv.decoding.verify import SamplingConfig
 from speckv.records import StepRecord
 from speckv.server.metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
 
 
 class ServedModel:
@@ -226,10 +229,13 @@ class Generation:
 
     def _close(self) -> None:
         self.done = True
-        if self.run is not None:
-            self.run.close()
-            self.run = None
+        run, self.run = self.run, None
         self._decoder = None  # its KV caches are the request's largest state
+        if run is not None:
+            try:
+                run.close()
+            except Exception:  # the worker thread must outlive one request's cleanup
+                log.exception("closing request %s failed", self.id)
 
     def summary(self) -> dict:
         """The request's speculative summary (the `speckv` field of responses)."""
