@@ -116,7 +116,7 @@ class SpeculativeDecoder:
 class SequenceRun:
     """One sequence of a decoder, from its prompt to EOS or its length: the tokens so far and the
     step counter. `step` runs the next step alone; a batch runs the same step in halves around
-    a shared target pass (`draft`, `feed`, `settle`), or reads a chunk of a long prompt first
+    a shared target pass (`drafting`, `feed`, `settle`), or reads a chunk of a long prompt first
     (`prompt_chunk`), so other sequences need not wait for the whole prompt."""
 
     def __init__(
@@ -128,16 +128,17 @@ class SequenceRun:
         cache=None,
         draft_store=None,
     ):
+        self._chain = decoder.drafter.chain_drafter() if draft_store is not None and decoder.drafter else None
+        if self._chain is not None and draft_store.loaded is not self._chain.loaded:
+            decoder._streaming = False
+            raise SpecKVError(
+                f"the draft store holds {draft_store.loaded.name}'s caches, not {self._chain.name}'s"
+            )
         self.decoder, self.tokens, self.max_new_tokens = decoder, prompt, max_new_tokens
         self._own_cache = decoder.verifier.model
         if cache is not None:  # the target's cache lives in a batch's row for this sequence
             decoder.verifier.model = cache
-        self._chain = decoder.drafter.chain_drafter() if draft_store is not None and decoder.drafter else None
         if self._chain is not None:  # so does the draft model's, in the batch's draft store
-            if draft_store.loaded is not self._chain.loaded:
-                raise SpecKVError(
-                    f"the draft store holds {draft_store.loaded.name}'s caches, not {self._chain.name}'s"
-                )
             self._own_draft_cache, self._chain.model = self._chain.model, draft_store.acquire()
         self.generator = None
         if decoder.sampling.seed is not None:
