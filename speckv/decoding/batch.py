@@ -29,7 +29,7 @@ from speckv.records import StepRecord
 
 if TYPE_CHECKING:
     from speckv.decoding.builder import DecoderFactory
-    from speckv.decoding.engine import SequenceRun
+    from speckv.decoding.engine import SequenceRun, SpeculativeDecoder
     from speckv.decoding.verify import SamplingConfig
 
 
@@ -111,6 +111,36 @@ def step_together(
     return results
 
 
+class Batch:
+    """What the concurrent sequences of one `DecoderFactory` share across ticks: the target's KV
+    rows, the draft model's (its chains draft for all at once), and the controller's shared
+    verify budget (SpecKV's; None: each verifies what it drafted)."""
+
+    def __init__(self, factory: DecoderFactory):
+        self.store = SlotStore(factory.target)
+        self.draft_store = SlotStore(factory.draft_model) if factory.draft_model is not None else None
+        self.shared = factory.controller.batch_budget() if factory.controller is not None else None
+
+    def start(
+        self, decoder: SpeculativeDecoder, prompt_ids: list[int], max_new_tokens: int, min_new_tokens: int = 0
+    ) -> SequenceRun:
+        """`decoder.start` with its caches in rows of this batch (handed back by the run's `close`)."""
+        row = self.store.acquire()
+        try:
+            return decoder.start(
+                prompt_ids, max_new_tokens, min_new_tokens, cache=row, draft_store=self.draft_store
+            )
+        except BaseException:
+            row.release()
+            raise
+
+    def step(
+        self, runs: list[SequenceRun], prompt_budget: int | None, pace: BatchPace | None = None
+    ) -> list[tuple[StepRecord, list[int]] | None]:
+        """One tick of `runs` (`step_together`) with this batch's shared verify budget."""
+        return step_together(runs, prompt_budget, pace, self.shared)
+
+
 def generate_together(
     factory: DecoderFactory,
     prompts: list[list[int]],
@@ -122,26 +152,15 @@ def generate_together(
     """Decode `prompts` as the server does: up to `concurrency` at once, each joining as another
     finishes (continuous batching), one `step_together` per tick, with the factory's controller's
     shared verify budget. Returns each prompt's new tokens."""
-    store = SlotStore(factory.target)
-    draft_store = SlotStore(factory.draft_model) if factory.draft_model is not None else None
-    shared = factory.controller.batch_budget() if factory.controller is not None else None
-    pace = BatchPace()
+    batch, pace = Batch(factory), BatchPace()
     waiting, running = list(range(len(prompts))), []
     outputs: list[list[int]] = [[] for _ in prompts]
     try:
         while waiting or running:
             while waiting and len(running) < concurrency:
                 i = waiting.pop(0)
-                decoder = factory.new(sampling)
-                running.append(
-                    (
-                        i,
-                        decoder.start(
-                            prompts[i], max_new_tokens, cache=store.acquire(), draft_store=draft_store
-                        ),
-                    )
-                )
-            results = step_together([run for _, run in running], prompt_budget, pace, shared)
+                running.append((i, batch.start(factory.new(sampling), prompts[i], max_new_tokens)))
+            results = batch.step([run for _, run in running], prompt_budget, pace)
             for (i, run), result in zip(running, results, strict=True):
                 if result is not None:
                     outputs[i].extend(result[1])
@@ -208,16 +227,25 @@ def _draft_together(runs: dict[int, SequenceRun]) -> dict[int, DraftedStep]:
             so_far.pop(i, None)
             done[i] = finished.value
 
+    # Who drafts each step with a chain drafter on a draft store is fixed for the tick.
+    chains = {}
+    for i, run in runs.items():
+        chain = run.decoder.drafter.chain_drafter(run.tokens) if run.decoder.drafter else None
+        if chain is not None and getattr(chain.model, "store", None) is not None:
+            chains[i] = chain.model
     for i in rounds:
         advance(i)
     while so_far:
         passes: dict[SlotStore, dict[int, tuple]] = {}
         for i, drafted in so_far.items():
-            chain = runs[i].decoder.drafter.chain_drafter(runs[i].tokens)
-            store = getattr(chain.model, "store", None) if chain is not None else None
-            feed = [*runs[i].tokens, *drafted][chain.model.length :] if store is not None else []
+            if i not in chains:
+                continue
+            slot, tokens = chains[i], runs[i].tokens
+            # the sequence so far (prompt, output, drafted) past what the draft's cache holds
+            fed = slot.length
+            feed = tokens[fed:] + drafted if fed <= len(tokens) else drafted[fed - len(tokens) :]
             if 0 < len(feed) <= BATCHED_FEED_LIMIT:
-                passes.setdefault(store, {})[i] = (chain.model, feed)
+                passes.setdefault(slot.store, {})[i] = (slot, feed)
         for store, rows in passes.items():
             if len(rows) > 1:  # one alone runs its own pass
                 started = time.perf_counter()

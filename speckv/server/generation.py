@@ -21,11 +21,10 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from speckv.decoding.batch import BatchPace, step_together
+from speckv.decoding.batch import Batch, BatchPace
 from speckv.decoding.builder import DecoderFactory
 from speckv.decoding.engine import SequenceRun, SpeculativeDecoder
 from speckv.decoding.models import context_length
-from speckv.decoding.slots import SlotStore
 from speckv.decoding.text import TextOutput
 from speckv.decoding.verify import SamplingConfig
 from speckv.records import StepRecord
@@ -44,11 +43,7 @@ class ServedModel:
         self.target = factory.target
         self.draft = factory.draft_model  # the draft model, if one runs
         self.drafter_name = factory.drafter.name if factory.drafter is not None else None
-        self.store = SlotStore(self.target)  # the running requests' target caches, one row each
-        # ... and their draft model's, where it drafts chains: the batch drafts for all at once
-        self.draft_store = SlotStore(self.draft) if self.draft is not None else None
-        # How the batch shares its verify pass out (SpecKV's controllers; None: each verifies all)
-        self.shared = factory.controller.batch_budget() if factory.controller is not None else None
+        self.batch = Batch(factory)  # the running requests' KV rows and shared verify budget
 
     @property
     def controller(self):
@@ -153,19 +148,8 @@ class Generation:
 
     # -- worker thread ---------------------------------------------------------------------
     def start(self) -> None:
-        # The target's cache: a row of the batch's store, handed back when the request ends.
-        row = self.served.store.acquire()
-        try:
-            self.run = self._decoder.start(
-                self.prompt_ids,
-                self.max_tokens,
-                self.min_tokens,
-                cache=row,
-                draft_store=self.served.draft_store,
-            )
-        except BaseException:
-            row.release()
-            raise
+        # The caches: rows of the batch's stores, handed back when the request ends.
+        self.run = self.served.batch.start(self._decoder, self.prompt_ids, self.max_tokens, self.min_tokens)
         self.metrics.prompt_tokens.inc(len(self.prompt_ids))
 
     def step(self) -> bool:
@@ -265,8 +249,7 @@ def step_generations(
     """One tick of the running requests: one target pass verifies every request's draft and reads
     up to `prompt_budget` tokens of new prompts (`speckv.decoding.batch.step_together`); whether
     each request has finished."""
-    shared = jobs[0].served.shared if jobs else None
-    results = step_together([job.run for job in jobs], prompt_budget, pace, shared)
+    results = jobs[0].served.batch.step([job.run for job in jobs], prompt_budget, pace)
     stepped = [result for result in results if result is not None]
     metrics.observe_pass(len(jobs), sum(record.gamma + 1 for record, _ in stepped))
     return [job.absorb(result) for job, result in zip(jobs, results, strict=True)]
