@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from test_speckv_controller import hand_models
 
-from speckv.controllers.live import LiveAcceptance, LiveCosts, RateTracker, derive_rate
-from speckv.controllers.speckv import SpecKVController
+from speckv.controllers.live import LiveAcceptance, LiveCosts, RateTracker, SignalSpread, derive_rate
+from speckv.controllers.speckv import SequenceContext, SpecKVController
 from speckv.costs import CostModel
 from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
 from speckv.decoding.step import run_step
@@ -84,11 +84,87 @@ def test_probes_back_off_while_drafting_never_pays():
     budgets = [controller.begin_step() for _ in range(8 + 16 + 32)]
     probes = [i + 1 for i, b in enumerate(budgets) if b]
     assert probes == [8, 8 + 16, 8 + 16 + 32]  # 8 (the file's), then twice as long each time
-    controller.reset()
-    assert [controller.begin_step() for _ in range(8)] == [0] * 7 + [1]
+    controller.reset()  # a new sequence of the stream starts from half the wait
+    assert [controller.begin_step() for _ in range(32)] == [0] * 31 + [1]
     # The probe is verified even where its token looks unlikely: else the step would teach nothing.
     record = StepRecord(1, 1, 0, 0, 0, [9.0], [0.05], [0.05], drafted=1)
     assert controller.verify_count(record) == 1
+    record.accepted, record.tokens_produced = 1, 2  # it found a token: the wait (64) halves
+    controller.end_step(record)
+    assert [controller.begin_step() for _ in range(32)] == [0] * 31 + [1]
+
+
+def test_a_probe_drafts_the_length_that_loses_least():
+    # a = 0.1, t_draft = 1, a pass of 5 tokens costs 12 and of 2-4 or 6+ costs 40: λ = 0.1 (the
+    # target alone). After 8 idle steps the probe drafts 4 (step time 16), not 1 (step time 41),
+    # and verifies all 4 whatever they look like.
+    models = hand_models(accept=0.1)
+    models.costs["fp32"] = CostModel("fp32", 1.0, [10.0, 40.0, 40.0, 40.0, 12.0, 40.0, 40.0, 40.0, 40.0])
+    controller = SpecKVController(models, "fp32", gamma_max=8)
+    assert [controller.begin_step() for _ in range(8)] == [0] * 7 + [4]
+    assert all(controller.continue_drafting(TokenSignals(i, 9.0, 0.05, 0.05)) for i in (1, 2, 3))
+    record = StepRecord(1, 4, 0, 0, 0, [9.0] * 4, [0.05] * 4, [0.05] * 4, drafted=4)
+    assert controller.verify_count(record) == 4
+
+
+def test_drafting_stops_where_it_would_go_on_only_to_drop_every_token():
+    # a = 0.1, t_draft = 1, passes of 2-4 tokens cost 40 and of 5 only 12, λ = 0.1. After one token
+    # (reach 0.1) going on to the cheap width costs less than verifying 2 tokens, but verifying
+    # none (1 − λ·10 = 0) beats both: 3 more tokens would add 0.011 for λ·(3 + 12) = 1.5.
+    models = hand_models(accept=0.1)
+    models.costs["fp32"] = CostModel("fp32", 1.0, [10.0, 40.0, 40.0, 40.0, 12.0, 40.0, 40.0, 40.0, 40.0])
+    controller = SpecKVController(models, "fp32", gamma_max=8)
+    controller.begin_step()
+    assert not controller.continue_drafting(TokenSignals(1, 1.0, 0.1, 0.1))
+    record = StepRecord(1, 8, 0, 0, 0, [1.0], [0.1], [0.1], drafted=1)
+    assert controller.verify_count(record) == 0
+
+
+def test_idle_steps_revert_the_context_to_the_sequence_long_run():
+    context = SequenceContext(decay=0.3)
+    context.update(StepRecord(1, 4, 4, 0, 1, [1.0] * 4, [0.5] * 4, [0.5] * 4, drafted=4))
+    # One judged token, rejected: recent 0.5 → 0.35, last 0, long run 0.5 → 0.475.
+    assert context.values[1:3] == pytest.approx([0.35, 0.0])
+    assert context.long_run == pytest.approx(0.475)
+    context.update(StepRecord(2, 0, 0, 0, 1))  # nothing drafted: the text moved on unobserved
+    assert context.values[1:3] == pytest.approx([0.35 + 0.3 * 0.125, 0.3 * 0.475])
+    assert context.long_run == pytest.approx(0.475)
+
+
+def test_peek_gain_by_hand():
+    # prior 0.2, λ = 0.1, t_draft = 3, flat verify 10: charges 1.0, 1.3, 1.6; gains 0, 0.2, 0.24.
+    spread = SignalSpread()
+    gains, charges = np.array([0.0, 0.2, 0.24]), np.array([1.0, 1.3, 1.6])
+    assert spread.peek_gain(0.2, gains, charges, 0.3) == -math.inf  # nothing seen yet
+    for first_token in [0.9] * 4 + [0.05] * 4:
+        spread.observe(first_token, 0.2)
+    # First token a₁ = 0.9: 1 token adds 0.9 for 0 more (its drafting is paid), 2 add 0.9·1.2 for
+    # 0.3 → 0.9. a₁ = 0.05: 0.05. Mean 0.475, less the look's 0.3.
+    assert spread.peek_gain(0.2, gains, charges, 0.3) == pytest.approx(0.175)
+    flat = SignalSpread()
+    for _ in range(8):
+        flat.observe(0.2, 0.2)  # signals that never move the prediction: the look is just a cost
+    assert flat.peek_gain(0.2, gains, charges, 0.3) == pytest.approx(0.2 - 0.3)
+
+
+def test_a_peek_where_first_tokens_often_look_sure():
+    # a = 0.2, t_draft = 3, flat verify 10: λ = 0.1 and the context alone says do not draft.
+    models = hand_models(accept=0.2)
+    models.costs["fp32"] = CostModel("fp32", t_draft_s=3.0, t_verify_s=FLAT)
+    controller = SpecKVController(models, "fp32", gamma_max=8)
+    assert controller.begin_step() == 0
+    for _ in range(8):  # first tokens' signals have never said more than the context
+        controller.spread.observe(0.2, 0.2)
+    assert controller.begin_step() == 0
+    for first_token in [0.9] * 8 + [0.05] * 8:  # half of the last 16 were near-sure
+        controller.spread.observe(first_token, 0.2)
+    assert controller.begin_step() == 8  # a budget: its first token decides the rest
+    # The constant model's first token (0.2) says drafting on does not pay: it stops there, and
+    # verifies that token, since on a flat curve its verification costs nothing more.
+    assert not controller.continue_drafting(TokenSignals(1, 1.0, 0.2, 0.2))
+    record = StepRecord(1, 8, 0, 0, 0, [1.0], [0.2], [0.2], drafted=1)
+    assert controller.verify_count(record) == 1
+    assert controller.spread.shifts[-1] == pytest.approx(0.0)  # and the look joined the spread
 
 
 def test_verify_count_takes_a_wider_pass_that_costs_less():

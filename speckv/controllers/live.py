@@ -12,12 +12,15 @@ was given and follow what each step shows, in O(1) per step:
   predicted-probability bin, within each sequence and carried at half weight into the next, so on text where the draft does worse than on its training data the
   controller drafts less, and where it does better, more;
 - `RateTracker`: λ, the tokens per second the controller achieves (Dinkelbach: a policy
-  maximising E[tokens] − λ·time per step with λ its own achieved rate maximises tokens/s).
+  maximising E[tokens] − λ·time per step with λ its own achieved rate maximises tokens/s);
+- `SignalSpread`: how far a drafted first token's own signals move its predicted acceptance from
+  what the context alone predicts, which prices a peek: drafting one token to look at it.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import numpy as np
 
@@ -163,3 +166,42 @@ def derive_rate(acceptance: float, cost: CostModel, t_verify: np.ndarray | None 
     gammas = np.arange(len(curve))
     expected = 1.0 + np.concatenate([[0.0], np.cumsum(acceptance ** gammas[1:])])
     return float(np.max(expected / (gammas * cost.t_draft_s + curve + cost.t_step_s)))
+
+
+class SignalSpread:
+    """How much a step's first drafted token tells beyond the context: the last `size` shifts of
+    its calibrated acceptance (from its own entropy and confidence) from the context-only prior,
+    in log-odds (a sure token lifts a poor prior as far as a good one).
+
+    Where the context alone says drafting does not pay, the first token's signals may still say it
+    does (the draft is sure of it), and a draft token costs a fraction of a target pass. A peek
+    drafts that token, then drafts on or drops it as its signals say. `peek_gain` prices that
+    option over the observed spread; kept across sequences, since the spread is the drafter's."""
+
+    MIN_SAMPLES = 8
+
+    def __init__(self, size: int = 64):
+        self.shifts: deque[float] = deque(maxlen=size)
+
+    def observe(self, first_token: float, prior: float) -> None:
+        self.shifts.append(_logit(first_token) - _logit(prior))
+
+    def peek_gain(self, prior: float, gains: np.ndarray, charges: np.ndarray, draft_charge: float) -> float:
+        """Expected tokens a peek adds over not drafting, net of its cost, in λ-units. `gains[k]` =
+        Σ_{m≤k} prior^m, `charges[γ]` = λ·(time of a γ-token step), `draft_charge` = λ·t_draft.
+        For a first token accepted with a₁ (the prior shifted as one of the spread), drafting on to
+        γ adds a₁·(1 + gains[γ−1]) expected tokens for charges[γ] − charges[0], the first token's
+        drafting already paid; a look that says no drafting pays drops the token (worth 0). Mean
+        over the spread, less the look's own cost. −inf while fewer than `MIN_SAMPLES` are seen."""
+        if len(self.shifts) < self.MIN_SAMPLES:
+            return -math.inf
+        odds = math.exp(_logit(prior)) * np.exp(np.asarray(self.shifts))
+        first = np.minimum(odds / (1.0 + odds), 0.999)[:, None]
+        extra = charges[1:] - charges[0] - draft_charge
+        value = first * (1.0 + gains[None, :-1]) - extra[None, :]
+        return float(np.maximum(value.max(axis=1), 0.0).mean() - draft_charge)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-3), 0.999)
+    return math.log(p / (1.0 - p))

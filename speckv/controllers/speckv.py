@@ -37,7 +37,7 @@ import numpy as np
 
 from speckv.controllers.base import Controller, Drafts
 from speckv.controllers.batch_budget import SharedPass, SharedVerifyBudget
-from speckv.controllers.live import LiveAcceptance, LiveCosts, RateTracker, derive_rate
+from speckv.controllers.live import LiveAcceptance, LiveCosts, RateTracker, SignalSpread, derive_rate
 from speckv.controllers.predictor import AcceptancePredictor
 from speckv.costs import CostModel, costs_from_dict, costs_to_dict
 from speckv.errors import SpecKVError
@@ -94,8 +94,14 @@ class SequenceContext:
     """What earlier steps of the current sequence showed, as the `CONTEXT_FEATURES` values.
 
     Acceptance is observed for the drafted tokens up to the first rejection; `recent_*` are
-    exponential moving averages (weight `decay` on the newest observation).
+    exponential moving averages (weight `decay` on the newest observation). A step that verifies
+    no drafted token observes nothing, yet the text moves on: the acceptance features then revert
+    towards the sequence's long-run acceptance by `decay` per step, as a forecast of an AR(1)
+    process one step further ahead does, so a run of rejections does not keep the controller idle
+    for the rest of the sequence.
     """
+
+    LONG_RUN = 0.05  # weight of each judged token in the sequence's long-run acceptance
 
     def __init__(self, decay: float = 0.3):
         self.decay = decay
@@ -103,16 +109,21 @@ class SequenceContext:
 
     def reset(self) -> None:
         self.values = [1.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
+        self.long_run = 0.5
 
     def update(self, record) -> None:
-        if record.gamma == 0:
-            return
         values, decay = self.values, self.decay
+        if record.gamma == 0:
+            if not values[0]:
+                values[1] += decay * (self.long_run - values[1])
+                values[2] += decay * (self.long_run - values[2])
+            return
         recent = values[1]
         # A tree's accepted path runs along its depth: read it as a chain that long.
         length = record.depth or record.gamma
         for i in range(min(record.accepted + 1, length)):
             recent += decay * ((1.0 if i < record.accepted else 0.0) - recent)
+            self.long_run += self.LONG_RUN * ((1.0 if i < record.accepted else 0.0) - self.long_run)
         entropy = values[3]
         for e in record.draft_entropy:
             entropy += decay * (e - entropy)
@@ -254,8 +265,10 @@ class SpecKVController(Controller):
 
     When no drafting pays (predicted), `begin_step` returns 0: the step is a plain target step,
     which the engine supports. Nothing is observed in such a step, so after `probe_every` of them
-    in a row the controller drafts one token to look again; each probe that finds nothing doubles
-    the wait (up to `PROBE_LIMIT`), so on text where drafting never pays probing costs ~1%."""
+    in a row the controller drafts to look again (the length that loses least, all verified). Each
+    probe doubles the wait (up to `PROBE_LIMIT`), each step that gets a drafted token accepted
+    halves it, and a new sequence starts from half of it, so on text where drafting never pays
+    probing costs ~1%."""
 
     PROBE_LIMIT = 64
 
@@ -282,6 +295,8 @@ class SpecKVController(Controller):
         self._copying = False  # this step's tokens are copied: no draft pass, their own calibration
         self._probing = False  # this step is a probe: its token is verified whatever it looks like
         self.rate = RateTracker()
+        self.spread = SignalSpread()  # how far a first drafted token's signals move its acceptance
+        self._prior = 0.0  # this step's calibrated context-only acceptance
         self._batch, self._batch_rate = 1, None  # sequences sharing the pass, their tokens/s
         self._shared = None  # the pass a batch shares (its times by width, the tick), if any
         self._n_context = len(CONTEXT_FEATURES) + len(self._one_hot)
@@ -333,7 +348,10 @@ class SpecKVController(Controller):
         self.context.reset()
         self.acceptance.new_sequence()
         self.copied_acceptance.new_sequence()
-        self._idle, self._probe_gap = 0, self.models.probe_every
+        # A new sequence of the stream starts its probing halfway back (as calibration keeps half
+        # its evidence): text like the last is the best guess, and fresh probes cost.
+        self._idle = 0
+        self._probe_gap = max(self.models.probe_every, self._probe_gap // 2)
         self._x[: len(CONTEXT_FEATURES)] = self.context.values
         prior = _clip01(self.models.prior_model.predict_fast(self._x[: self._n_context])[0])
         curve = self.costs.t_verify()
@@ -355,12 +373,11 @@ class SpecKVController(Controller):
         if self._shared is not None:  # what widening the batch's shared pass costs
             curve = np.asarray(self._shared.pass_times[: len(curve)], float)
         gammas = np.arange(self.gamma_max + 1)
+        self._draft_charge = rate * t_draft
         # λ·step time: the tokens a step of each length must yield to pay for its time
         self._charges = rate * (gammas * t_draft + curve[: self.gamma_max + 1] + self.costs.prior.t_step_s)
         # λ·target pass over k = 1.. tokens: what verifying a prefix costs once drafted
         self._verify_charges = rate * curve
-        # copied tokens cost no draft pass: only the step's verify pass and bookkeeping
-        self._copy_charges = rate * (curve[: self.gamma_max + 1] + self.costs.prior.t_step_s)
         # trees: index i is λ·(one more node's drafting + the pass's growth from i + 1 to i + 2 tokens)
         self._tree_steps = rate * (t_draft + np.diff(curve))
 
@@ -369,6 +386,7 @@ class SpecKVController(Controller):
         x[: len(CONTEXT_FEATURES)] = self.context.values
         self._node_x[: len(CONTEXT_FEATURES)] = self.context.values
         prior = self.acceptance.correct(self.models.prior_model.predict_fast(x[: self._n_context])[0])
+        self._prior = prior
         self._plan()
         self._gains[1:] = np.cumsum(prior**self._powers)
         self._reached = 1.0
@@ -379,6 +397,11 @@ class SpecKVController(Controller):
         self._probing = False
         # Value of drafting γ tokens over not drafting: expected extra tokens − λ·extra time.
         best = int(np.argmax(self._gains - self._charges))
+        # The context says no; the first token's own signals may say yes, for a draft pass.
+        peek = best == 0 and self.per_token and not self._branching
+        if peek and self.spread.peek_gain(prior, self._gains, self._charges, self._draft_charge) > 0.0:
+            self._idle += 1
+            return self.gamma_max
         if best == 0:
             self._idle += 1
             # In a shared batch, sequences probe on the same ticks (every gap-th, gaps being powers
@@ -390,10 +413,13 @@ class SpecKVController(Controller):
             if not due:
                 return 0
             self._idle = 0
-            self._probe_gap = min(2 * self._probe_gap, self.PROBE_LIMIT)  # reset when drafting pays
+            self._probe_gap = min(2 * self._probe_gap, self.PROBE_LIMIT)  # halved by each success
             self._probing = True
-            return 1  # the probe: one token, verified whatever it looks like (else nothing is learnt)
-        self._idle, self._probe_gap = 0, self.models.probe_every
+            # The probe drafts the length that loses least (one token where widths cost alike; on
+            # a curve where 2 tokens cost more than 5, four), all verified whatever they look like
+            # (else nothing is learnt): it shows more tokens for less than a single-token probe.
+            return 1 + int(np.argmax(self._gains[1:] - self._charges[1:]))
+        self._idle = 0
         if self._branching:
             return self.tree_max
         return self.gamma_max if self.per_token else best
@@ -407,12 +433,22 @@ class SpecKVController(Controller):
         if i == 1:  # a step's tokens come from one source (speckv.decoding.drafters.hybrid)
             self._copying = signals.free
         self._observe(signals.entropy, signals.confidence, signals.token_prob)
+        if self._probing:  # the probe's length was chosen in begin_step
+            return True
         if i >= self.gamma_max:
             return False
-        # Drafting k more tokens adds reached·Σ_{m≤k} a^m expected tokens for λ·(T(i+k) − T(i)).
-        charges = self._copy_charges if self._copying else self._charges
-        extra = self._reached * self._gains[1 : self.gamma_max - i + 1] - (charges[i + 1 :] - charges[i])
-        return float(extra.max()) > 0.0
+        # Drafting k more tokens adds reached·Σ_{m≤k} a^m expected tokens for λ·(k·t_draft +
+        # t_verify(i+k+1)); it must beat the best step verifying what is drafted now (a prefix of
+        # it, or none: on a curve with dips, going on to a cheaper width only to drop it all wastes
+        # the drafting).
+        expected = np.cumsum(self._reach)  # verifying j = 0..i drafted tokens
+        now = float(np.max(expected - self._verify_charges[: i + 1]))
+        more = np.arange(1, self.gamma_max - i + 1)
+        draft = 0.0 if self._copying else self._draft_charge
+        later = (
+            expected[i] + self._reached * self._gains[more] - self._verify_charges[i + more] - draft * more
+        )
+        return float(later.max()) > now
 
     def verify_count(self, record) -> int:
         """The prefix j maximising E[tokens] − λ·t_verify(j + 1); the drafting is already paid.
@@ -437,6 +473,8 @@ class SpecKVController(Controller):
         raw = float(self.models.token_model.predict_fast(x)[0])
         self._raw.append(raw)
         self._reached *= (self.copied_acceptance if self._copying else self.acceptance).correct(raw)
+        if len(self._reach) == 1 and not self._copying:
+            self.spread.observe(self._reached, self._prior)
         self._reach.append(self._reached)
 
     def _tree_goes_on(self, signals) -> bool:
@@ -481,6 +519,8 @@ class SpecKVController(Controller):
 
     def end_step(self, record) -> None:
         self.context.update(record)
+        if record.accepted:  # drafting found tokens here: look again sooner once idle
+            self._probe_gap = max(self.models.probe_every, self._probe_gap // 2)
         if record.gamma and not self._branching:  # a chain: its judged tokens calibrate the model
             self._observe_record(record)
             calibration = self.copied_acceptance if self._copying else self.acceptance
