@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from speckv.util.benchmark_header import (
@@ -452,3 +453,14 @@ def test_serve_load_long_prompt_is_whole_articles_then_a_part():
     assert serve_load.long_prompt(articles, 30) == serve_load.LONG_PROMPT_INSTRUCTION + first
     with pytest.raises(ValueError, match="give only 40 of the 60 words"):
         serve_load.long_prompt(articles, 60)
+
+
+def test_replay_verdicts_name_the_best_fixed_schedule():
+    table = pd.DataFrame(
+        [{"task": "code", "fixed γ=1": 1.2, "fixed γ=4": 1.5, "SpecKV": 1.65, "oracle": 2.2}]
+    )
+    line = load_script("speckv_replay").verdicts(table)
+    assert (
+        line
+        == "- code: SpecKV 1.65× the target alone, 1.10× the best fixed γ (fixed γ=4, 1.50×), 75% of the oracle's speed"
+    )

@@ -3,6 +3,7 @@ cached, reused; `--costs auto|shipped|FILE` everywhere a SpecKV controller plans
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -47,6 +48,9 @@ def test_the_cache_key_names_the_machine_and_threads(tiny_target, tiny_drafts):
     other_cpu = cache_path({**key, "device": "another CPU (avx2)"})
     assert len({cache_path(key), other_threads, other_cpu}) == 3
     assert cache_key(tiny_target, tiny_drafts["unrelated"], "cpu", 1)["draft"] != key["draft"]
+    moved = copy.deepcopy(tiny_drafts["close"])
+    moved.model.config._name_or_path = "/another/checkout/demo-draft"  # same model, other place
+    assert cache_key(tiny_target, moved, "cpu", 1) == key
 
 
 def test_shipped_and_file_choices(tiny_target, tiny_drafts, tmp_path):

@@ -166,11 +166,14 @@ def measure_pass_costs(
 
 def cache_key(target: LoadedModel, draft: LoadedModel, device: str, threads: int) -> dict:
     """What a cached curve holds for: the models (name and configuration), the level, the device
-    (CPU model and flags, or GPU name), the thread count and torch's version."""
+    (CPU model and flags, or GPU name), the thread count and torch's version. Not where the models
+    were loaded from: a second checkout or copy of the same models reuses the curve."""
 
     def model_id(loaded: LoadedModel) -> str:
-        config = loaded.model.config.to_json_string(use_diff=False)
-        return f"{loaded.name}:{hashlib.sha256(config.encode()).hexdigest()[:12]}"
+        config = loaded.model.config.to_dict()
+        config.pop("_name_or_path", None)
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+        return f"{loaded.name}:{digest[:12]}"
 
     return {
         "target": model_id(target),
