@@ -54,8 +54,9 @@ def level_table(level: str, args) -> tuple[pd.DataFrame, str]:
         ]
         alone = sum(target_only(trace, cost).time_s for trace in traces)
         row = {"task": task, "prompts": len(traces), "target only": 1.0}
-        for name in [f"fixed γ={g}" for g in gammas] + [SPECKV]:
-            controller = make_controller("speckv" if name == SPECKV else f"fixed:{name[8:]}", 20, level)
+        policies = {**{f"fixed γ={g}": f"fixed:{g}" for g in gammas}, SPECKV: "speckv"}
+        for name, spec in policies.items():
+            controller = make_controller(spec, 20, level)
             if name == SPECKV:
                 controller.use_costs(cost, choice.source)
                 controller.follow_costs = False  # the modelled times are the curve itself

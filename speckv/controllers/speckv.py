@@ -443,7 +443,7 @@ class SpecKVController(Controller):
         # the drafting).
         expected = np.cumsum(self._reach)  # verifying j = 0..i drafted tokens
         now = float(np.max(expected - self._verify_charges[: i + 1]))
-        more = np.arange(1, self.gamma_max - i + 1)
+        more = self._powers[: self.gamma_max - i]  # 1, 2, … tokens more
         draft = 0.0 if self._copying else self._draft_charge
         later = (
             expected[i] + self._reached * self._gains[more] - self._verify_charges[i + more] - draft * more
