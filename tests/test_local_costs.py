@@ -51,6 +51,10 @@ def test_the_cache_key_names_the_machine_and_threads(tiny_target, tiny_drafts):
     moved = copy.deepcopy(tiny_drafts["close"])
     moved.model.config._name_or_path = "/another/checkout/demo-draft"  # same model, other place
     assert cache_key(tiny_target, moved, "cpu", 1) == key
+    # Another transformers release shows in the key's own field, not as a changed model.
+    moved.model.config.transformers_version = "0.0.1"
+    assert cache_key(tiny_target, moved, "cpu", 1) == key
+    assert cache_path({**key, "transformers": "0.0.1"}) != cache_path(key)
 
 
 def test_shipped_and_file_choices(tiny_target, tiny_drafts, tmp_path):

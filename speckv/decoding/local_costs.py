@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import transformers
 
 from speckv.costs import CostModel, device_description, load_costs, save_costs
 from speckv.decoding.drafters import ModelDrafter, Verdict
@@ -166,12 +167,15 @@ def measure_pass_costs(
 
 def cache_key(target: LoadedModel, draft: LoadedModel, device: str, threads: int) -> dict:
     """What a cached curve holds for: the models (name and configuration), the level, the device
-    (CPU model and flags, or GPU name), the thread count and torch's version. Not where the models
-    were loaded from: a second checkout or copy of the same models reuses the curve."""
+    (CPU model and flags, or GPU name), the thread count, and the versions of torch and
+    transformers (either may change the kernels a pass runs). Not where the models were loaded
+    from: a second checkout or copy of the same models reuses the curve."""
 
     def model_id(loaded: LoadedModel) -> str:
         config = loaded.model.config.to_dict()
-        config.pop("_name_or_path", None)
+        # The version is named in the key itself, so a re-measurement says why it happened.
+        for varies in ("_name_or_path", "transformers_version"):
+            config.pop(varies, None)
         digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
         return f"{loaded.name}:{digest[:12]}"
 
@@ -182,6 +186,7 @@ def cache_key(target: LoadedModel, draft: LoadedModel, device: str, threads: int
         "device": device_description(device),
         "threads": threads,
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
     }
 
 
