@@ -455,6 +455,25 @@ def test_serve_load_long_prompt_is_whole_articles_then_a_part():
         serve_load.long_prompt(articles, 60)
 
 
+def test_live_verdict_names_the_best_fixed_and_the_fastest_other_row():
+    from speckv.pipeline.compare import Method, MethodResult
+
+    live = load_script("speckv_live")
+    rows = {
+        "target only (speckv)": 10.0,
+        "chain fixed γ=1": 12.0,
+        "chain fixed γ=3": 15.0,
+        "n-gram fixed γ=4": 20.0,
+        live.OURS: 18.0,
+        live.COPYING: 24.0,  # faster, but SpecKV's own: not "another row"
+    }
+    results = [MethodResult(Method(name), tokens_per_s=[v], verified=[1, 1, 3]) for name, v in rows.items()]
+    assert live.verdict(results, live.OURS) == (
+        f"{live.OURS}: 1.80× the target alone, 1.20× the best fixed γ (chain fixed γ=3), 0.90× the "
+        "fastest other row (n-gram fixed γ=4); tokens verified per drafting step: 1: 67%  3: 33%"
+    )
+
+
 def test_replay_verdicts_name_the_best_fixed_schedule():
     table = pd.DataFrame(
         [{"task": "code", "fixed γ=1": 1.2, "fixed γ=4": 1.5, "SpecKV": 1.65, "oracle": 2.2}]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from test_speckv_controller import hand_models
 
+from speckv.controllers.base import Controller
 from speckv.controllers.live import LiveAcceptance, LiveCosts, RateTracker, SignalSpread, derive_rate
 from speckv.controllers.speckv import SequenceContext, SpecKVController
 from speckv.costs import CostModel
@@ -167,6 +168,28 @@ def test_a_peek_where_first_tokens_often_look_sure():
     assert controller.spread.shifts[-1] == pytest.approx(0.0)  # and the look joined the spread
 
 
+def test_copies_are_looked_at_where_the_model_would_not_draft():
+    # a = 0.1, t_draft = 1, verify 10 for 1 token, 11 for 2, 40 for more: λ = 0.1 (the target
+    # alone), and drafting 1 token gives 0.1 for λ·(1 + 1): the model's drafting does not pay.
+    models = hand_models(accept=0.1)
+    models.costs["fp32"] = CostModel("fp32", 1.0, [10.0, 11.0] + [40.0] * 7)
+    controller = SpecKVController(models, "fp32", gamma_max=8)
+    assert controller.begin_step() == 0
+    controller.copies_ahead(True)  # the drafter would copy: looking costs nothing
+    assert controller.begin_step() == 8
+    # Copies have been accepted: 30 of 30 judged, predicted 0.1 each (3 in all), so with 6
+    # pseudo-tokens the ratio is (30 + 6·36/9) / (3 + 6) = 6 and a copy's chance 0.6. Verifying
+    # it pays (0.6 > λ·(11 − 10)); a second copy would not (0.6·0.1 < λ·(40 − 11)).
+    for _ in range(10):
+        controller.copied_acceptance.observe([0.1] * 3, accepted=3)
+    assert controller.copied_acceptance.correct(0.1) == pytest.approx(0.6)
+    assert not controller.continue_drafting(TokenSignals(1, 0.0, 1.0, 1.0, free=True))
+    record = StepRecord(1, 8, 0, 0, 0, [0.0], [1.0], [1.0], drafted=1)
+    assert controller.verify_count(record) == 1
+    assert controller._idle == 1  # a look at copies is not a step of the model's probing wait
+    assert controller.begin_step() == 0  # told afresh each step: no copies, no look
+
+
 def test_verify_count_takes_a_wider_pass_that_costs_less():
     # a = 0.5, λ derived: 4 tokens verify for 12 but 3 cost 30, so verifying all 3 drafted beats 2.
     models = hand_models()
@@ -227,6 +250,38 @@ def run_with_curve(controller, clock, verifier, steps, start):
         context.extend(tokens)
         gammas.append(record.gamma)
     return gammas
+
+
+class CopyingDrafter(ConstantDrafter):
+    """Says it would copy after an even-length context; counts the lookups."""
+
+    def __init__(self):
+        self.lookups = 0
+
+    def copies(self, context):
+        self.lookups += 1
+        return len(context) % 2 == 0
+
+
+class TellMe(Controller):
+    def __init__(self, reads: bool):
+        self.reads_copies, self.told = reads, []
+
+    def copies_ahead(self, copied):
+        self.told.append(copied)
+
+    def begin_step(self):
+        return 1
+
+
+def test_the_step_tells_only_a_controller_that_reads_copies_what_the_drafter_would_copy():
+    for reads in (True, False):
+        controller, drafter = TellMe(reads), CopyingDrafter()
+        verifier = TimedVerifier(FakeClock(), FLAT)
+        for context in ([1, 2], [1, 2, 3]):
+            run_step(0, context, 8, controller, drafter, verifier, SamplingConfig(), frozenset())
+        assert controller.told == ([True, False] if reads else [])
+        assert drafter.lookups == (2 if reads else 0)  # no lookup for a controller that ignores it
 
 
 def test_a_steeper_curve_mid_sequence_makes_gamma_fall():

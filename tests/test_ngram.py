@@ -65,6 +65,7 @@ def test_drafter_copies_the_continuation_with_count_signals():
     # Nothing to copy: no proposal, the step becomes a plain target step.
     drafter.begin()
     assert list(drafter.draft([1, 2, 3], 4, GREEDY, None)) == []
+    assert not drafter.copies([1, 2, 3]) and drafter.copies([1, 2, 3, 1])  # told before drafting
 
 
 def test_drafter_spec_parsing(tiny_target):
@@ -161,6 +162,7 @@ def test_the_switching_drafter_copies_where_a_long_match_exists(tiny_target, tin
     drafter.begin()
     greedy = SamplingConfig()
     repeated = [7, 3, 9, 11, 2, 5, 7, 3, 9]  # "7 3 9" occurred before: copy "11 2 5 …"
+    assert not drafter.copies(repeated[:-1]) and drafter.copies(repeated)  # "7 3" is too short
     assert [p.token for p in drafter.draft(repeated, 3, greedy, None)] == [11, 2, 5]
     drafter.rollback(len(repeated), Verdict([], 0))
     model_only = ModelDrafter(tiny_drafts["unrelated"], tiny_target.model.config.vocab_size)
@@ -169,7 +171,7 @@ def test_the_switching_drafter_copies_where_a_long_match_exists(tiny_target, tin
     assert [p.token for p in drafter.draft([*repeated, *fresh], 3, greedy, None)] == expected
 
 
-@pytest.mark.parametrize("spec", ["fixed:1", "fixed:4", "heuristic", "confidence:0.5"])
+@pytest.mark.parametrize("spec", ["fixed:1", "fixed:4", "heuristic", "confidence:0.5", "speckv"])
 def test_greedy_with_the_switching_drafter_equals_target_greedy(tiny_target, tiny_drafts, spec):
     base = [7, 3, 9, 11, 2]
     prompt = base + reference_greedy(tiny_target.model, base, 12) + [5] + base

@@ -41,6 +41,7 @@ class Controller(ABC):
 
     name: str = "controller"
     drafts: Drafts = Drafts.CHAINS
+    reads_copies: bool = False  # asks `copies_ahead` before each step (a drafter lookup)
 
     def bind(self, drafter) -> None:
         """The decoder's drafter (None: target only), once, before decoding: a controller whose
@@ -69,6 +70,10 @@ class Controller(ABC):
         drafted tokens are all accepted), j = 1..drafted, as this controller predicts it; None:
         verify all of them. Asked in greedy decoding in a batch with a shared budget."""
         return None
+
+    def copies_ahead(self, copied: bool) -> None:
+        """Before `begin_step`, where `reads_copies`: whether the drafter's next proposals would
+        be copied from earlier text (n-gram candidates), for which no draft pass runs."""
 
     @abstractmethod
     def begin_step(self) -> int:

@@ -261,7 +261,9 @@ class SpecKVController(Controller):
     `speckv.decoding.local_costs`; else the file's fallback) and follows the measured step times
     unless `follow_costs` is off (exact replay of live runs); predicted acceptance is calibrated
     against what the sequence shows (`live.LiveAcceptance`). Copied tokens (n-gram candidates:
-    `TokenSignals.free`) are charged no draft pass and calibrated apart from the model's.
+    `TokenSignals.free`) are charged no draft pass and calibrated apart from the model's; where
+    the drafter would copy (`copies_ahead`), the step always looks at the copies, since looking
+    costs nothing, and verifies the prefix that pays.
 
     When no drafting pays (predicted), `begin_step` returns 0: the step is a plain target step,
     which the engine supports. Nothing is observed in such a step, so after `probe_every` of them
@@ -271,6 +273,7 @@ class SpecKVController(Controller):
     probing costs ~1%."""
 
     PROBE_LIMIT = 64
+    reads_copies = True
 
     def __init__(
         self,
@@ -294,6 +297,7 @@ class SpecKVController(Controller):
         self.copied_acceptance = LiveAcceptance()  # of copied (n-gram) tokens: another source
         self._copying = False  # this step's tokens are copied: no draft pass, their own calibration
         self._probing = False  # this step is a probe: its token is verified whatever it looks like
+        self._copies_ahead = False  # the drafter would copy this step's tokens (no draft pass)
         self.rate = RateTracker()
         self.spread = SignalSpread()  # how far a first drafted token's signals move its acceptance
         self._prior = 0.0  # this step's calibrated context-only acceptance
@@ -381,6 +385,9 @@ class SpecKVController(Controller):
         # trees: index i is λ·(one more node's drafting + the pass's growth from i + 1 to i + 2 tokens)
         self._tree_steps = rate * (t_draft + np.diff(curve))
 
+    def copies_ahead(self, copied: bool) -> None:
+        self._copies_ahead = copied
+
     def begin_step(self) -> int:
         x = self._x
         x[: len(CONTEXT_FEATURES)] = self.context.values
@@ -395,6 +402,12 @@ class SpecKVController(Controller):
         self._node_reach = []
         self._copying = False
         self._probing = False
+        copies, self._copies_ahead = self._copies_ahead, False  # told afresh before each step
+        if copies and self.per_token and not self._branching:
+            # Copies cost no draft pass, so looking at them costs nothing whatever the context
+            # says: their own signals then decide how many to verify (none, if none pays). Such
+            # a step neither drafts nor idles for the model's probing.
+            return self.gamma_max
         # Value of drafting γ tokens over not drafting: expected extra tokens − λ·extra time.
         best = int(np.argmax(self._gains - self._charges))
         # The context says no; the first token's own signals may say yes, for a draft pass.
@@ -519,7 +532,7 @@ class SpecKVController(Controller):
 
     def end_step(self, record) -> None:
         self.context.update(record)
-        if record.accepted:  # drafting found tokens here: look again sooner once idle
+        if record.accepted and not self._copying:  # the model found tokens: look again sooner
             self._probe_gap = max(self.models.probe_every, self._probe_gap // 2)
         if record.gamma and not self._branching:  # a chain: its judged tokens calibrate the model
             self._observe_record(record)

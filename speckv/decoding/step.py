@@ -4,7 +4,8 @@ The engine runs it with live models; offline replay runs it with a recorded trac
 the drafter and the target (`speckv.pipeline.replay`), so every controller sees exactly the same
 calls in both:
 
-1. `begin_step()` sets the budget, capped at what the sequence may still use;
+1. `begin_step()` sets the budget, capped at what the sequence may still use (a controller that
+   `reads_copies` is told first whether the drafter would copy: `copies_ahead`);
 2. the drafter proposes tokens until the budget, an end-of-sequence token, or
    `continue_drafting(signals)` returning False;
 3. in greedy decoding `verify_count(record)` may keep only a prefix for the target (range-checked;
@@ -145,6 +146,8 @@ def drafting(
     started = clock()
     budget = 0
     if controller is not None and drafter is not None:
+        if controller.reads_copies:
+            controller.copies_ahead(drafter.copies(context))
         budget = min(asked_budget(controller), cap)
     record = StepRecord(step=step, gamma_budget=budget, gamma=0, accepted=0, tokens_produced=0)
     record.controller_time_s = clock() - started

@@ -102,6 +102,11 @@ class Drafter(ABC):
     def rollback(self, kept: int, verdict: Verdict) -> None:
         """After verification: keep the first `kept` positions of the sequence."""
 
+    def copies(self, context: list[int]) -> bool:
+        """Whether the proposals after `context` would be copied from earlier text (free: no draft
+        pass runs for them), which a controller may want to know before it sets the budget."""
+        return False
+
     def chain_drafter(self, context: list[int] | None = None) -> Drafter | None:
         """The draft model's chain drafter (`ModelDrafter`) inside this one: one pass per drafted
         token over its cache `model`, which a batch makes a row of one draft store so that every

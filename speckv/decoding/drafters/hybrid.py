@@ -118,14 +118,14 @@ class SwitchingChainDrafter(Drafter):
         sampling: SamplingConfig,
         generator: torch.Generator | None,
     ) -> Iterator[Proposal]:
-        source = self.ngram if self._copies(context) else self.model
+        source = self.ngram if self.copies(context) else self.model
         yield from source.draft(context, budget, sampling, generator)
 
-    def _copies(self, context: list[int]) -> bool:
+    def copies(self, context: list[int]) -> bool:
         return self.ngram.match_length(context) >= self.min_match
 
     def chain_drafter(self, context: list[int] | None = None) -> ModelDrafter | None:
-        return None if context is not None and self._copies(context) else self.model
+        return None if context is not None and self.copies(context) else self.model
 
     def rollback(self, kept: int, verdict: Verdict) -> None:
         self.model.rollback(kept, verdict)  # crops only what the model drafted; n-grams hold nothing

@@ -153,6 +153,10 @@ class NGramDrafter(Drafter):
         found = self.lookup(context[-self.index.max_match :])
         return found.length if found is not None else 0
 
+    def copies(self, context: list[int]) -> bool:
+        self.index.extend(context[len(self.index.tokens) :])
+        return self.lookup(context[-self.index.max_match :]) is not None
+
     def draft(
         self,
         context: list[int],
