@@ -2,6 +2,7 @@
 
     python benchmarks/speckv_replay.py                              # fp32 and bf16 where native
     python benchmarks/speckv_replay.py --levels fp32,int8 --per-task 8 --max-new-tokens 96
+    python benchmarks/speckv_replay.py --threads 1,2                # the same traces on two curves
 
 Live runs on a shared 2-core VM vary by ±20 % from one pass to the next, more than the gap between
 two good schedules. Replay removes that noise: greedy output is the same under every policy, so
@@ -11,13 +12,18 @@ curve measured on this machine (`--costs auto`, cached). Per level and task, on 
 neither the draft nor the controller was fitted on: the target alone, fixed γ, SpecKV (planning
 on that curve, as live) and the oracle (the best γ per step in hindsight). Modelled tokens/s, as
 speed-ups over the target alone; the draft's prefill is charged to every speculative row.
-Writes `speckv_replay-<threads>t` into benchmarks/RESULTS.md.
+
+With several `--threads`, each level's traces are recorded once and replayed on the curve measured
+at each thread count: what changes is the machine's costs alone, so the tokens SpecKV verified
+per step (0 = a plain target step) show how its decisions follow the curve. Writes
+`speckv_replay-<threads>t` (e.g. `speckv_replay-1t-2t`) into benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 
 import pandas as pd
 import torch
@@ -37,33 +43,64 @@ from speckv.util.threads import configure_threads
 SPECKV = "SpecKV"
 
 
-def level_table(level: str, args) -> tuple[pd.DataFrame, str]:
-    """Speed-ups over the target alone per task (rows) and policy (columns), and the curve's source."""
+def level_section(level: str, args, thread_counts: list[int]) -> str:
+    """Per thread count: the curve, speed-ups over the target alone per task (rows) and policy
+    (columns), the verdicts, and SpecKV's verified widths per task. Traces are recorded with the
+    most threads (greedy output does not depend on the count)."""
+    torch.set_num_threads(max(thread_counts))
     target = load_model("demo", level, "cpu")
     draft = load_draft("demo", target)
-    choice = local_costs("auto", target, draft)
-    cost = choice.cost
-    gammas = [int(g) for g in args.gammas.split(",")]
-    rows = []
+    traces = {}
     for task in args.tasks.split(","):
         datasets.fetch(task, progress=False)
         items = datasets.load_prompts(task, split="test", per_task=args.per_task)
-        traces = [
+        traces[task] = [
             record_trace(target, draft, encode_prompt(target.tokenizer, item.text), args.max_new_tokens, 12)
             for item in progress_bar(items, desc=f"{level} {task}: recording", leave=False)
         ]
-        alone = sum(target_only(trace, cost).time_s for trace in traces)
-        row = {"task": task, "prompts": len(traces), "target only": 1.0}
+    parts = []
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        choice = local_costs("auto", target, draft)
+        table, widths = replay_table(traces, choice, level, args)
+        curve = ", ".join(f"{1e3 * t:.1f}" for t in choice.cost.t_verify_s)
+        parts.append(
+            f"#### {level}, {threads} thread(s)\n\nCost curve {choice.source}: t_verify(1..{len(choice.cost.t_verify_s)}) "
+            f"[{curve}] ms, t_draft {1e3 * choice.cost.t_draft_s:.1f} ms.\n\n"
+            f"{markdown_table(table, digits=2)}\n\n{verdicts(table)}\n"
+            + f"\nSpecKV's tokens verified per step (0: a plain target step):\n{widths}\n"
+        )
+    return "\n".join(parts)
+
+
+def replay_table(traces: dict, choice, level: str, args) -> tuple[pd.DataFrame, str]:
+    """Each policy replayed on every task's traces at `choice`'s curve: the speed-up table and
+    SpecKV's verified widths per task."""
+    cost = choice.cost
+    gammas = [int(g) for g in args.gammas.split(",")]
+    rows, widths = [], []
+    for task, recorded in traces.items():
+        alone = sum(target_only(trace, cost).time_s for trace in recorded)
+        row = {"task": task, "prompts": len(recorded), "target only": 1.0}
         policies = {**{f"fixed γ={g}": f"fixed:{g}" for g in gammas}, SPECKV: "speckv"}
         for name, spec in policies.items():
             controller = make_controller(spec, 20, level)
             if name == SPECKV:
                 controller.use_costs(cost, choice.source)
                 controller.follow_costs = False  # the modelled times are the curve itself
-            row[name] = alone / sum(replay(trace, controller, cost).time_s for trace in traces)
-        row["oracle"] = alone / sum(cost_oracle(trace, cost).time_s for trace in traces)
+            runs = [replay(trace, controller, cost) for trace in recorded]
+            row[name] = alone / sum(run.time_s for run in runs)
+            if name == SPECKV:
+                widths.append(f"- {task}: {width_shares([g for run in runs for g in run.gammas])}")
+        row["oracle"] = alone / sum(cost_oracle(trace, cost).time_s for trace in recorded)
         rows.append(row)
-    return pd.DataFrame(rows), choice.source
+    return pd.DataFrame(rows), "\n".join(widths)
+
+
+def width_shares(gammas: list[int]) -> str:
+    """Shares of the steps by tokens verified: "0: 40%  3: 60%"."""
+    counts = Counter(gammas)
+    return "  ".join(f"{k}: {counts[k] / len(gammas):.0%}" for k in sorted(counts))
 
 
 def verdicts(table: pd.DataFrame) -> str:
@@ -85,26 +122,28 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--gammas", default="1,2,3,4,6", help="fixed γ values")
     parser.add_argument("--tasks", default=",".join(datasets.TASKS))
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: speckv's rule)")
+    parser.add_argument(
+        "--threads",
+        help="torch CPU threads (default: speckv's rule), or several (1,2): the same traces on each count's curve",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
-    threads = configure_threads(args.threads)
+    thread_counts = [configure_threads(int(n)) for n in args.threads.split(",")] if args.threads else []
+    thread_counts = thread_counts or [configure_threads(None)]
     levels = args.levels.split(",") if args.levels else sorted({"fp32", default_precision("cpu")})
     started, sections = time.time(), []
     for level in levels:
-        table, source = level_table(level, args)
-        sections.append(
-            f"#### {level} (cost curve {source})\n\n{markdown_table(table, digits=2)}\n\n{verdicts(table)}\n"
-        )
+        sections.append(level_section(level, args, thread_counts))
         print(sections[-1], flush=True)
+    threads = "-".join(f"{n}t" for n in thread_counts)
     body = (
-        f"### SpecKV's decisions replayed on this machine's cost curves, {threads} threads\n\n"
+        f"### SpecKV's decisions replayed on this machine's cost curves, {' and '.join(map(str, thread_counts))} threads\n\n"
         f"test-split prompts, {args.max_new_tokens} new tokens, greedy; modelled tokens/s as speed-ups over "
         f"the target alone (same curve, same traces). Run took {time.time() - started:.0f} s.\n\n"
         + "\n".join(sections)
     )
     if not args.no_write:
-        write_section(f"speckv_replay-{torch.get_num_threads()}t", body, level=",".join(levels))
+        write_section(f"speckv_replay-{threads}", body, level=",".join(levels))
 
 
 if __name__ == "__main__":

@@ -478,7 +478,9 @@ def test_replay_verdicts_name_the_best_fixed_schedule():
     table = pd.DataFrame(
         [{"task": "code", "fixed γ=1": 1.2, "fixed γ=4": 1.5, "SpecKV": 1.65, "oracle": 2.2}]
     )
-    line = load_script("speckv_replay").verdicts(table)
+    replay = load_script("speckv_replay")
+    assert replay.width_shares([0, 0, 3, 0, 1]) == "0: 60%  1: 20%  3: 20%"
+    line = replay.verdicts(table)
     assert (
         line
         == "- code: SpecKV 1.65× the target alone, 1.10× the best fixed γ (fixed γ=4, 1.50×), 75% of the oracle's speed"

@@ -190,6 +190,22 @@ def test_copies_are_looked_at_where_the_model_would_not_draft():
     assert controller.begin_step() == 0  # told afresh each step: no copies, no look
 
 
+def test_copies_go_on_at_the_copies_own_chance():
+    # Each verified token adds 1 to a pass of 10 (λ·1 = 0.1). After a first copy of chance 0.6 the
+    # next copy is taken to be as likely (0.6·0.6 = 0.36 > 0.1: go on), not as likely as the
+    # model's context prior says (0.6·0.1 = 0.06: it would stop).
+    models = hand_models(accept=0.1)
+    models.costs["fp32"] = CostModel("fp32", 1.0, [10.0 + k for k in range(9)])
+    controller = SpecKVController(models, "fp32", gamma_max=8)
+    for _ in range(10):
+        controller.copied_acceptance.observe([0.1] * 3, accepted=3)  # copies' chance: 0.6
+    controller.copies_ahead(True)
+    assert controller.begin_step() == 8
+    assert controller.continue_drafting(TokenSignals(1, 0.0, 1.0, 1.0, free=True))
+    controller.copies_ahead(False)
+    assert controller.begin_step() == 0  # the model's own drafting would not pay here
+
+
 def test_verify_count_takes_a_wider_pass_that_costs_less():
     # a = 0.5, λ derived: 4 tokens verify for 12 but 3 cost 30, so verifying all 3 drafted beats 2.
     models = hand_models()

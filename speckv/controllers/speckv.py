@@ -311,6 +311,7 @@ class SpecKVController(Controller):
         self.drafts = Drafts.EITHER if per_token and models.tree_model is not None else Drafts.CHAINS
         self._branching = False  # the bound drafter makes trees (and a tree model is there)
         self._reached = 1.0  # P(all tokens drafted so far are accepted)
+        self._chance = 1.0  # P(the last drafted token is accepted | the ones before it are)
         self._reach = [1.0]  # the same after each drafted token (index i: after token i)
         self._raw: list[float] = []  # the token model's own prediction for each drafted token
         self._node_reach: list[float] = []
@@ -457,10 +458,13 @@ class SpecKVController(Controller):
         expected = np.cumsum(self._reach)  # verifying j = 0..i drafted tokens
         now = float(np.max(expected - self._verify_charges[: i + 1]))
         more = self._powers[: self.gamma_max - i]  # 1, 2, … tokens more
-        draft = 0.0 if self._copying else self._draft_charge
-        later = (
-            expected[i] + self._reached * self._gains[more] - self._verify_charges[i + more] - draft * more
-        )
+        if self._copying:
+            # Copies are free and continue one earlier match: the next ones are accepted about as
+            # often as this one (the model's context prior speaks for the model's tokens only).
+            draft, gains = 0.0, np.concatenate([[0.0], np.cumsum(self._chance**self._powers)])
+        else:
+            draft, gains = self._draft_charge, self._gains
+        later = expected[i] + self._reached * gains[more] - self._verify_charges[i + more] - draft * more
         return float(later.max()) > now
 
     def verify_count(self, record) -> int:
@@ -485,7 +489,8 @@ class SpecKVController(Controller):
         x[self._n_context :] = (entropy, confidence, token_prob)
         raw = float(self.models.token_model.predict_fast(x)[0])
         self._raw.append(raw)
-        self._reached *= (self.copied_acceptance if self._copying else self.acceptance).correct(raw)
+        self._chance = (self.copied_acceptance if self._copying else self.acceptance).correct(raw)
+        self._reached *= self._chance
         if len(self._reach) == 1 and not self._copying:
             self.spread.observe(self._reached, self._prior)
         self._reach.append(self._reached)
