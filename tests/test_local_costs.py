@@ -18,10 +18,51 @@ from speckv.errors import SpecKVError
 
 
 def test_measure_costs_times_every_width(tiny_target, tiny_drafts):
-    cost = measure_costs(tiny_target, tiny_drafts["close"], gamma_max=4, repeats=2, progress=False)
+    measured = measure_costs(tiny_target, tiny_drafts["close"], gamma_max=4, repeats=2, progress=False)
+    cost = measured.cost
     assert cost.compression == "fp32" and cost.gamma_max == 4
     assert all(t > 0 for t in cost.t_verify_s) and cost.t_draft_s > 0
     assert cost.target_prefill_s_per_token > 0 and cost.draft_prefill_s_per_token > 0
+    assert measured.unsteadiness >= 0.0
+
+
+def test_unsteadiness_by_hand():
+    # Medians 10 and 20; absolute deviations (1, 0, 1) and (0, 0, 10): 0.1 and 0; parts' median 0.05.
+    assert local_costs.unsteadiness([[9.0, 10.0, 11.0], [20.0, 20.0, 30.0]]) == pytest.approx(0.05)
+
+
+def test_a_curve_measured_on_a_busy_machine_is_measured_again_and_cached_only_when_steady(
+    tiny_target, tiny_drafts, monkeypatch
+):
+    monkeypatch.setattr(local_costs, "UNSTEADY", 0.1)
+    draft = tiny_drafts["unrelated"]
+
+    def curve(ms):
+        return CostModel("fp32", 0.001, [ms / 1e3] * 4)
+
+    tries = []
+
+    def measuring(results):
+        def measure(*args, **kwargs):
+            tries.append(1)
+            return results.pop(0)
+
+        return measure
+
+    # Busy (±40 %), busier, then steady: the third is kept and cached.
+    made = [local_costs.MeasuredCosts(curve(ms), s) for ms, s in ((160, 0.4), (170, 0.5), (40, 0.03))]
+    monkeypatch.setattr(local_costs, "measure_costs", measuring(made))
+    chosen = local_costs.local_costs("auto", tiny_target, draft, gamma_max=3, remeasure=True, progress=False)
+    assert len(tries) == 3 and chosen.cost == curve(40) and "cached in" in chosen.source
+    # Busy every time: the steadiest of the tries plans this run, and nothing is cached over it.
+    tries.clear()
+    made = [local_costs.MeasuredCosts(curve(ms), s) for ms, s in ((160, 0.4), (150, 0.2), (170, 0.5))]
+    monkeypatch.setattr(local_costs, "measure_costs", measuring(made))
+    busy = local_costs.local_costs("auto", tiny_target, draft, gamma_max=3, remeasure=True, progress=False)
+    assert len(tries) == 3 and busy.cost == curve(150)
+    assert busy.source.startswith("measured now, busy machine (±20%") and "not cached" in busy.source
+    again = local_costs.local_costs("auto", tiny_target, draft, gamma_max=3, progress=False)
+    assert again.source.startswith("cached") and again.cost == curve(40)
 
 
 def test_auto_measures_once_then_reuses_the_cache(tiny_target, tiny_drafts, monkeypatch):
