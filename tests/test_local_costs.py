@@ -58,8 +58,11 @@ def test_a_curve_measured_on_a_busy_machine_is_measured_again_and_cached_only_wh
     tries.clear()
     made = [local_costs.MeasuredCosts(curve(ms), s) for ms, s in ((160, 0.4), (150, 0.2), (170, 0.5))]
     monkeypatch.setattr(local_costs, "measure_costs", measuring(made))
-    busy = local_costs.local_costs("auto", tiny_target, draft, gamma_max=3, remeasure=True, progress=False)
-    assert len(tries) == 3 and busy.cost == curve(150)
+    busy = local_costs.local_costs(
+        "auto", tiny_target, draft, gamma_max=3, remeasure=True, progress=False, batch_rows=(2,)
+    )
+    assert len(tries) == 3 and busy.cost.t_verify_s == curve(150).t_verify_s
+    assert len(busy.cost.t_pass_s[2]) == 4  # a server's batch passes are measured all the same
     assert busy.source.startswith("measured now, busy machine (±20%") and "not cached" in busy.source
     again = local_costs.local_costs("auto", tiny_target, draft, gamma_max=3, progress=False)
     assert again.source.startswith("cached") and again.cost == curve(40)

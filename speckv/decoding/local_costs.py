@@ -198,7 +198,8 @@ def cache_key(target: LoadedModel, draft: LoadedModel, device: str, threads: int
 
     def model_id(loaded: LoadedModel) -> str:
         config = loaded.model.config.to_dict()
-        # The version is named in the key itself, so a re-measurement says why it happened.
+        # Where the files were loaded from does not matter; the transformers version is a field of
+        # the key itself, so the key says why a curve was measured again.
         for varies in ("_name_or_path", "transformers_version"):
             config.pop(varies, None)
         digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
@@ -275,7 +276,7 @@ def local_costs(
             len(tries),
         )
         source = f"measured now, busy machine (±{100 * best.unsteadiness:.0f}%, {seconds:.0f} s; not cached)"
-        return CostChoice(best.cost, source)
+        return _with_batch_passes(CostChoice(best.cost, source), target, batch_rows, None, key, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_costs({target.compression: best.cost}, path, {"key": key})
     chosen = CostChoice(best.cost, f"measured now ({seconds:.0f} s; cached in {path})")
@@ -283,9 +284,15 @@ def local_costs(
 
 
 def _with_batch_passes(
-    chosen: CostChoice, target: LoadedModel, rows: tuple[int, ...], path: Path, key: dict, progress: bool
+    chosen: CostChoice,
+    target: LoadedModel,
+    rows: tuple[int, ...],
+    path: Path | None,
+    key: dict,
+    progress: bool,
 ) -> CostChoice:
-    """`chosen`, with the batch passes over `rows` sequences measured now (and cached) if missing."""
+    """`chosen`, with the batch passes over `rows` sequences measured now if missing (and cached
+    in `path`, unless None)."""
     missing = tuple(r for r in rows if r > 1 and r not in chosen.cost.t_pass_s)
     if not missing:
         return chosen
@@ -293,7 +300,8 @@ def _with_batch_passes(
     widths = len(chosen.cost.t_verify_s)
     measured = measure_pass_costs(target, widths, missing, progress=progress)
     cost = replace(chosen.cost, t_pass_s={**chosen.cost.t_pass_s, **measured})
-    save_costs({target.compression: cost}, path, {"key": key})
+    if path is not None:
+        save_costs({target.compression: cost}, path, {"key": key})
     seconds = time.perf_counter() - started
     sizes = ", ".join(map(str, missing))
     return CostChoice(
