@@ -485,3 +485,5 @@ def test_replay_verdicts_name_the_best_fixed_schedule():
         line
         == "- code: SpecKV 1.65× the target alone, 1.10× the best fixed γ (fixed γ=4, 1.50×), 75% of the oracle's speed"
     )
+    table[replay.SHIPPED] = 1.4
+    assert replay.verdicts(table) == f"{line}; planning on the shipped curve 1.40×"
