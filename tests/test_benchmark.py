@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import loaded, perturbed_copy
 
+from speckv.controllers.base import Controller
 from speckv.decoding.draft_files import _restrict_head
 from speckv.pipeline.compare import Method, compare, hf_assisted_methods, speedup_table, write_results_section
 
@@ -30,6 +31,33 @@ def test_compare_runs_every_method_losslessly(tiny_target, tiny_drafts):
     table = speedup_table(results)
     assert table.count("\n") == len(methods) + 1
     assert "NO" not in table
+
+
+class Tally(Controller):
+    """Counts the sequences it has decoded; `seen` lists the count at each sequence's start."""
+
+    name = "tally"
+    seen: list[int] = []
+
+    def __init__(self):
+        self.sequences = 0
+
+    def reset(self):
+        self.sequences += 1
+        Tally.seen.append(self.sequences)
+
+    def begin_step(self):
+        return 1
+
+
+@pytest.mark.parametrize("hf", [False, True])
+def test_each_pass_starts_from_a_fresh_controller(tiny_target, tiny_drafts, hf):
+    """A controller learns from prompt to prompt within a pass, never from an earlier pass over
+    the same prompts (which would flatter a learning controller on repeats)."""
+    Tally.seen = []
+    method = Method("tally", hf=True, hf_controller=Tally()) if hf else Method("tally", controller=Tally())
+    compare(tiny_target, tiny_drafts["close"], [[3, 4, 5], [7, 8]], [method], 6, repeats=2, progress=False)
+    assert Tally.seen == [1, 1, 2, 1, 2]  # the warm-up, then two prompts per pass
 
 
 def test_hf_assistant_sees_a_reduced_vocabulary_draft_like_ours(tiny_target):

@@ -107,24 +107,27 @@ def compare(
     assistant: LoadedModel | None = None,
 ) -> list[MethodResult]:
     """Run every method on every prompt `repeats` times; the first pass is preceded by a warm-up.
+    Each pass starts every method from a fresh state (a stateful controller carries what it learns
+    from prompt to prompt within a pass, never from an earlier pass over the same prompts).
     `gamma_max` caps the budget of our adaptive controllers. `draft` is the pair's drafter (a
     draft model, or a drafter such as a feature head); HF assisted rows run `assistant`, by
     default `draft` when it is a model. SpecKV rows get their cost curve (`Method.costs`, measured
     on this machine on first use) before any timing."""
     if assistant is None and isinstance(draft, LoadedModel):
         assistant = draft
-    runners, results = {}, {}
+    fresh_runners, results = {}, {}
     for m in methods:
-        runners[m.name], cost_source = _runner(
+        fresh_runners[m.name], cost_source = _runner(
             m, target, draft, assistant, max_new_tokens, gamma_max, progress
         )
         results[m.name] = MethodResult(m, cost_source=cost_source)
-    for runner in runners.values():  # first calls pay one-off costs (allocations, lazy inits)
-        runner(prompts[0][:16])
+    for fresh in fresh_runners.values():  # first calls pay one-off costs (allocations, lazy inits)
+        fresh()(prompts[0][:16])
     bar = progress_bar(
         total=repeats * len(prompts) * len(methods), desc="benchmark", show=progress, leave=False
     )
     for repeat in range(repeats):
+        runners = {name: fresh() for name, fresh in fresh_runners.items()}
         totals = {name: [0, 0.0] for name in runners}
         for prompt in prompts:
             for name, runner in runners.items():
@@ -156,8 +159,9 @@ def _runner(
     max_new_tokens: int,
     gamma_max: int,
     progress: bool = True,
-) -> tuple[Callable[[list[int]], tuple[list[int], dict]], str | None]:
-    """The method's run(prompt) -> (tokens, stats), and where a SpecKV row's cost curve came from."""
+) -> tuple[Callable[[], Callable[[list[int]], tuple[list[int], dict]]], str | None]:
+    """A maker of the method's run(prompt) -> (tokens, stats), each made from a fresh state, and
+    where a SpecKV row's cost curve came from."""
     if method.hf:
         return _hf_runner(method, target, assistant, max_new_tokens, gamma_max, progress)
     spec = DecoderSpec(
@@ -171,13 +175,17 @@ def _runner(
     decoders = spec.build(progress)
     if decoders.cost_source is not None:
         decoders.controller.follow_costs = method.follow_costs
-    decoder = decoders.new()
 
-    def run(prompt: list[int]) -> tuple[list[int], dict]:
-        result = decoder.generate(prompt, max_new_tokens)
-        return result.token_ids, _stats(result.steps)
+    def fresh():
+        decoder = decoders.new()
 
-    return run, decoders.cost_source
+        def run(prompt: list[int]) -> tuple[list[int], dict]:
+            result = decoder.generate(prompt, max_new_tokens)
+            return result.token_ids, _stats(result.steps)
+
+        return run
+
+    return fresh, decoders.cost_source
 
 
 def _stats(steps: list[StepRecord]) -> dict:
@@ -196,30 +204,39 @@ def _hf_runner(
     max_new_tokens: int,
     gamma_max: int,
     progress: bool,
-) -> tuple[Callable[[list[int]], tuple[list[int], dict]], str | None]:
-    """transformers' `generate`: alone, assisted by `assistant` with the method's settings, or
+) -> tuple[Callable[[], Callable[[list[int]], tuple[list[int], dict]]], str | None]:
+    """transformers' `generate`: alone, assisted by `assistant` with the method's settings (its
+    heuristic schedule, which transformers keeps in the assistant's config, fresh each pass), or
     assisted with a SpecKV controller (its cost curve measured here, before any timing)."""
     if method.hf_assistant is None and method.hf_controller is None:
-        return (lambda prompt: (_hf_generate(target, prompt, max_new_tokens), {})), None
+        return (lambda: lambda prompt: (_hf_generate(target, prompt, max_new_tokens), {})), None
     if assistant is None:
         raise SpecKVError("HF assisted generation needs a draft model (it cannot run a feature head)")
     if method.hf_controller is None:
-        model = _configured(hf_assistant(assistant), method.hf_assistant)
-        return (
-            lambda prompt: (_hf_generate(target, prompt, max_new_tokens, assistant_model=model), {})
-        ), None
+        wrapped = hf_assistant(assistant)
+
+        def fresh_assisted():
+            model = _configured(wrapped, method.hf_assistant)
+            return lambda prompt: (_hf_generate(target, prompt, max_new_tokens, assistant_model=model), {})
+
+        return fresh_assisted, None
     assisted = SpecKVAssisted(
         assistant, method.hf_controller, costs=method.costs, gamma_max=gamma_max, progress=progress
     )
-    controller = assisted.prepare(target)
+    prototype = assisted.prepare(target)
     if assisted.cost_source is not None:
-        controller.follow_costs = method.follow_costs
+        prototype.follow_costs = method.follow_costs
 
-    def run(prompt: list[int]) -> tuple[list[int], dict]:
-        tokens = _hf_generate(target, prompt, max_new_tokens, custom_generate=assisted)
-        return tokens, _stats(assisted.steps)
+    def fresh_speckv():
+        assisted.controller = copy.deepcopy(prototype)  # `prepare` keeps it for this target
 
-    return run, assisted.cost_source
+        def run(prompt: list[int]) -> tuple[list[int], dict]:
+            tokens = _hf_generate(target, prompt, max_new_tokens, custom_generate=assisted)
+            return tokens, _stats(assisted.steps)
+
+        return run
+
+    return fresh_speckv, assisted.cost_source
 
 
 def _configured(assistant, settings: dict):
