@@ -117,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(demo_target_dir())
     prompts = [encode_prompt(tokenizer, item.text) for item in items]
     gguf = demo_gguf()
-    n_ctx = max(len(p) for p in prompts) + args.max_new_tokens + args.lookup_tokens + 16
+    # Room for the last step's whole lookup past the final token: llama-cpp-python writes each
+    # pass's logits into an n_ctx-row array and fails when a lookup runs past its end.
+    n_ctx = max(len(p) for p in prompts) + args.max_new_tokens + 4 * (args.lookup_tokens + 1) + 64
     settings = {"model_path": str(gguf), "n_ctx": n_ctx, "n_threads": threads, "n_threads_batch": threads}
     started = time.time()
     rows = []
