@@ -117,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(demo_target_dir())
     prompts = [encode_prompt(tokenizer, item.text) for item in items]
     gguf = demo_gguf()
-    # Room for the last step's whole lookup past the final token: llama-cpp-python writes each
-    # pass's logits into an n_ctx-row array and fails when a lookup runs past its end.
-    n_ctx = max(len(p) for p in prompts) + args.max_new_tokens + 4 * (args.lookup_tokens + 1) + 64
+    n_ctx = max(len(p) for p in prompts) + args.max_new_tokens + args.lookup_tokens + 16
     settings = {"model_path": str(gguf), "n_ctx": n_ctx, "n_threads": threads, "n_threads_batch": threads}
     started = time.time()
     rows = []
@@ -130,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             LlamaPromptLookupDecoding(max_ngram_size=args.lookup_ngram, num_pred_tokens=args.lookup_tokens),
         ),
     ):
-        llm = Llama(**settings, draft_model=draft, verbose=False)
+        # With a draft model llama-cpp-python (0.3.36) keeps every position's logits but sizes
+        # their array by the batch (512 rows) unless told `logits_all`: past 512 tokens it fails.
+        llm = Llama(**settings, draft_model=draft, logits_all=draft is not None, verbose=False)
         rows.append((name, *passes(llm, prompts, args.max_new_tokens, args.repeats)))
         print(f"{name}: {statistics.median(rows[-1][1]):.1f} tokens/s", file=sys.stderr)
         del llm
