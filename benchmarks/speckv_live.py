@@ -101,7 +101,7 @@ def main() -> None:
     body = (
         f"### SpecKV on this machine, target {target.precision}, draft {draft.name}, {threads} threads\n\n"
         f"{args.split}-split prompts, {args.max_new_tokens} new tokens, greedy, median of {args.repeats} "
-        f"passes; cost curve {', '.join(sources)}. Run took {time.time() - started:.0f} s.\n\n"
+        f"passes, each from a fresh controller; cost curve {', '.join(sources)}. Run took {time.time() - started:.0f} s.\n\n"
         + "\n".join(sections)
     )
     if not args.no_write:
