@@ -32,9 +32,10 @@ def test_unsteadiness_by_hand():
 
 
 def test_a_curve_measured_on_a_busy_machine_is_measured_again_and_cached_only_when_steady(
-    tiny_target, tiny_drafts, monkeypatch
+    tiny_target, tiny_drafts, monkeypatch, tmp_path
 ):
     monkeypatch.setattr(local_costs, "UNSTEADY", 0.1)
+    monkeypatch.setattr(local_costs, "cache_dir", lambda: tmp_path)  # made-up curves: not the tests' cache
     draft = tiny_drafts["unrelated"]
 
     def curve(ms):
