@@ -27,11 +27,11 @@ from speckv.controllers.speckv import (
     SHIPPED,
     ControllerModels,
     SpecKVController,
-    SpecKVPaperController,
     context_features,
     paper_features,
     token_features,
 )
+from speckv.controllers.speckv_variants import SpecKVPaperController
 from speckv.costs import CostModel
 from speckv.records import StepRecord, TokenSignals
 from speckv.util.benchmark_header import write_section

@@ -14,11 +14,11 @@ from speckv.controllers.predictor import AcceptancePredictor
 from speckv.controllers.speckv import (
     ControllerModels,
     SpecKVController,
-    SpecKVPaperController,
     context_features,
     paper_features,
     token_features,
 )
+from speckv.controllers.speckv_variants import SpecKVPaperController
 from speckv.costs import CostModel
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.errors import SpecKVError

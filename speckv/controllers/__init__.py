@@ -24,7 +24,7 @@ def make_controller(spec: str, gamma_max: int = 20, compression: str | None = No
     of the spec wins; default fp32)."""
     name, _, arg = spec.partition(":")
     if name.partition("@")[0] in ("speckv", "speckv-step", "speckv-paper"):
-        from speckv.controllers.speckv import make_speckv  # loads numpy models: only when asked for
+        from speckv.controllers.speckv_variants import make_speckv  # loads numpy models: only when asked for
 
         return make_speckv(spec, max(gamma_max, 1), compression)
     try:
