@@ -206,6 +206,39 @@ def test_copies_go_on_at_the_copies_own_chance():
     assert controller.begin_step() == 0  # the model's own drafting would not pay here
 
 
+def test_copies_dropped_step_after_step_are_verified_now_and_then():
+    # λ = 0.1 (the target alone), a second verified token costs 11 − 10: it must be accepted with
+    # more than 0.1. Copies were rejected: with 6 pseudo-tokens the ratio is (0 + 6·6/7) / (1 + 6)
+    # = 36/49, a copy's chance 0.1·36/49 ≈ 0.073, so no copy step verifies its copy, and without a
+    # judged copy that could never change. After 8 such steps in a row the next verifies its copies
+    # anyway, as many as lose least: one (a second would widen the pass from 11 to 40). Each look
+    # doubles the wait, and an accepted copy halves it: 8, then 16, then 16 again (32 / 2).
+    models = hand_models(accept=0.1)
+    models.costs["fp32"] = CostModel("fp32", 1.0, [10.0, 11.0] + [40.0] * 7)
+    controller = SpecKVController(models, "fp32", gamma_max=8)
+    for _ in range(10):
+        controller.copied_acceptance.observe([0.1], accepted=0)
+    assert controller.copied_acceptance.correct(0.1) == pytest.approx(0.1 * 36 / 49)
+
+    def copy_step(accept: bool) -> int:
+        controller.copies_ahead(True)
+        budget = controller.begin_step()
+        assert budget in (1, 8)
+        if budget > 1:
+            assert not controller.continue_drafting(TokenSignals(1, 0.0, 1.0, 1.0, free=True))
+        record = StepRecord(1, 8, 0, 0, 1, [0.0], [1.0], [1.0], drafted=1)
+        record.gamma = controller.verify_count(record)
+        record.accepted = int(accept and record.gamma > 0)
+        record.tokens_produced = record.accepted + 1
+        controller.end_step(record)
+        return record.gamma
+
+    assert [copy_step(accept=False) for _ in range(9)] == [0] * 8 + [1]
+    assert controller._idle == 0  # the model's own probing wait is another count
+    assert [copy_step(accept=True) for _ in range(17)] == [0] * 16 + [1]
+    assert [copy_step(accept=False) for _ in range(17)] == [0] * 16 + [1]
+
+
 def test_verify_count_takes_a_wider_pass_that_costs_less():
     # a = 0.5, λ derived: 4 tokens verify for 12 but 3 cost 30, so verifying all 3 drafted beats 2.
     models = hand_models()

@@ -120,14 +120,17 @@ def test_an_earlier_match_counts_a_token_shorter_for_the_switch(tiny_target, tin
     drafter.begin()
     assert drafter.match_length([0, 5, 6, 7]) == 2  # "5 6 7" occurred earlier: 3 tokens, counted 2
     assert drafter.match_length([0, 5, 6, 7, 1, 5, 6]) == 2  # "5 6" is its own as well: 2
-    assert drafter.match_length([4, 5, 6, 7]) == 3  # "4 5 6 7": 4 tokens, counted 3
-    # So the switching drafter runs the model after the 3-token earlier match, copies after the 4.
+    drafter.begin()
+    assert drafter.match_length([0, 0, 6, 7]) == 1  # "6 7": 2 tokens, counted 1
+    # So the switching drafter (copying from 2-token matches) runs the model after the 2-token
+    # earlier match, copies after the 3.
     switch = SwitchingChainDrafter(switching(tiny_target, tiny_drafts["unrelated"]).model, drafter.fresh())
+    assert switch.min_match == 2
     switch.begin()
-    copied = list(switch.draft([4, 5, 6, 7], 2, GREEDY, None))
+    copied = list(switch.draft([0, 5, 6, 7], 2, GREEDY, None))
     assert [p.token for p in copied] == [8] and copied[0].free
     switch.begin()
-    drafted = list(switch.draft([0, 5, 6, 7], 2, GREEDY, None))
+    drafted = list(switch.draft([0, 0, 6, 7], 2, GREEDY, None))
     assert len(drafted) == 2 and not any(p.free for p in drafted)
 
 

@@ -268,7 +268,7 @@ class SpecKVController(Controller):
     in a row the controller drafts to look again (the length that loses least, all verified). Each
     probe doubles the wait (up to `PROBE_LIMIT`), each step that gets a drafted token accepted
     halves it, and a new sequence starts from half of it, so on text where drafting never pays
-    probing costs ~1%."""
+    probing costs ~1%. Copies that no step verifies are probed the same way (`_copy_probe`)."""
 
     PROBE_LIMIT = 64
     reads_copies = True
@@ -327,6 +327,7 @@ class SpecKVController(Controller):
         self._powers = np.arange(1, self.gamma_max + 1)
         self._gains = np.zeros(self.gamma_max + 1)  # Σ_{m≤k} a^m for tokens not yet drafted
         self._idle, self._probe_gap = 0, self.models.probe_every  # steps without drafting; wait
+        self._dropped, self._copy_gap = 0, self.models.probe_every  # copy steps verifying none; wait
         self.reset()
 
     def bind(self, drafter) -> None:
@@ -353,8 +354,9 @@ class SpecKVController(Controller):
         self.copied_acceptance.new_sequence()
         # A new sequence of the stream starts its probing halfway back (as calibration keeps half
         # its evidence): text like the last is the best guess, and fresh probes cost.
-        self._idle = 0
+        self._idle = self._dropped = 0
         self._probe_gap = max(self.models.probe_every, self._probe_gap // 2)
+        self._copy_gap = max(self.models.probe_every, self._copy_gap // 2)
         self._x[: len(CONTEXT_FEATURES)] = self.context.values
         prior = _clip01(self.models.prior_model.predict_fast(self._x[: self._n_context])[0])
         curve = self.costs.t_verify()
@@ -406,7 +408,8 @@ class SpecKVController(Controller):
             # Copies cost no draft pass, so looking at them costs nothing whatever the context
             # says: their own signals then decide how many to verify (none, if none pays). Such
             # a step neither drafts nor idles for the model's probing.
-            return self.gamma_max
+            self._copying = True
+            return self._copy_probe() or self.gamma_max
         # Value of drafting γ tokens over not drafting: expected extra tokens − λ·extra time.
         best = int(np.argmax(self._gains - self._charges))
         # The context says no; the first token's own signals may say yes, for a draft pass.
@@ -474,7 +477,23 @@ class SpecKVController(Controller):
         if self._probing or self._shared is not None:  # the batch shares its pass out itself
             return len(record.draft_confidence)
         expected = np.cumsum(self._reach)  # E[tokens] when verifying j = 0, 1, …: 1 + Σ_{i≤j} reach_i
-        return int(np.argmax(expected - self._verify_charges[: len(self._reach)]))
+        count = int(np.argmax(expected - self._verify_charges[: len(self._reach)]))
+        if self._copying:  # copy steps in a row that verified none, for `_copy_probe`
+            self._dropped = 0 if count else self._dropped + 1
+        return count
+
+    def _copy_probe(self) -> int:
+        """Copies dropped unverified are never judged, so their calibration could not recover
+        from a bad stretch: after `_copy_gap` copy steps in a row that verified none, one verifies
+        its copies whatever they look like, as many as lose least (copying costs nothing, so only
+        the pass's width counts). The wait doubles with each such probe and halves when a copy is
+        accepted, as the model's probing does. Returns the budget (0: no probe due)."""
+        if self._dropped < self._copy_gap:
+            return 0
+        self._dropped = 0
+        self._copy_gap = min(2 * self._copy_gap, self.PROBE_LIMIT)
+        self._probing = True
+        return 1 + int(np.argmax(self._gains[1:] - self._verify_charges[1 : self.gamma_max + 1]))
 
     def _observe_record(self, record) -> None:
         for i in range(len(self._reach) - 1, len(record.draft_confidence)):  # tokens not seen yet
@@ -535,8 +554,11 @@ class SpecKVController(Controller):
 
     def end_step(self, record) -> None:
         self.context.update(record)
-        if record.accepted and not self._copying:  # the model found tokens: look again sooner
-            self._probe_gap = max(self.models.probe_every, self._probe_gap // 2)
+        if record.accepted:  # the source found tokens: look again sooner
+            if self._copying:
+                self._copy_gap = max(self.models.probe_every, self._copy_gap // 2)
+            else:
+                self._probe_gap = max(self.models.probe_every, self._probe_gap // 2)
         if record.gamma and not self._branching:  # a chain: its judged tokens calibrate the model
             self._observe_record(record)
             calibration = self.copied_acceptance if self._copying else self.acceptance
