@@ -11,7 +11,7 @@ def register(sub) -> None:
     parser = sub.add_parser("demo", help="speculative decoding on the demo pair, with a speed-up table")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     # One pass left the rows' order to the VM's noise (a learning controller also starts afresh in
-    # each pass): three give a median at about a minute more.
+    # each pass): three give a median, for about three minutes more on 2 cores.
     parser.add_argument("--repeats", type=int, default=3, help="timed passes; the table shows the median")
     parser.add_argument("--gamma", type=int, default=3, help="γ for the fixed-γ rows (default 3)")
     add_costs_option(parser)

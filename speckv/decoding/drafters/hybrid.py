@@ -97,8 +97,8 @@ class SwitchingChainDrafter(Drafter):
 
     Why 2 tokens: under SpecKV, which verifies only the copies that pay, copying from 2-token
     matches was ahead of 3 on all four tasks of the dev split at bf16 and fp32, or level
-    (summarization +0.08× and +0.04× the target alone, math +0.10× and +0.04×); from 1-token
-    matches it lost on code and chat, where a one-token match is mostly chance."""
+    (summarization +0.08× and +0.04× the target alone, math +0.10× and +0.04×); copying from
+    1-token matches, mostly chance, won on summarization and lost on the other three."""
 
     def __init__(self, model: ModelDrafter, ngram: NGramDrafter, min_match: int = 2):
         self.model, self.ngram, self.min_match = model, ngram, min_match
