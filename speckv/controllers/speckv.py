@@ -407,7 +407,8 @@ class SpecKVController(Controller):
         if copies and self.per_token and not self._branching:
             # Copies cost no draft pass, so looking at them costs nothing whatever the context
             # says: their own signals then decide how many to verify (none, if none pays). Such
-            # a step neither drafts nor idles for the model's probing.
+            # a step neither drafts nor idles for the model's probing. (`continue_drafting` reads
+            # the same from the first copy's signals, but a one-token budget never asks it.)
             self._copying = True
             return self._copy_probe() or self.gamma_max
         # Value of drafting γ tokens over not drafting: expected extra tokens − λ·extra time.
