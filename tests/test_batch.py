@@ -116,6 +116,36 @@ def test_the_batch_drafts_every_chain_in_one_pass_per_round(tiny_target, tiny_dr
         made[0].start([5], 4, draft_store=SlotStore(tiny_drafts["unrelated"]))
 
 
+def test_a_batch_drafts_from_the_source_speckv_chose_each_step(tiny_target, tiny_drafts, monkeypatch):
+    # SpecKV picks copies or the model per step; the batch must run the draft pass of the
+    # sequences whose model drafts (chosen before the pass is prepared), and stay lossless.
+    draft, vocab = tiny_drafts["close"], tiny_target.model.config.vocab_size
+    chosen = []
+    use_copies = SwitchingChainDrafter.use_copies
+    monkeypatch.setattr(
+        SwitchingChainDrafter, "use_copies", lambda self, c: chosen.append(c) or use_copies(self, c)
+    )
+    made = [
+        SpeculativeDecoder(
+            tiny_target,
+            SwitchingChainDrafter(ModelDrafter(draft, vocab), NGramDrafter(vocab)),
+            make_controller("speckv", compression="fp32"),
+            eos_token_ids=(),
+        )
+        for _ in range(2)
+    ]
+    store, draft_store = SlotStore(tiny_target), SlotStore(draft)
+    base = [7, 3, 9, 11, 2]
+    prompts = [base + reference_greedy(tiny_target.model, base, 10) + base, PROMPTS[1]]
+    runs = [
+        d.start(p, 24, cache=store.acquire(), draft_store=draft_store)
+        for d, p in zip(made, prompts, strict=True)
+    ]
+    assert run_batch(runs) == [reference_greedy(tiny_target.model, p, 24) for p in prompts]
+    assert True in chosen and False in chosen  # both sources were chosen
+    assert not draft_store.lengths and not store.lengths
+
+
 def test_a_long_prompt_is_read_in_chunks_while_others_step(tiny_target, tiny_drafts):
     short, long = decoders(tiny_target, tiny_drafts)[1:3]
     store = SlotStore(tiny_target)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from test_speckv_controller import hand_models
 
-from speckv.controllers.base import Controller
 from speckv.controllers.live import LiveAcceptance, LiveCosts, RateTracker, SignalSpread, derive_rate
-from speckv.controllers.speckv import SequenceContext, SpecKVController
+from speckv.controllers.sequence_context import SequenceContext
+from speckv.controllers.speckv import SpecKVController
 from speckv.costs import CostModel
 from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
 from speckv.decoding.step import run_step
@@ -168,77 +168,6 @@ def test_a_peek_where_first_tokens_often_look_sure():
     assert controller.spread.shifts[-1] == pytest.approx(0.0)  # and the look joined the spread
 
 
-def test_copies_are_looked_at_where_the_model_would_not_draft():
-    # a = 0.1, t_draft = 1, verify 10 for 1 token, 11 for 2, 40 for more: λ = 0.1 (the target
-    # alone), and drafting 1 token gives 0.1 for λ·(1 + 1): the model's drafting does not pay.
-    models = hand_models(accept=0.1)
-    models.costs["fp32"] = CostModel("fp32", 1.0, [10.0, 11.0] + [40.0] * 7)
-    controller = SpecKVController(models, "fp32", gamma_max=8)
-    assert controller.begin_step() == 0
-    controller.copies_ahead(True)  # the drafter would copy: looking costs nothing
-    assert controller.begin_step() == 8
-    # Copies have been accepted: 30 of 30 judged, predicted 0.1 each (3 in all), so with 6
-    # pseudo-tokens the ratio is (30 + 6·36/9) / (3 + 6) = 6 and a copy's chance 0.6. Verifying
-    # it pays (0.6 > λ·(11 − 10)); a second copy would not (0.6·0.1 < λ·(40 − 11)).
-    for _ in range(10):
-        controller.copied_acceptance.observe([0.1] * 3, accepted=3)
-    assert controller.copied_acceptance.correct(0.1) == pytest.approx(0.6)
-    assert not controller.continue_drafting(TokenSignals(1, 0.0, 1.0, 1.0, free=True))
-    record = StepRecord(1, 8, 0, 0, 0, [0.0], [1.0], [1.0], drafted=1)
-    assert controller.verify_count(record) == 1
-    assert controller._idle == 1  # a look at copies is not a step of the model's probing wait
-    assert controller.begin_step() == 0  # told afresh each step: no copies, no look
-
-
-def test_copies_go_on_at_the_copies_own_chance():
-    # Each verified token adds 1 to a pass of 10 (λ·1 = 0.1). After a first copy of chance 0.6 the
-    # next copy is taken to be as likely (0.6·0.6 = 0.36 > 0.1: go on), not as likely as the
-    # model's context prior says (0.6·0.1 = 0.06: it would stop).
-    models = hand_models(accept=0.1)
-    models.costs["fp32"] = CostModel("fp32", 1.0, [10.0 + k for k in range(9)])
-    controller = SpecKVController(models, "fp32", gamma_max=8)
-    for _ in range(10):
-        controller.copied_acceptance.observe([0.1] * 3, accepted=3)  # copies' chance: 0.6
-    controller.copies_ahead(True)
-    assert controller.begin_step() == 8
-    assert controller.continue_drafting(TokenSignals(1, 0.0, 1.0, 1.0, free=True))
-    controller.copies_ahead(False)
-    assert controller.begin_step() == 0  # the model's own drafting would not pay here
-
-
-def test_copies_dropped_step_after_step_are_verified_now_and_then():
-    # λ = 0.1 (the target alone), a second verified token costs 11 − 10: it must be accepted with
-    # more than 0.1. Copies were rejected: with 6 pseudo-tokens the ratio is (0 + 6·6/7) / (1 + 6)
-    # = 36/49, a copy's chance 0.1·36/49 ≈ 0.073, so no copy step verifies its copy, and without a
-    # judged copy that could never change. After 8 such steps in a row the next verifies its copies
-    # anyway, as many as lose least: one (a second would widen the pass from 11 to 40). Each look
-    # doubles the wait, and an accepted copy halves it: 8, then 16, then 16 again (32 / 2).
-    models = hand_models(accept=0.1)
-    models.costs["fp32"] = CostModel("fp32", 1.0, [10.0, 11.0] + [40.0] * 7)
-    controller = SpecKVController(models, "fp32", gamma_max=8)
-    for _ in range(10):
-        controller.copied_acceptance.observe([0.1], accepted=0)
-    assert controller.copied_acceptance.correct(0.1) == pytest.approx(0.1 * 36 / 49)
-
-    def copy_step(accept: bool) -> int:
-        controller.copies_ahead(True)
-        budget = controller.begin_step()
-        assert budget in (1, 8)
-        if budget > 1:
-            assert not controller.continue_drafting(TokenSignals(1, 0.0, 1.0, 1.0, free=True))
-        record = StepRecord(1, 8, 0, 0, 1, [0.0], [1.0], [1.0], drafted=1)
-        record.gamma = controller.verify_count(record)
-        record.accepted = int(accept and record.gamma > 0)
-        record.tokens_produced = record.accepted + 1
-        controller.end_step(record)
-        return record.gamma
-
-    assert [copy_step(accept=False) for _ in range(9)] == [0] * 8 + [1]
-    assert controller._idle == 0  # the model's own probing wait is another count
-    assert [copy_step(accept=True) for _ in range(17)] == [0] * 16 + [1]
-    assert [copy_step(accept=False) for _ in range(17)] == [0] * 16 + [1]
-
-
 def test_verify_count_takes_a_wider_pass_that_costs_less():
     # a = 0.5, λ derived: 4 tokens verify for 12 but 3 cost 30, so verifying all 3 drafted beats 2.
     models = hand_models()
@@ -301,38 +230,6 @@ def run_with_curve(controller, clock, verifier, steps, start):
     return gammas
 
 
-class CopyingDrafter(ConstantDrafter):
-    """Says it would copy after an even-length context; counts the lookups."""
-
-    def __init__(self):
-        self.lookups = 0
-
-    def copies(self, context):
-        self.lookups += 1
-        return len(context) % 2 == 0
-
-
-class TellMe(Controller):
-    def __init__(self, reads: bool):
-        self.reads_copies, self.told = reads, []
-
-    def copies_ahead(self, copied):
-        self.told.append(copied)
-
-    def begin_step(self):
-        return 1
-
-
-def test_the_step_tells_only_a_controller_that_reads_copies_what_the_drafter_would_copy():
-    for reads in (True, False):
-        controller, drafter = TellMe(reads), CopyingDrafter()
-        verifier = TimedVerifier(FakeClock(), FLAT)
-        for context in ([1, 2], [1, 2, 3]):
-            run_step(0, context, 8, controller, drafter, verifier, SamplingConfig(), frozenset())
-        assert controller.told == ([True, False] if reads else [])
-        assert drafter.lookups == (2 if reads else 0)  # no lookup for a controller that ignores it
-
-
 def test_a_steeper_curve_mid_sequence_makes_gamma_fall():
     """The plan starts from a flat curve; the fake clock then charges a steep one (each verified
     token as much as the whole pass was): the controller sees it in the measured times and drafts less."""
@@ -363,23 +260,6 @@ def test_poor_acceptance_on_this_text_makes_the_controller_draft_less():
         later = controller.begin_step()
     assert first >= 3 and later < first
     assert controller.acceptance.correct(0.7) < 0.35
-
-
-def test_copied_tokens_cost_no_draft_pass_and_calibrate_apart():
-    # a = 0.5, t_draft = 3, flat t_verify = 10: λ = 1.5/13 (γ = 1). After one drafted token
-    # (reach 0.5) one more adds 0.25 expected tokens for λ·3 = 0.35: stop. A copied token costs
-    # no draft pass, and a flat verify pass charges nothing for one more: go on.
-    models = hand_models()
-    models.costs["fp32"] = CostModel("fp32", t_draft_s=3.0, t_verify_s=FLAT)
-    controller = SpecKVController(models, "fp32", gamma_max=8)
-    assert controller.rate.rate == pytest.approx(1.5 / 13)
-    assert controller.begin_step() == 8
-    assert not controller.continue_drafting(TokenSignals(1, 1.0, 0.5, 0.5))
-    controller.begin_step()
-    assert controller.continue_drafting(TokenSignals(1, 1.0, 0.5, 0.5, free=True))
-    record = StepRecord(1, 8, 1, 0, 1, [1.0], [0.5], [0.5], drafted=1)
-    controller.end_step(record)  # the copied token was rejected: only copies are trusted less
-    assert controller.copied_acceptance.correct(0.5) < 0.5 == controller.acceptance.correct(0.5)
 
 
 def test_drafting_goes_on_to_a_wider_pass_that_costs_less():

@@ -65,7 +65,9 @@ def test_drafter_copies_the_continuation_with_count_signals():
     # Nothing to copy: no proposal, the step becomes a plain target step.
     drafter.begin()
     assert list(drafter.draft([1, 2, 3], 4, GREEDY, None)) == []
-    assert not drafter.copies([1, 2, 3]) and drafter.copies([1, 2, 3, 1])  # told before drafting
+    # Told before drafting: how long a match the copies would continue.
+    assert drafter.copy_match([1, 2, 3]) == 0 and drafter.copy_match([1, 2, 3, 1]) == 1
+    assert drafter.copy_match([1, 2, 3, 1, 2]) == 2 and drafter.copies_only
 
 
 def test_drafter_spec_parsing(tiny_target):
@@ -162,13 +164,36 @@ def test_the_switching_drafter_copies_where_a_long_match_exists(tiny_target, tin
     drafter.begin()
     greedy = SamplingConfig()
     repeated = [7, 3, 9, 11, 2, 5, 7, 3, 9]  # "7 3 9" occurred before: copy "11 2 5 …"
-    assert not drafter.copies(repeated[:-1]) and drafter.copies(repeated)  # "7 3" is too short
+    assert drafter.copy_match(repeated[:-1]) == 2  # "7 3" is too short for min_match 3
+    assert drafter.chain_drafter(repeated[:-1]) is drafter.model
+    assert drafter.copy_match(repeated) == 3 and drafter.chain_drafter(repeated) is None
     assert [p.token for p in drafter.draft(repeated, 3, greedy, None)] == [11, 2, 5]
     drafter.rollback(len(repeated), Verdict([], 0))
     model_only = ModelDrafter(tiny_drafts["unrelated"], tiny_target.model.config.vocab_size)
     fresh = [4, 8, 12, 16]  # nothing repeats: the model drafts (after catching up on the skipped tokens)
     expected = [p.token for p in model_only.draft([*repeated, *fresh], 3, greedy, None)]
     assert [p.token for p in drafter.draft([*repeated, *fresh], 3, greedy, None)] == expected
+
+
+def test_the_switching_drafter_drafts_from_the_source_the_controller_chose(tiny_target, tiny_drafts):
+    drafter = switching(tiny_target, tiny_drafts["unrelated"])
+    drafter.begin()
+    greedy = SamplingConfig()
+    short = [7, 3, 9, 11, 2, 5, 7, 3]  # "7 3" occurred before: too short for the drafter's own rule
+    model_only = ModelDrafter(tiny_drafts["unrelated"], tiny_target.model.config.vocab_size)
+    by_model = [p.token for p in model_only.draft(short, 2, greedy, None)]
+    drafter.use_copies(True)
+    assert drafter.chain_drafter(short) is None
+    copies = list(drafter.draft(short, 2, greedy, None))
+    assert [p.token for p in copies] == [9, 11] and all(p.free for p in copies)
+    drafter.rollback(len(short), Verdict([], 0))
+    # The choice holds for one step; then the drafter's own rule again (the model, here).
+    assert [p.token for p in drafter.draft(short, 2, greedy, None)] == by_model
+    drafter.rollback(len(short), Verdict([], 0))
+    drafter.use_copies(False)  # the model, though "7 3 9" has occurred before
+    assert drafter.chain_drafter([*short, 9]) is drafter.model
+    longer = list(drafter.draft([*short, 9], 1, greedy, None))
+    assert not longer[0].free
 
 
 @pytest.mark.parametrize("spec", ["fixed:1", "fixed:4", "heuristic", "confidence:0.5", "speckv"])

@@ -41,7 +41,7 @@ class Controller(ABC):
 
     name: str = "controller"
     drafts: Drafts = Drafts.CHAINS
-    reads_copies: bool = False  # asks `copies_ahead` before each step (a drafter lookup)
+    reads_copies: bool = False  # is told `copies_ahead` before each step (a drafter lookup)
 
     def bind(self, drafter) -> None:
         """The decoder's drafter (None: target only), once, before decoding: a controller whose
@@ -71,9 +71,15 @@ class Controller(ABC):
         verify all of them. Asked in greedy decoding in a batch with a shared budget."""
         return None
 
-    def copies_ahead(self, copied: bool) -> None:
-        """Before `begin_step`, where `reads_copies`: whether the drafter's next proposals would
-        be copied from earlier text (n-gram candidates), for which no draft pass runs."""
+    def copies_ahead(self, match: int) -> None:
+        """Before `begin_step`, where `reads_copies`: how many of the sequence's last tokens the
+        drafter found earlier, whose continuation it could copy (n-gram candidates: no draft pass
+        runs for them); 0 where it has nothing to copy."""
+
+    def copies_chosen(self) -> bool | None:
+        """After `begin_step`, where `reads_copies`: whether the step drafts the copies (True) or
+        the draft model's tokens (False); None leaves it to the drafter's own rule."""
+        return None
 
     @abstractmethod
     def begin_step(self) -> int:

@@ -37,8 +37,16 @@ import numpy as np
 
 from speckv.controllers.base import Controller, Drafts
 from speckv.controllers.batch_budget import SharedPass, SharedVerifyBudget
-from speckv.controllers.live import LiveAcceptance, LiveCosts, RateTracker, SignalSpread, derive_rate
+from speckv.controllers.live import (
+    CopyChances,
+    LiveAcceptance,
+    LiveCosts,
+    RateTracker,
+    SignalSpread,
+    derive_rate,
+)
 from speckv.controllers.predictor import AcceptancePredictor
+from speckv.controllers.sequence_context import CONTEXT_FEATURES, SequenceContext
 from speckv.costs import CostModel, costs_from_dict, costs_to_dict
 from speckv.errors import SpecKVError
 from speckv.util.files import atomic_write_text
@@ -47,16 +55,6 @@ FILE_FORMAT = "speckv-controller"
 FILE_VERSION = 1
 SHIPPED = Path(__file__).resolve().parent.parent / "data" / "speckv-controller.json"
 
-CONTEXT_FEATURES = (
-    "first_step",
-    "recent_acceptance",
-    "last_acceptance",
-    "recent_entropy",
-    "prev_mean_draft_entropy",
-    "prev_mean_draft_confidence",
-    "prev_max_draft_entropy",
-    "prev_min_draft_confidence",
-)
 TOKEN_FEATURES = ("entropy", "confidence", "token_prob")
 PAPER_CONTEXT = ("prev_mean_draft_entropy", "prev_mean_draft_confidence", "prev_max_draft_entropy")
 PAPER_CONTEXT += ("prev_min_draft_confidence", "first_step")
@@ -86,56 +84,6 @@ def tree_features(compressions) -> tuple[str, ...]:
 def top_choice(confidence, token_prob):
     """1 where the node is its parent's most probable child (its probability is the largest)."""
     return (np.asarray(token_prob) >= np.asarray(confidence) - 1e-6).astype(float)
-
-
-class SequenceContext:
-    """What earlier steps of the current sequence showed, as the `CONTEXT_FEATURES` values.
-
-    Acceptance is observed for the drafted tokens up to the first rejection; `recent_*` are
-    exponential moving averages (weight `decay` on the newest observation). A step that verifies
-    no drafted token observes nothing, yet the text moves on: the acceptance features then revert
-    towards the sequence's long-run acceptance by `decay` per step, as a forecast of an AR(1)
-    process one step further ahead does, so a run of rejections does not keep the controller idle
-    for the rest of the sequence.
-    """
-
-    LONG_RUN = 0.05  # weight of each judged token in the sequence's long-run acceptance
-
-    def __init__(self, decay: float = 0.3):
-        self.decay = decay
-        self.reset()
-
-    def reset(self) -> None:
-        self.values = [1.0, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
-        self.long_run = 0.5
-
-    def update(self, record) -> None:
-        values, decay = self.values, self.decay
-        if record.gamma == 0:
-            if not values[0]:
-                values[1] += decay * (self.long_run - values[1])
-                values[2] += decay * (self.long_run - values[2])
-            return
-        recent = values[1]
-        # A tree's accepted path runs along its depth: read it as a chain that long.
-        length = record.depth or record.gamma
-        for i in range(min(record.accepted + 1, length)):
-            recent += decay * ((1.0 if i < record.accepted else 0.0) - recent)
-            self.long_run += self.LONG_RUN * ((1.0 if i < record.accepted else 0.0) - self.long_run)
-        entropy = values[3]
-        for e in record.draft_entropy:
-            entropy += decay * (e - entropy)
-        entropies, confidences = record.draft_entropy, record.draft_confidence
-        self.values = [
-            0.0,
-            recent,
-            record.accepted / length,
-            entropy,
-            sum(entropies) / len(entropies),
-            sum(confidences) / len(confidences),
-            max(entropies),
-            min(confidences),
-        ]
 
 
 @dataclass
@@ -259,16 +207,17 @@ class SpecKVController(Controller):
     `speckv.decoding.local_costs`; else the file's fallback) and follows the measured step times
     unless `follow_costs` is off (exact replay of live runs); predicted acceptance is calibrated
     against what the sequence shows (`live.LiveAcceptance`). Copied tokens (n-gram candidates:
-    `TokenSignals.free`) are charged no draft pass and calibrated apart from the model's; where
-    the drafter would copy (`copies_ahead`), the step always looks at the copies, since looking
-    costs nothing, and verifies the prefix that pays.
+    `TokenSignals.free`) are charged no draft pass, and their chance comes from the length of the
+    earlier match they continue (`live.CopyChances`), which the drafter tells before each step
+    (`copies_ahead`): the step copies when the copies' best verified prefix is worth more than the
+    model's best step, and says so to the drafter (`copies_chosen`).
 
     When no drafting pays (predicted), `begin_step` returns 0: the step is a plain target step,
     which the engine supports. Nothing is observed in such a step, so after `probe_every` of them
     in a row the controller drafts to look again (the length that loses least, all verified). Each
     probe doubles the wait (up to `PROBE_LIMIT`), each step that gets a drafted token accepted
     halves it, and a new sequence starts from half of it, so on text where drafting never pays
-    probing costs ~1%. Copies that no step verifies are probed the same way (`_copy_probe`)."""
+    probing costs ~1%. Copies passed over for plain steps are probed the same way (`_copy_budget`)."""
 
     PROBE_LIMIT = 64
     reads_copies = True
@@ -292,10 +241,13 @@ class SpecKVController(Controller):
         self._gamma_cap = gamma_max
         self.context = SequenceContext(models.context_decay)
         self.acceptance = LiveAcceptance()  # of the draft model's tokens
-        self.copied_acceptance = LiveAcceptance()  # of copied (n-gram) tokens: another source
-        self._copying = False  # this step's tokens are copied: no draft pass, their own calibration
+        self.copy_chances = CopyChances()  # of copied (n-gram) tokens: another source
+        self._copying = False  # this step's tokens are copied: no draft pass, their own chances
         self._probing = False  # this step is a probe: its token is verified whatever it looks like
-        self._copies_ahead = False  # the drafter would copy this step's tokens (no draft pass)
+        self._match = 0  # the earlier match the drafter's copies would continue (0: none)
+        self._copy_match = 1  # the match this step's copies continue
+        self._copy_reach = np.ones(1)  # P(the first i copies are all accepted), i = 0..γ_max
+        self._model_drafts = True  # the drafter has a draft model (not copies only)
         self.rate = RateTracker()
         self.spread = SignalSpread()  # how far a first drafted token's signals move its acceptance
         self._prior = 0.0  # this step's calibrated context-only acceptance
@@ -309,7 +261,6 @@ class SpecKVController(Controller):
         self.drafts = Drafts.EITHER if per_token and models.tree_model is not None else Drafts.CHAINS
         self._branching = False  # the bound drafter makes trees (and a tree model is there)
         self._reached = 1.0  # P(all tokens drafted so far are accepted)
-        self._chance = 1.0  # P(the last drafted token is accepted | the ones before it are)
         self._reach = [1.0]  # the same after each drafted token (index i: after token i)
         self._raw: list[float] = []  # the token model's own prediction for each drafted token
         self._node_reach: list[float] = []
@@ -332,6 +283,8 @@ class SpecKVController(Controller):
 
     def bind(self, drafter) -> None:
         self._branching = self.drafts is Drafts.EITHER and drafter is not None and drafter.branches
+        # Copies only (n-gram): where they do not pay, there is no draft model to turn to.
+        self._model_drafts = not getattr(drafter, "copies_only", False)
 
     def observe_batch(
         self, sequences: int, tokens_per_s: float | None = None, shared: SharedPass | None = None
@@ -351,7 +304,7 @@ class SpecKVController(Controller):
     def reset(self) -> None:
         self.context.reset()
         self.acceptance.new_sequence()
-        self.copied_acceptance.new_sequence()
+        self.copy_chances.new_sequence()
         # A new sequence of the stream starts its probing halfway back (as calibration keeps half
         # its evidence): text like the last is the best guess, and fresh probes cost.
         self._idle = self._dropped = 0
@@ -379,6 +332,7 @@ class SpecKVController(Controller):
             curve = np.asarray(self._shared.pass_times[: len(curve)], float)
         gammas = np.arange(self.gamma_max + 1)
         self._draft_charge = rate * t_draft
+        self._step_charge = rate * self.costs.prior.t_step_s
         # λ·step time: the tokens a step of each length must yield to pay for its time
         self._charges = rate * (gammas * t_draft + curve[: self.gamma_max + 1] + self.costs.prior.t_step_s)
         # λ·target pass over k = 1.. tokens: what verifying a prefix costs once drafted
@@ -386,8 +340,12 @@ class SpecKVController(Controller):
         # trees: index i is λ·(one more node's drafting + the pass's growth from i + 1 to i + 2 tokens)
         self._tree_steps = rate * (t_draft + np.diff(curve))
 
-    def copies_ahead(self, copied: bool) -> None:
-        self._copies_ahead = copied
+    def copies_ahead(self, match: int) -> None:
+        self._match = match
+
+    def copies_chosen(self) -> bool | None:
+        # Per step only where it re-plans per token: `speckv-step` leaves it to the drafter.
+        return self._copying if self.per_token and not self._branching else None
 
     def begin_step(self) -> int:
         x = self._x
@@ -403,16 +361,22 @@ class SpecKVController(Controller):
         self._node_reach = []
         self._copying = False
         self._probing = False
-        copies, self._copies_ahead = self._copies_ahead, False  # told afresh before each step
-        if copies and self.per_token and not self._branching:
-            # Copies cost no draft pass, so looking at them costs nothing whatever the context
-            # says: their own signals then decide how many to verify (none, if none pays). Such
-            # a step neither drafts nor idles for the model's probing. (`continue_drafting` reads
-            # the same from the first copy's signals, but a one-token budget never asks it.)
-            self._copying = True
-            return self._copy_probe() or self.gamma_max
-        # Value of drafting γ tokens over not drafting: expected extra tokens − λ·extra time.
-        best = int(np.argmax(self._gains - self._charges))
+        match, self._match = self._match, 0  # told afresh before each step
+        # Value of drafting γ tokens with the model: expected extra tokens − λ·step time.
+        values = self._gains - self._charges
+        best = int(np.argmax(values))
+        if self.per_token and not self._branching:
+            self._copy_match = max(match, 1)
+            self._copy_reach = np.concatenate(
+                [[1.0], np.cumprod(self.copy_chances.chances(match, self.gamma_max))]
+            )
+            if match:
+                model_drafts = self._model_drafts and best > 0
+                copies = self._copy_budget(values[best] if model_drafts else values[0], model_drafts)
+                if copies:
+                    return copies
+        if not self._model_drafts:
+            return 0
         # The context says no; the first token's own signals may say yes, for a draft pass.
         peek = best == 0 and self.per_token and not self._branching
         if peek and self.spread.peek_gain(prior, self._gains, self._charges, self._draft_charge) > 0.0:
@@ -446,10 +410,10 @@ class SpecKVController(Controller):
         if not self.per_token:
             return True
         i = signals.position
-        if i == 1:  # a step's tokens come from one source (speckv.decoding.drafters.hybrid)
+        if i == 1:  # a step's tokens come from one source: the one the drafter used
             self._copying = signals.free
         self._observe(signals.entropy, signals.confidence, signals.token_prob)
-        if self._probing:  # the probe's length was chosen in begin_step
+        if self._probing or self._copying:  # the length was chosen in begin_step
             return True
         if i >= self.gamma_max:
             return False
@@ -460,13 +424,8 @@ class SpecKVController(Controller):
         expected = np.cumsum(self._reach)  # verifying j = 0..i drafted tokens
         now = float(np.max(expected - self._verify_charges[: i + 1]))
         more = self._powers[: self.gamma_max - i]  # 1, 2, … tokens more
-        if self._copying:
-            # Copies are free and continue one earlier match: the next ones are accepted about as
-            # often as this one (the model's context prior speaks for the model's tokens only).
-            draft, gains = 0.0, np.concatenate([[0.0], np.cumsum(self._chance**self._powers)])
-        else:
-            draft, gains = self._draft_charge, self._gains
-        later = expected[i] + self._reached * gains[more] - self._verify_charges[i + more] - draft * more
+        gains = self._reached * self._gains[more]
+        later = expected[i] + gains - self._verify_charges[i + more] - self._draft_charge * more
         return float(later.max()) > now
 
     def verify_count(self, record) -> int:
@@ -478,23 +437,33 @@ class SpecKVController(Controller):
         if self._probing or self._shared is not None:  # the batch shares its pass out itself
             return len(record.draft_confidence)
         expected = np.cumsum(self._reach)  # E[tokens] when verifying j = 0, 1, …: 1 + Σ_{i≤j} reach_i
-        count = int(np.argmax(expected - self._verify_charges[: len(self._reach)]))
-        if self._copying:  # copy steps in a row that verified none, for `_copy_probe`
-            self._dropped = 0 if count else self._dropped + 1
-        return count
+        return int(np.argmax(expected - self._verify_charges[: len(self._reach)]))
 
-    def _copy_probe(self) -> int:
-        """Copies dropped unverified are never judged, so their calibration could not recover
-        from a bad stretch: after `_copy_gap` copy steps in a row that verified none, one verifies
-        its copies whatever they look like, as many as lose least (copying costs nothing, so only
-        the pass's width counts). The wait doubles with each such probe and halves when a copy is
-        accepted, as the model's probing does. Returns the budget (0: no probe due)."""
+    def _copy_budget(self, alternative: float, model_drafts: bool) -> int:
+        """How many copies this step takes (0: none). Copies cost no draft pass, so the step
+        copies when the best prefix to verify, at the copies' chances (`_copy_reach`), is worth
+        more than `alternative` (the model's best step where `model_drafts`, else the plain
+        step's), and takes that prefix. Copies passed over for a plain step are never judged, and
+        nothing else is, so their chances could not recover from a bad stretch: after `_copy_gap`
+        such steps in a row, one takes them anyway, as many as lose least; the wait doubles with
+        each such probe and halves when a copy is accepted, as the model's probing does. (Copies
+        passed over for the model's tokens need no probe: on the dev split, probing them there
+        cost 3 % on code at fp32 for 1 token accepted in 33 verified.)"""
+        gains = np.cumsum(self._copy_reach) - 1.0  # expected copies accepted when verifying j = 0..γ_max
+        values = gains - self._verify_charges[: self.gamma_max + 1] - self._step_charge
+        best = int(np.argmax(values))
+        if best and values[best] >= alternative:
+            self._dropped, self._copying = 0, True
+            return best
+        if model_drafts:
+            return 0
+        self._dropped += 1
         if self._dropped < self._copy_gap:
             return 0
         self._dropped = 0
         self._copy_gap = min(2 * self._copy_gap, self.PROBE_LIMIT)
-        self._probing = True
-        return 1 + int(np.argmax(self._gains[1:] - self._verify_charges[1 : self.gamma_max + 1]))
+        self._copying = self._probing = True
+        return 1 + int(np.argmax(values[1:]))
 
     def _observe_record(self, record) -> None:
         for i in range(len(self._reach) - 1, len(record.draft_confidence)):  # tokens not seen yet
@@ -503,13 +472,16 @@ class SpecKVController(Controller):
     def _observe(self, entropy: float, confidence: float, token_prob: float) -> None:
         """P(this drafted token is accepted | the ones before it are), from the token model,
         calibrated on the sequence so far."""
+        if self._copying:  # a copy's chance is its match's (`CopyChances`), set in begin_step
+            self._reached = float(self._copy_reach[min(len(self._reach), len(self._copy_reach) - 1)])
+            self._reach.append(self._reached)
+            return
         x = self._x  # its context part was set by begin_step
         x[self._n_context :] = (entropy, confidence, token_prob)
         raw = float(self.models.token_model.predict_fast(x)[0])
         self._raw.append(raw)
-        self._chance = (self.copied_acceptance if self._copying else self.acceptance).correct(raw)
-        self._reached *= self._chance
-        if len(self._reach) == 1 and not self._copying:
+        self._reached *= self.acceptance.correct(raw)
+        if len(self._reach) == 1:
             self.spread.observe(self._reached, self._prior)
         self._reach.append(self._reached)
 
@@ -562,8 +534,10 @@ class SpecKVController(Controller):
                 self._probe_gap = max(self.models.probe_every, self._probe_gap // 2)
         if record.gamma and not self._branching:  # a chain: its judged tokens calibrate the model
             self._observe_record(record)
-            calibration = self.copied_acceptance if self._copying else self.acceptance
-            calibration.observe(self._raw[: record.gamma], record.accepted)
+            if self._copying:
+                self.copy_chances.observe(self._copy_match, record.gamma, record.accepted)
+            else:
+                self.acceptance.observe(self._raw[: record.gamma], record.accepted)
         if self.follow_costs:
             # In a batch the pass's time is the batch's (`batch_budget` follows it): only the
             # drafting says something of this sequence's costs.

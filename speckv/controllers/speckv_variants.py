@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from speckv.controllers.base import Controller
+from speckv.controllers.sequence_context import CONTEXT_FEATURES, SequenceContext
 from speckv.controllers.speckv import (
-    CONTEXT_FEATURES,
     PAPER_CONTEXT,
     SHIPPED,
     ControllerModels,
-    SequenceContext,
     SpecKVController,
     paper_features,
 )

@@ -227,14 +227,15 @@ def _draft_together(runs: dict[int, SequenceRun]) -> dict[int, DraftedStep]:
             so_far.pop(i, None)
             done[i] = finished.value
 
+    for i in rounds:  # each step's budget is set, and its source chosen, before its first draft
+        advance(i)
     # Who drafts each step with a chain drafter on a draft store is fixed for the tick.
     chains = {}
-    for i, run in runs.items():
-        chain = run.decoder.drafter.chain_drafter(run.tokens) if run.decoder.drafter else None
+    for i in so_far:
+        drafter = runs[i].decoder.drafter
+        chain = drafter.chain_drafter(runs[i].tokens) if drafter else None
         if chain is not None and getattr(chain.model, "store", None) is not None:
             chains[i] = chain.model
-    for i in rounds:
-        advance(i)
     while so_far:
         passes: dict[SlotStore, dict[int, tuple]] = {}
         for i, drafted in so_far.items():

@@ -5,7 +5,8 @@ the drafter and the target (`speckv.pipeline.replay`), so every controller sees 
 calls in both:
 
 1. `begin_step()` sets the budget, capped at what the sequence may still use (a controller that
-   `reads_copies` is told first whether the drafter would copy: `copies_ahead`);
+   `reads_copies` is told first how long a match the drafter could copy from, `copies_ahead`, and
+   the drafter then whether the step copies, `copies_chosen`);
 2. the drafter proposes tokens until the budget, an end-of-sequence token, or
    `continue_drafting(signals)` returning False;
 3. in greedy decoding `verify_count(record)` may keep only a prefix for the target (range-checked;
@@ -147,8 +148,10 @@ def drafting(
     budget = 0
     if controller is not None and drafter is not None:
         if controller.reads_copies:
-            controller.copies_ahead(drafter.copies(context))
+            controller.copies_ahead(drafter.copy_match(context))
         budget = min(asked_budget(controller), cap)
+        if controller.reads_copies:
+            drafter.use_copies(controller.copies_chosen())
     record = StepRecord(step=step, gamma_budget=budget, gamma=0, accepted=0, tokens_produced=0)
     record.controller_time_s = clock() - started
 

@@ -22,12 +22,11 @@ from sklearn.metrics import roc_auc_score
 
 from speckv.controllers import Controller, FixedController
 from speckv.controllers.predictor import FAST_KINDS, KINDS, AcceptancePredictor
+from speckv.controllers.sequence_context import CONTEXT_FEATURES, SequenceContext
 from speckv.controllers.speckv import (
-    CONTEXT_FEATURES,
     PAPER_CONTEXT,
     TOKEN_FEATURES,
     ControllerModels,
-    SequenceContext,
     SpecKVController,
     compression_features,
     context_features,

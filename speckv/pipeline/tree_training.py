@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 
 from speckv.controllers.predictor import AcceptancePredictor
-from speckv.controllers.speckv import CONTEXT_FEATURES, compression_features, top_choice, tree_features
+from speckv.controllers.sequence_context import CONTEXT_FEATURES
+from speckv.controllers.speckv import compression_features, top_choice, tree_features
 from speckv.decoding.cache import CachedModel
 from speckv.decoding.models import LoadedModel
 from speckv.errors import SpecKVError

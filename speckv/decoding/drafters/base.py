@@ -74,6 +74,7 @@ class Drafter(ABC):
     name: str = "drafter"
     target_hidden_layers: tuple[int, ...] = ()
     branches: bool = False  # proposes token trees (proposals name their parents)
+    copies_only: bool = False  # every proposal is copied (n-gram): there is no draft model
     loaded: LoadedModel | None = None  # the draft model it runs, if any (context limits, baselines)
 
     def fresh(self) -> Drafter:
@@ -102,10 +103,16 @@ class Drafter(ABC):
     def rollback(self, kept: int, verdict: Verdict) -> None:
         """After verification: keep the first `kept` positions of the sequence."""
 
-    def copies(self, context: list[int]) -> bool:
-        """Whether the proposals after `context` would be copied from earlier text (free: no draft
-        pass runs for them), which a controller may want to know before it sets the budget."""
-        return False
+    def copy_match(self, context: list[int]) -> int:
+        """How many of the last tokens of `context` occurred earlier, whose continuation the
+        proposals after it could copy (free: no draft pass runs for them); 0: nothing to copy. A
+        controller may want to know before it sets the budget."""
+        return 0
+
+    def use_copies(self, copy: bool | None) -> None:
+        """For the next `draft` only: draft the copies (True) or the draft model's tokens (False),
+        as the controller chose; None: the drafter's own rule. Only a drafter with both sources
+        (`hybrid.SwitchingChainDrafter`) has a choice to make."""
 
     def chain_drafter(self, context: list[int] | None = None) -> Drafter | None:
         """The draft model's chain drafter (`ModelDrafter`) inside this one: one pass per drafted

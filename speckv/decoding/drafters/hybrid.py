@@ -90,20 +90,22 @@ class HybridTreeDrafter(Drafter):
 
 
 class SwitchingChainDrafter(Drafter):
-    """Per step, a chain from the cheaper source that has one: the n-gram continuation when the
-    sequence's last `min_match` or more tokens occurred before (it costs no forward, and a long
-    match is often right: summaries quoting their source, code repeating itself), else the
+    """Per step, a chain from one source: the n-gram continuation (it costs no forward, and a
+    long match is often right: summaries quoting their source, code repeating itself) or the
     draft model's chain. The model's cache catches up on the tokens it skipped at its next step.
 
-    Why 2 tokens: under SpecKV, which verifies only the copies that pay, copying from 2-token
-    matches was ahead of 3 on all four tasks of the dev split at bf16 and fp32, or level
-    (summarization +0.08× and +0.04× the target alone, math +0.10× and +0.04×); copying from
-    1-token matches, mostly chance, won on summarization and lost on the other three."""
+    A controller that weighs the two (SpecKV: by the chance of copies after a match that long,
+    against the model's best step) chooses per step (`use_copies`). Left to itself, the drafter
+    copies where the sequence's last `min_match` or more tokens occurred before. Why 2 tokens:
+    under SpecKV verifying only the copies that pay, copying from 2-token matches was ahead of 3
+    on all four tasks of the dev split at bf16 and fp32, or level; 1-token matches, mostly chance,
+    won on summarization and lost on the other three."""
 
     def __init__(self, model: ModelDrafter, ngram: NGramDrafter, min_match: int = 2):
         self.model, self.ngram, self.min_match = model, ngram, min_match
         self.loaded = model.loaded
         self.name = f"{model.name}|{ngram.name}"
+        self._chosen: bool | None = None  # the controller's choice for the next step
 
     def fresh(self) -> SwitchingChainDrafter:
         return SwitchingChainDrafter(self.model.fresh(), self.ngram.fresh(), self.min_match)
@@ -123,14 +125,24 @@ class SwitchingChainDrafter(Drafter):
         sampling: SamplingConfig,
         generator: torch.Generator | None,
     ) -> Iterator[Proposal]:
-        source = self.ngram if self.copies(context) else self.model
+        source = self.ngram if self._copies(context) else self.model
+        self._chosen = None  # chosen for one step
         yield from source.draft(context, budget, sampling, generator)
 
-    def copies(self, context: list[int]) -> bool:
-        return self.ngram.match_length(context) >= self.min_match
+    def copy_match(self, context: list[int]) -> int:
+        return self.ngram.copy_match(context)
+
+    def use_copies(self, copy: bool | None) -> None:
+        self._chosen = copy
+
+    def _copies(self, context: list[int]) -> bool:
+        """Whether the step after `context` copies: as chosen, else by the match's length."""
+        if self._chosen is not None:
+            return self._chosen and self.ngram.copy_match(context) > 0
+        return self.ngram.copy_match(context) >= self.min_match
 
     def chain_drafter(self, context: list[int] | None = None) -> ModelDrafter | None:
-        return None if context is not None and self.copies(context) else self.model
+        return None if context is not None and self._copies(context) else self.model
 
     def rollback(self, kept: int, verdict: Verdict) -> None:
         self.model.rollback(kept, verdict)  # crops only what the model drafted; n-grams hold nothing

@@ -132,6 +132,8 @@ def proposal(
 class NGramDrafter(Drafter):
     """Proposes what followed the longest earlier match of the sequence's suffix."""
 
+    copies_only = True
+
     def __init__(self, vocab_size: int, min_match: int = 1, max_match: int = 4):
         self.name = f"ngram:{min_match}-{max_match}"
         self.vocab_size = vocab_size
@@ -147,15 +149,11 @@ class NGramDrafter(Drafter):
         """What followed the longest earlier match of `suffix` (the sequence's own text so far)."""
         return self.index.lookup(suffix)
 
-    def match_length(self, context: list[int]) -> int:
+    def copy_match(self, context: list[int]) -> int:
         """How many of the sequence's last tokens occurred before (0: nothing to copy)."""
         self.index.extend(context[len(self.index.tokens) :])
         found = self.lookup(context[-self.index.max_match :])
         return found.length if found is not None else 0
-
-    def copies(self, context: list[int]) -> bool:
-        self.index.extend(context[len(self.index.tokens) :])
-        return self.lookup(context[-self.index.max_match :]) is not None
 
     def draft(
         self,

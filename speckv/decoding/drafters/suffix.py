@@ -96,7 +96,7 @@ class SuffixDrafter(NGramDrafter):
             return own
         return earlier
 
-    def match_length(self, context: list[int]) -> int:
+    def copy_match(self, context: list[int]) -> int:
         """The case for copying instead of running a draft model (`SwitchingChainDrafter`): the
         match in the sequence's own text, or one in an earlier sequence counted a token shorter.
         Another request's phrase is weaker evidence than the request repeating itself: at equal
