@@ -145,9 +145,9 @@ class CopyChances:
 
     A copy continues an earlier occurrence of the sequence's last L tokens; once it is accepted the
     next copy continues an occurrence of L + 1 (that same one, with the token just copied), so a
-    step's copies continue matches of L, L + 1, …. The match's length says more of a copy than its
-    counts do: first copies were accepted 20 % of the time after a 1-token match and 78 % after a
-    4-token one (`PRIOR`). Per length, a running estimate (accepted + m·R·prior) / (judged + m),
+    step's copies continue matches of L, L + 1, …. The match's length says much of a copy: first
+    copies were accepted 20 % of the time after a 1-token match and 78 % after a 4-token one
+    (`PRIOR`). Per length, a running estimate (accepted + m·R·prior) / (judged + m),
     with R = (accepted + m) / (expected + m) over every length: text where copies fare badly
     lowers every length's chance at once, and each length learns its own. A new sequence keeps
     half the evidence, as `LiveAcceptance` does."""
