@@ -365,16 +365,12 @@ class SpecKVController(Controller):
         # Value of drafting γ tokens with the model: expected extra tokens − λ·step time.
         values = self._gains - self._charges
         best = int(np.argmax(values))
-        if self.per_token and not self._branching:
-            self._copy_match = max(match, 1)
-            self._copy_reach = np.concatenate(
-                [[1.0], np.cumprod(self.copy_chances.chances(match, self.gamma_max))]
-            )
-            if match:
-                model_drafts = self._model_drafts and best > 0
-                copies = self._copy_budget(values[best] if model_drafts else values[0], model_drafts)
-                if copies:
-                    return copies
+        if match and self.per_token and not self._branching:
+            self._expect_copies(match)
+            model_drafts = self._model_drafts and best > 0
+            copies = self._copy_budget(values[best] if model_drafts else values[0], model_drafts)
+            if copies:
+                return copies
         if not self._model_drafts:
             return 0
         # The context says no; the first token's own signals may say yes, for a draft pass.
@@ -410,8 +406,10 @@ class SpecKVController(Controller):
         if not self.per_token:
             return True
         i = signals.position
-        if i == 1:  # a step's tokens come from one source: the one the drafter used
+        if i == 1 and signals.free != self._copying:  # a drafter that picked its source itself
             self._copying = signals.free
+            if self._copying:
+                self._expect_copies(1)
         self._observe(signals.entropy, signals.confidence, signals.token_prob)
         if self._probing or self._copying:  # the length was chosen in begin_step
             return True
@@ -438,6 +436,13 @@ class SpecKVController(Controller):
             return len(record.draft_confidence)
         expected = np.cumsum(self._reach)  # E[tokens] when verifying j = 0, 1, …: 1 + Σ_{i≤j} reach_i
         return int(np.argmax(expected - self._verify_charges[: len(self._reach)]))
+
+    def _expect_copies(self, match: int) -> None:
+        """This step's copies continue a `match`-token match: P(the first i are all accepted)."""
+        self._copy_match = match
+        self._copy_reach = np.concatenate(
+            [[1.0], np.cumprod(self.copy_chances.chances(match, self.gamma_max))]
+        )
 
     def _copy_budget(self, alternative: float, model_drafts: bool) -> int:
         """How many copies this step takes (0: none). Copies cost no draft pass, so the step

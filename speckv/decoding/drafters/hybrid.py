@@ -106,6 +106,7 @@ class SwitchingChainDrafter(Drafter):
         self.loaded = model.loaded
         self.name = f"{model.name}|{ngram.name}"
         self._chosen: bool | None = None  # the controller's choice for the next step
+        self._told = (-1, 0)  # (context length, match) last looked up: a step asks twice
 
     def fresh(self) -> SwitchingChainDrafter:
         return SwitchingChainDrafter(self.model.fresh(), self.ngram.fresh(), self.min_match)
@@ -113,6 +114,7 @@ class SwitchingChainDrafter(Drafter):
     def begin(self) -> None:
         self.model.begin()
         self.ngram.begin()
+        self._told = (-1, 0)
 
     def end(self, sequence: list[int]) -> None:
         self.model.end(sequence)
@@ -130,7 +132,10 @@ class SwitchingChainDrafter(Drafter):
         yield from source.draft(context, budget, sampling, generator)
 
     def copy_match(self, context: list[int]) -> int:
-        return self.ngram.copy_match(context)
+        # A sequence's contexts only grow between steps: its length names this step's lookup.
+        if self._told[0] != len(context):
+            self._told = (len(context), self.ngram.copy_match(context))
+        return self._told[1]
 
     def use_copies(self, copy: bool | None) -> None:
         self._chosen = copy
@@ -138,8 +143,8 @@ class SwitchingChainDrafter(Drafter):
     def _copies(self, context: list[int]) -> bool:
         """Whether the step after `context` copies: as chosen, else by the match's length."""
         if self._chosen is not None:
-            return self._chosen and self.ngram.copy_match(context) > 0
-        return self.ngram.copy_match(context) >= self.min_match
+            return self._chosen and self.copy_match(context) > 0
+        return self.copy_match(context) >= self.min_match
 
     def chain_drafter(self, context: list[int] | None = None) -> ModelDrafter | None:
         return None if context is not None and self._copies(context) else self.model
