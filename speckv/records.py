@@ -21,6 +21,23 @@ class TokenSignals:
     free: bool = False  # copied (n-gram), not drafted: it cost no draft pass
 
 
+@dataclass(frozen=True, slots=True)
+class CopyMatch:
+    """What a drafter could copy before a step (n-gram candidates): the sequence's last `length`
+    tokens occurred earlier (0: nothing to copy), and `unanimous`: every earlier occurrence was
+    followed by the same token, the one the first copy proposes. A unanimous match's copies are
+    accepted about twice as often (`speckv.controllers.live.CopyChances`)."""
+
+    length: int = 0
+    unanimous: bool = False
+
+
+def unanimous(confidence: float) -> bool:
+    """Whether a copied token's signals say every earlier occurrence of its match was followed by
+    it: its confidence (the largest share of the followers' counts) is 1."""
+    return confidence >= 1.0 - 1e-9
+
+
 @dataclass
 class StepRecord:
     """One verification step. `gamma` counts the drafted tokens (tree nodes) the target verified;

@@ -1,5 +1,5 @@
-"""Copies (n-gram candidates) under SpecKV: their chance by the length of the match they continue,
-the per-step choice between copies and the draft model, probing copies passed over, and the step
+"""Copies (n-gram candidates) under SpecKV: their chance by the length of the match they continue
+and whether its followers agree, the per-step choice between copies and the draft model, probing copies passed over, and the step
 protocol that carries the match to the controller and its choice to the drafter. Numbers by hand."""
 
 from __future__ import annotations
@@ -15,81 +15,97 @@ from speckv.costs import CostModel
 from speckv.decoding.drafters.ngram import NGramDrafter
 from speckv.decoding.step import run_step
 from speckv.decoding.verify import SamplingConfig
-from speckv.records import StepRecord, TokenSignals
+from speckv.records import CopyMatch, StepRecord, TokenSignals
+
+# The prior's mix of split and unanimous followers after 2, 3 and 4+ tokens (`UNANIMOUS_SHARE`):
+# 0.77·0.57 + 0.23·0.21, 0.91·0.74 + 0.09·0.33, 0.91·0.83 + 0.09·0.33.
+MIXED = (0.4872, 0.7031, 0.785)
 
 
 def test_copy_chances_by_hand():
     chances = CopyChances(strength=4.0)
-    # A step's copies continue matches one token longer each: 1, 2, 3, then 4 or more.
-    assert chances.chances(1, 3) == pytest.approx([0.20, 0.48, 0.73])
-    assert chances.chances(3, 3) == pytest.approx([0.73, 0.78, 0.78])
-    # Of 3 copies after a 2-token match the first was accepted, the second not (the third never
-    # judged): lengths 2 and 3 judged once, length 2 accepted. Expected 0.48 + 0.73 = 1.21, so
-    # R = (1 + 4) / (1.21 + 4), and each length's chance is (accepted + 4·R·prior) / (judged + 4).
-    chances.observe(match=2, verified=3, accepted=1)
-    ratio = 5 / 5.21
-    expected = [0.2 * ratio, (1 + 4 * ratio * 0.48) / 5, 4 * ratio * 0.73 / 5, 0.78 * ratio]
-    assert chances.chances(1, 4) == pytest.approx(expected)
+    # A step's copies continue matches one token longer each: 1, 2, 3, then 4 or more. The first's
+    # followers are known (split or unanimous), the later ones' are not: their length's mix.
+    assert chances.chances(CopyMatch(1, True), 3) == pytest.approx([0.30, MIXED[0], MIXED[1]])
+    assert chances.chances(CopyMatch(3, False), 3) == pytest.approx([0.33, MIXED[2], MIXED[2]])
+    assert chances.chance(2, unanimous=False) == 0.21 and chances.chance(9, unanimous=True) == 0.83
+    # Of 3 copies after a 2-token match (followers unanimous, split, unanimous) the first was
+    # accepted, the second not (the third never judged): (unanimous, 2) and (split, 3) judged
+    # once, the first accepted. Expected 0.57 + 0.33 = 0.90, so R = (1 + 4) / (0.90 + 4), and each
+    # chance is (accepted + 4·R·prior) / (judged + 4).
+    chances.observe(match=2, unanimous=[True, False, True], accepted=1)
+    ratio = 5 / 4.9
+    assert chances.chance(2, True) == pytest.approx((1 + 4 * ratio * 0.57) / 5)
+    assert chances.chance(3, False) == pytest.approx(4 * ratio * 0.33 / 5)
+    assert chances.chance(1, True) == pytest.approx(0.30 * ratio)
     chances.new_sequence()  # half the evidence carries over
-    assert chances.judged == pytest.approx([0, 0.5, 0.5, 0])
-    assert chances.accepted == pytest.approx([0, 0.5, 0, 0])
+    assert chances.judged.tolist() == [[0, 0, 0.5, 0], [0, 0.5, 0, 0]]
+    assert chances.accepted.tolist() == [[0, 0, 0, 0], [0, 0.5, 0, 0]]
 
 
 def test_the_step_copies_where_the_match_makes_copies_worth_more_than_the_model():
     # a = 0.9, t_draft = 1, flat t_verify = 10: λ = (1 + Σ_{m≤8} 0.9^m) / 18 = 6.13 / 18 (γ = 8),
-    # and the model's 8 tokens are worth 5.13 − λ·18 = −1.0. Eight copies after a 4-token match
-    # (0.78 each) are worth Σ 0.78^m − λ·10 = 3.06 − 3.40 = −0.34: copy. After a 1-token match
-    # (0.20, 0.48, 0.73, 0.78, …) only 0.54 − 3.40: the model drafts.
+    # and the model's 8 tokens are worth 5.13 − λ·18 = −1.0. Eight copies after a unanimous
+    # 3-token match (0.74, then 0.785 each at 4+ tokens) reach 0.74, 0.58, 0.46, … 0.14, worth
+    # 2.95 − λ·10 = 2.95 − 3.40 = −0.46: copy. After a split one (0.33, then the same) only
+    # 1.31 − 3.40: the model drafts; after a unanimous 1-token match (0.30, 0.4872, 0.7031, …) 0.81.
     models = hand_models(accept=0.9)
     models.costs["fp32"] = CostModel("fp32", 1.0, FLAT)
     controller = SpecKVController(models, "fp32", gamma_max=8)
-    controller.copies_ahead(4)
+    controller.copies_ahead(CopyMatch(3, unanimous=True))
     assert controller.begin_step() == 8 and controller.copies_chosen() is True
-    controller.copies_ahead(1)
-    assert controller.begin_step() == 8 and controller.copies_chosen() is False
+    for match in (CopyMatch(3, unanimous=False), CopyMatch(1, unanimous=True)):
+        controller.copies_ahead(match)
+        assert controller.begin_step() == 8 and controller.copies_chosen() is False
     assert controller.begin_step() == 8 and controller.copies_chosen() is False  # told afresh each step
 
 
 def test_a_copy_step_takes_the_prefix_its_chances_pay_for():
     # a = 0.1, t_draft = 1, t_verify = 10 + 1.5·(k − 1): λ = 0.1 (the target alone) and the model's
     # drafting does not pay. Each verified copy widens the pass by 1.5 (λ·1.5 = 0.15). After a
-    # 2-token match the copies reach 0.48, 0.35, 0.27, 0.21, 0.166, 0.130: five pay. After a
-    # 1-token match the first (0.20) pays and the second (0.20·0.48 = 0.096) does not.
+    # unanimous 3-token match the copies reach 0.74, 0.58, 0.46, 0.36, 0.28, 0.22, 0.17, 0.14:
+    # seven pay. Drafted, the copies show their own followers: the first two unanimous (0.74,
+    # 0.83), then split (0.33 each at 4+ tokens): they reach 0.74, 0.61, 0.20, 0.067, so three
+    # are verified. After a unanimous 1-token match the first (0.30) pays and the second
+    # (0.30·0.4872 = 0.146) does not; after a split one (0.14) not even the first.
     models = hand_models(accept=0.1)
     models.costs["fp32"] = CostModel("fp32", 1.0, [10.0 + 1.5 * k for k in range(9)])
     controller = SpecKVController(models, "fp32", gamma_max=8)
     assert controller.begin_step() == 0
-    controller.copies_ahead(2)
-    assert controller.begin_step() == 5 and controller.copies_chosen()
-    for position in range(1, 5):  # copies are free: the budget was the whole decision
-        assert controller.continue_drafting(TokenSignals(position, 0.0, 1.0, 1.0, free=True))
-    record = StepRecord(1, 5, 0, 0, 0, [0.0] * 5, [1.0] * 5, [1.0] * 5, drafted=5)
-    assert controller.verify_count(record) == 5
-    controller.copies_ahead(1)
+    controller.copies_ahead(CopyMatch(3, unanimous=True))
+    assert controller.begin_step() == 7 and controller.copies_chosen()
+    confidence = [1.0, 1.0] + [0.5] * 5  # a copy's confidence: its followers' largest share
+    for position, share in enumerate(confidence, 1):  # copies are free: all of the budget is drafted
+        assert controller.continue_drafting(TokenSignals(position, 0.0, share, share, free=True))
+    record = StepRecord(1, 7, 0, 0, 0, [0.0] * 7, confidence, confidence, drafted=7)
+    assert controller.verify_count(record) == 3
+    controller.copies_ahead(CopyMatch(1, unanimous=True))
     assert controller.begin_step() == 1 and controller.copies_chosen()
+    controller.copies_ahead(CopyMatch(1, unanimous=False))
+    assert controller.begin_step() == 0
 
 
 def test_copies_passed_over_are_taken_now_and_then():
-    # Copies only (the n-gram drafter alone): no model to turn to. a = 0.1, t_verify 10, 13, then
-    # 40: λ = 0.1, and a copy must be accepted with more than λ·3 = 0.3 to pay. After a 1-token
-    # match (0.20) none does, so none would ever be judged: after 8 steps in a row that passed
-    # copies over (the 8th) the step takes them anyway, as many as lose least (one).
-    # Rejected, that copy lowers the chance to 4·R·0.2 / 5 = 0.152 (R = 4 / 4.2) and the wait
-    # doubles to 16; accepted, the next lifts it to (1 + 4·R·0.2) / 6 = 0.318 (R = 5 / 4.4),
+    # Copies only (the n-gram drafter alone): no model to turn to. a = 0.1, t_verify 10, 12, then
+    # 40: λ = 0.1, and a copy must be accepted with more than λ·2 = 0.2 to pay. After a split
+    # 1-token match (0.14) none does, so none would ever be judged: after 8 steps in a row that
+    # passed copies over (the 8th) the step takes them anyway, as many as lose least (one).
+    # Rejected, that copy lowers the chance to 4·R·0.14 / 5 = 0.108 (R = 4 / 4.14) and the wait
+    # doubles to 16; accepted, the next lifts it to (1 + 4·R·0.14) / 6 = 0.276 (R = 5 / 4.28),
     # which pays: from then on such copies are taken.
     models = hand_models(accept=0.1)
-    models.costs["fp32"] = CostModel("fp32", 1.0, [10.0, 13.0] + [40.0] * 7)
+    models.costs["fp32"] = CostModel("fp32", 1.0, [10.0, 12.0] + [40.0] * 7)
     controller = SpecKVController(models, "fp32", gamma_max=8)
     controller.bind(NGramDrafter(vocab_size=16))
 
     def copy_step(accept: bool) -> int:
-        controller.copies_ahead(1)
+        controller.copies_ahead(CopyMatch(1, unanimous=False))
         budget = controller.begin_step()
         record = StepRecord(1, budget, 0, 0, 1)
         if budget:
             assert controller.copies_chosen() and budget == 1
-            assert controller.continue_drafting(TokenSignals(1, 0.0, 1.0, 1.0, free=True))
-            record = StepRecord(1, 1, 0, 0, 1, [0.0], [1.0], [1.0], drafted=1)
+            assert controller.continue_drafting(TokenSignals(1, 1.0, 0.5, 0.5, free=True))
+            record = StepRecord(1, 1, 0, 0, 1, [1.0], [0.5], [0.5], drafted=1)
             record.gamma = controller.verify_count(record)
             record.accepted = int(accept)
             record.tokens_produced = record.accepted + 1
@@ -97,11 +113,11 @@ def test_copies_passed_over_are_taken_now_and_then():
         return record.gamma
 
     assert [copy_step(accept=False) for _ in range(8)] == [0] * 7 + [1]
-    assert controller.copy_chances.chances(1, 1) == pytest.approx([0.8 * (4 / 4.2) / 5])
+    assert controller.copy_chances.chance(1, False) == pytest.approx(0.56 * (4 / 4.14) / 5)
     assert [copy_step(accept=True) for _ in range(16)] == [0] * 15 + [1]
-    assert controller.copy_chances.chances(1, 1) == pytest.approx([(1 + 0.8 * 5 / 4.4) / 6])
+    assert controller.copy_chances.chance(1, False) == pytest.approx((1 + 0.56 * 5 / 4.28) / 6)
     assert [copy_step(accept=True) for _ in range(3)] == [1, 1, 1]
-    controller.copies_ahead(0)
+    controller.copies_ahead(CopyMatch())
     assert controller.begin_step() == 0  # nothing to copy, and no model to draft
 
 
@@ -120,19 +136,19 @@ def test_copied_tokens_cost_no_draft_pass_and_calibrate_apart():
     assert controller.continue_drafting(TokenSignals(1, 1.0, 0.5, 0.5, free=True))
     record = StepRecord(1, 8, 1, 0, 1, [1.0], [0.5], [0.5], drafted=1)
     controller.end_step(record)  # the copied token was rejected: only copies are trusted less
-    assert controller.copy_chances.chances(1, 1)[0] < CopyChances.PRIOR[0]
+    assert controller.copy_chances.chance(1, unanimous=False) < CopyChances.PRIOR[0][0]
     assert controller.acceptance.correct(0.5) == 0.5
 
 
 class CopyingDrafter(ConstantDrafter):
-    """Has a 2-token match after an even-length context; records the lookups and the choices."""
+    """Has a unanimous 2-token match after an even-length context; records the lookups and the choices."""
 
     def __init__(self):
         self.lookups, self.chosen = 0, []
 
     def copy_match(self, context):
         self.lookups += 1
-        return 2 if len(context) % 2 == 0 else 0
+        return CopyMatch(2, unanimous=True) if len(context) % 2 == 0 else CopyMatch()
 
     def use_copies(self, copy):
         self.chosen.append(copy)
@@ -146,7 +162,7 @@ class TellMe(Controller):
         self.told.append(match)
 
     def copies_chosen(self):
-        return bool(self.told[-1])
+        return self.told[-1].length > 0
 
     def begin_step(self):
         return 1
@@ -158,6 +174,6 @@ def test_the_step_carries_the_match_to_the_controller_and_its_choice_to_the_draf
         verifier = TimedVerifier(FakeClock(), FLAT)
         for context in ([1, 2], [1, 2, 3]):
             run_step(0, context, 8, controller, drafter, verifier, SamplingConfig(), frozenset())
-        assert controller.told == ([2, 0] if reads else [])
+        assert controller.told == ([CopyMatch(2, True), CopyMatch()] if reads else [])
         assert drafter.chosen == ([True, False] if reads else [])
         assert drafter.lookups == (2 if reads else 0)  # no lookup for a controller that ignores it

@@ -134,6 +134,26 @@ def test_give_costs_reaches_speckv_controllers_only(tiny_target, tiny_drafts, tm
     assert shipped.costs.prior == hand_models().costs["fp32"]
 
 
+def test_a_drafter_that_only_copies_plans_with_the_targets_measured_passes(
+    tiny_target, tiny_drafts, tmp_path
+):
+    from speckv.decoding.drafters.ngram import NGramDrafter
+
+    measured = measure_costs(tiny_target, None, gamma_max=3, repeats=2, progress=False).cost
+    assert measured.t_draft_s == 0.0 and measured.draft_prefill_s_per_token == 0.0
+    assert len(measured.t_verify_s) == 4 and all(t > 0 for t in measured.t_verify_s)
+    key = cache_key(tiny_target, None, "cpu", 1)
+    assert key["draft"] != cache_key(tiny_target, tiny_drafts["close"], "cpu", 1)["draft"]
+    path = hand_models().save(tmp_path / "ctrl.json")
+    controller = make_controller(f"speckv:{path}", compression="fp32")
+    source = give_costs(
+        controller, "auto", tiny_target, NGramDrafter(tiny_target.model.config.vocab_size), progress=False
+    )
+    # This machine's passes, not the controller file's fallback (measured on another machine).
+    assert source.startswith(("measured now", "cached")) and controller.costs.prior.t_draft_s == 0.0
+    assert controller.costs.prior.t_verify_s != hand_models().costs["fp32"].t_verify_s
+
+
 def test_generate_says_which_curve_it_planned_with(capsys, tiny_model_dirs, tmp_path):
     from speckv.cli import main
 

@@ -15,6 +15,7 @@ from speckv.decoding.drafters.ngram import Match, NGramTable, SuffixIndex, ngram
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.verify import SamplingConfig
 from speckv.errors import SpecKVError
+from speckv.records import CopyMatch
 
 GREEDY = SamplingConfig()
 
@@ -65,9 +66,14 @@ def test_drafter_copies_the_continuation_with_count_signals():
     # Nothing to copy: no proposal, the step becomes a plain target step.
     drafter.begin()
     assert list(drafter.draft([1, 2, 3], 4, GREEDY, None)) == []
-    # Told before drafting: how long a match the copies would continue.
-    assert drafter.copy_match([1, 2, 3]) == 0 and drafter.copy_match([1, 2, 3, 1]) == 1
-    assert drafter.copy_match([1, 2, 3, 1, 2]) == 2 and drafter.copies_only
+    # Told before drafting: how long a match the copies would continue, and whether its followers
+    # agree ("1 2" was followed by 3 and by 4; "3 1 2" by 4 alone).
+    assert drafter.copy_match([1, 2, 3]) == CopyMatch() and drafter.copies_only
+    assert drafter.copy_match([1, 2, 3, 1]) == CopyMatch(1, True)
+    assert drafter.copy_match([1, 2, 3, 1, 2]) == CopyMatch(2, True)
+    assert drafter.copy_match([1, 2, 3, 1, 2, 4, 1, 2]) == CopyMatch(2, False)
+    drafter.begin()
+    assert drafter.copy_match([1, 2, 3, 1, 2, 4, 3, 1, 2]) == CopyMatch(3, True)
 
 
 def test_drafter_spec_parsing(tiny_target):
@@ -164,9 +170,9 @@ def test_the_switching_drafter_copies_where_a_long_match_exists(tiny_target, tin
     drafter.begin()
     greedy = SamplingConfig()
     repeated = [7, 3, 9, 11, 2, 5, 7, 3, 9]  # "7 3 9" occurred before: copy "11 2 5 …"
-    assert drafter.copy_match(repeated[:-1]) == 2  # "7 3" is too short for min_match 3
+    assert drafter.copy_match(repeated[:-1]).length == 2  # "7 3" is too short for min_match 3
     assert drafter.chain_drafter(repeated[:-1]) is drafter.model
-    assert drafter.copy_match(repeated) == 3 and drafter.chain_drafter(repeated) is None
+    assert drafter.copy_match(repeated).length == 3 and drafter.chain_drafter(repeated) is None
     assert [p.token for p in drafter.draft(repeated, 3, greedy, None)] == [11, 2, 5]
     drafter.rollback(len(repeated), Verdict([], 0))
     model_only = ModelDrafter(tiny_drafts["unrelated"], tiny_target.model.config.vocab_size)

@@ -24,6 +24,7 @@ from speckv.decoding.drafters.ngram import Match, NGramTable
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.decoding.verify import SamplingConfig
 from speckv.errors import SpecKVError
+from speckv.records import CopyMatch
 
 GREEDY = SamplingConfig()
 
@@ -118,10 +119,14 @@ def test_an_earlier_match_counts_a_token_shorter_for_the_switch(tiny_target, tin
     earlier.add([4, 5, 6, 7, 8])
     drafter = SuffixDrafter(tiny_target.model.config.vocab_size, earlier=earlier)
     drafter.begin()
-    assert drafter.copy_match([0, 5, 6, 7]) == 2  # "5 6 7" occurred earlier: 3 tokens, counted 2
-    assert drafter.copy_match([0, 5, 6, 7, 1, 5, 6]) == 2  # "5 6" is its own as well: 2
+    assert drafter.copy_match([0, 5, 6, 7]) == CopyMatch(
+        2, True
+    )  # "5 6 7" occurred earlier: 3 tokens, counted 2
+    # "5 6" is its own as well, followed by 7 and (earlier) by 7: 2
+    assert drafter.copy_match([0, 5, 6, 7, 1, 5, 6]) == CopyMatch(2, True)
+    assert drafter.copy_match([0, 5, 6, 7, 1, 5, 6, 2, 5, 6]) == CopyMatch(2, False)  # its own: 7, then 2
     drafter.begin()
-    assert drafter.copy_match([0, 0, 6, 7]) == 1  # "6 7": 2 tokens, counted 1
+    assert drafter.copy_match([0, 0, 6, 7]) == CopyMatch(1, True)  # "6 7": 2 tokens, counted 1
     # So the switching drafter (copying from 2-token matches) runs the model after the 2-token
     # earlier match, copies after the 3.
     switch = SwitchingChainDrafter(switching(tiny_target, tiny_drafts["unrelated"]).model, drafter.fresh())

@@ -17,7 +17,7 @@ from speckv.errors import SpecKVError
 
 if TYPE_CHECKING:
     from speckv.controllers.batch_budget import SharedPass, SharedVerifyBudget
-    from speckv.records import StepRecord, TokenSignals
+    from speckv.records import CopyMatch, StepRecord, TokenSignals
 
 GAMMA_LIMIT = 64
 
@@ -71,10 +71,11 @@ class Controller(ABC):
         verify all of them. Asked in greedy decoding in a batch with a shared budget."""
         return None
 
-    def copies_ahead(self, match: int) -> None:
+    def copies_ahead(self, match: CopyMatch) -> None:
         """Before `begin_step`, where `reads_copies`: how many of the sequence's last tokens the
         drafter found earlier, whose continuation it could copy (n-gram candidates: no draft pass
-        runs for them); 0 where it has nothing to copy."""
+        runs for them; length 0 where it has nothing to copy), and whether one token followed
+        them every time."""
 
     def copies_chosen(self) -> bool | None:
         """After `begin_step`, where `reads_copies`: whether the step drafts the copies (True) or

@@ -27,6 +27,7 @@ from collections import deque
 import numpy as np
 
 from speckv.costs import CostModel
+from speckv.records import CopyMatch
 
 # A step time more than this factor off the estimate moves it as if it were this factor off: one
 # stall (a page fault, the garbage collector, a neighbour's burst) cannot swing the plan.
@@ -141,29 +142,35 @@ class LiveAcceptance:
 
 class CopyChances:
     """P(a copied token is accepted | the step's earlier copies were), by the length of the earlier
-    match it continues (n-gram candidates, `speckv.decoding.drafters.ngram`).
+    match it continues and whether that match was always followed by the copied token (n-gram
+    candidates, `speckv.decoding.drafters.ngram`).
 
     A copy continues an earlier occurrence of the sequence's last L tokens; once it is accepted the
     next copy continues an occurrence of L + 1 (that same one, with the token just copied), so a
-    step's copies continue matches of L, L + 1, …. The match's length says much of a copy: first
-    copies were accepted 20 % of the time after a 1-token match and 78 % after a 4-token one
-    (`PRIOR`). Per length, a running estimate (accepted + m·R·prior) / (judged + m),
-    with R = (accepted + m) / (expected + m) over every length: text where copies fare badly
-    lowers every length's chance at once, and each length learns its own. A new sequence keeps
-    half the evidence, as `LiveAcceptance` does."""
+    step's copies continue matches of L, L + 1, …. The match's length says much of a copy, and so
+    does whether its followers agree (`PRIOR`): first copies were accepted 30 % of the time after
+    a unanimous 1-token match and 14 % after a split one, 83 % and 33 % after 4 or more tokens.
+    Before a step only its first copy's followers are known (`CopyMatch`); later copies count at
+    their length's mix of the two (`UNANIMOUS_SHARE`), and at their own once drafted.
 
-    # First copies accepted after a match of 1, 2, 3 and 4 or more tokens: the demo target's bf16
-    # output, 64 tokens for each of 6 dev-split prompts of each task, 441, 167, 95 and 367 copies
-    # (from 0.13 on chat to 0.25 on summarization after 1 token, 0.69 to 0.89 after 4).
-    PRIOR = (0.20, 0.48, 0.73, 0.78)
+    Per bin, a running estimate (accepted + m·R·prior) / (judged + m), with R = (accepted + m) /
+    (expected + m) over every bin: text where copies fare badly lowers every chance at once, and
+    each bin learns its own. A new sequence keeps half the evidence, as `LiveAcceptance` does."""
+
+    # First copies accepted after a match of 1, 2, 3 and 4 or more tokens, [split, unanimous]: the
+    # demo target's bf16 output, 64 tokens for each of 6 dev-split prompts of each task (1,070
+    # copies: 441, 167, 95 and 367 by length). Split matches of 3 and of 4+ tokens (9 and 34
+    # copies) are pooled. Unanimous after 1 token: 0.20 on chat to 0.41 on summarization.
+    PRIOR = ((0.14, 0.21, 0.33, 0.33), (0.30, 0.57, 0.74, 0.83))
+    UNANIMOUS_SHARE = (0.38, 0.77, 0.91, 0.91)  # of the copies after each length, the same data
 
     def __init__(self, strength: float = 4.0):
         self.strength = strength
         self.reset()
 
     def reset(self) -> None:
-        self.judged = np.zeros(len(self.PRIOR))
-        self.accepted = np.zeros(len(self.PRIOR))
+        self.judged = np.zeros((2, len(self.UNANIMOUS_SHARE)))
+        self.accepted = np.zeros_like(self.judged)
         self._chances = np.asarray(self.PRIOR, float)
 
     def new_sequence(self) -> None:
@@ -171,26 +178,37 @@ class CopyChances:
         self.accepted *= 0.5
         self._update()
 
-    def _bins(self, match: int, count: int) -> np.ndarray:
-        """The length bin of each of `count` copies continuing a `match`-token match."""
-        return np.minimum(np.arange(max(match, 1), max(match, 1) + count), len(self.PRIOR)) - 1
+    def _bin(self, length: int) -> int:
+        return min(max(length, 1), len(self.UNANIMOUS_SHARE)) - 1
 
-    def chances(self, match: int, count: int) -> np.ndarray:
-        """The chance of each of `count` copies continuing a `match`-token match, the ones before it accepted."""
-        return self._chances[self._bins(match, count)]
+    def chance(self, length: int, unanimous: bool) -> float:
+        """The chance of a copy continuing a `length`-token match, its followers known."""
+        return float(self._chances[int(unanimous), self._bin(length)])
 
-    def observe(self, match: int, verified: int, accepted: int) -> None:
-        """A copy step's judged tokens: of `verified` copies continuing a `match`-token match, the
-        first `accepted` were accepted; copies after the first rejection were never judged."""
-        bins = self._bins(match, min(accepted + 1, verified))
-        if len(bins):
-            np.add.at(self.judged, bins, 1.0)
-            np.add.at(self.accepted, bins[:accepted], 1.0)
+    def chances(self, match: CopyMatch, count: int) -> np.ndarray:
+        """The chance of each of `count` copies continuing `match`, the ones before it accepted:
+        the first's followers are known, the later ones' not yet."""
+        share = np.asarray(self.UNANIMOUS_SHARE)
+        mixed = share * self._chances[1] + (1.0 - share) * self._chances[0]
+        bins = [self._bin(match.length + i) for i in range(count)]
+        out = mixed[bins]
+        if count:
+            out[0] = self.chance(match.length, match.unanimous)
+        return out
+
+    def observe(self, match: int, unanimous: list[bool], accepted: int) -> None:
+        """A copy step's judged tokens: of the copies continuing a `match`-token match (`unanimous`:
+        each verified copy's followers), the first `accepted` were accepted; copies after the first
+        rejection were never judged."""
+        for i, agreed in enumerate(unanimous[: accepted + 1]):
+            self.judged[int(agreed), self._bin(match + i)] += 1.0
+            self.accepted[int(agreed), self._bin(match + i)] += float(i < accepted)
+        if unanimous:
             self._update()
 
     def _update(self) -> None:
         m, prior = self.strength, np.asarray(self.PRIOR)
-        overall = (self.accepted.sum() + m) / (self.judged @ prior + m)
+        overall = (self.accepted.sum() + m) / ((self.judged * prior).sum() + m)
         self._chances = np.minimum((self.accepted + m * overall * prior) / (self.judged + m), 0.999)
 
 

@@ -49,6 +49,7 @@ from speckv.controllers.predictor import AcceptancePredictor
 from speckv.controllers.sequence_context import CONTEXT_FEATURES, SequenceContext
 from speckv.costs import CostModel, costs_from_dict, costs_to_dict
 from speckv.errors import SpecKVError
+from speckv.records import CopyMatch, unanimous
 from speckv.util.files import atomic_write_text
 
 FILE_FORMAT = "speckv-controller"
@@ -208,9 +209,10 @@ class SpecKVController(Controller):
     unless `follow_costs` is off (exact replay of live runs); predicted acceptance is calibrated
     against what the sequence shows (`live.LiveAcceptance`). Copied tokens (n-gram candidates:
     `TokenSignals.free`) are charged no draft pass, and their chance comes from the length of the
-    earlier match they continue (`live.CopyChances`), which the drafter tells before each step
-    (`copies_ahead`): the step copies when the copies' best verified prefix is worth more than the
-    model's best step, and says so to the drafter (`copies_chosen`).
+    earlier match they continue and whether its followers agree (`live.CopyChances`), which the
+    drafter tells before each step (`copies_ahead`): the step copies when the copies' best
+    verified prefix is worth more than the model's best step, and says so to the drafter
+    (`copies_chosen`).
 
     When no drafting pays (predicted), `begin_step` returns 0: the step is a plain target step,
     which the engine supports. Nothing is observed in such a step, so after `probe_every` of them
@@ -244,8 +246,8 @@ class SpecKVController(Controller):
         self.copy_chances = CopyChances()  # of copied (n-gram) tokens: another source
         self._copying = False  # this step's tokens are copied: no draft pass, their own chances
         self._probing = False  # this step is a probe: its token is verified whatever it looks like
-        self._match = 0  # the earlier match the drafter's copies would continue (0: none)
-        self._copy_match = 1  # the match this step's copies continue
+        self._match = CopyMatch()  # the earlier match the drafter's copies would continue
+        self._copy_match = 1  # the length of the match this step's copies continue
         self._copy_reach = np.ones(1)  # P(the first i copies are all accepted), i = 0..γ_max
         self._model_drafts = True  # the drafter has a draft model (not copies only)
         self.rate = RateTracker()
@@ -340,7 +342,7 @@ class SpecKVController(Controller):
         # trees: index i is λ·(one more node's drafting + the pass's growth from i + 1 to i + 2 tokens)
         self._tree_steps = rate * (t_draft + np.diff(curve))
 
-    def copies_ahead(self, match: int) -> None:
+    def copies_ahead(self, match: CopyMatch) -> None:
         self._match = match
 
     def copies_chosen(self) -> bool | None:
@@ -361,11 +363,11 @@ class SpecKVController(Controller):
         self._node_reach = []
         self._copying = False
         self._probing = False
-        match, self._match = self._match, 0  # told afresh before each step
+        match, self._match = self._match, CopyMatch()  # told afresh before each step
         # Value of drafting γ tokens with the model: expected extra tokens − λ·step time.
         values = self._gains - self._charges
         best = int(np.argmax(values))
-        if match and self.per_token and not self._branching:
+        if match.length and self.per_token and not self._branching:
             self._expect_copies(match)
             model_drafts = self._model_drafts and best > 0
             copies = self._copy_budget(values[best] if model_drafts else values[0], model_drafts)
@@ -409,7 +411,7 @@ class SpecKVController(Controller):
         if i == 1 and signals.free != self._copying:  # a drafter that picked its source itself
             self._copying = signals.free
             if self._copying:
-                self._expect_copies(1)
+                self._expect_copies(CopyMatch(1, unanimous(signals.confidence)))
         self._observe(signals.entropy, signals.confidence, signals.token_prob)
         if self._probing or self._copying:  # the length was chosen in begin_step
             return True
@@ -437,9 +439,10 @@ class SpecKVController(Controller):
         expected = np.cumsum(self._reach)  # E[tokens] when verifying j = 0, 1, …: 1 + Σ_{i≤j} reach_i
         return int(np.argmax(expected - self._verify_charges[: len(self._reach)]))
 
-    def _expect_copies(self, match: int) -> None:
-        """This step's copies continue a `match`-token match: P(the first i are all accepted)."""
-        self._copy_match = match
+    def _expect_copies(self, match: CopyMatch) -> None:
+        """This step's copies continue `match`: P(the first i are all accepted), as far as is
+        known before they are drafted."""
+        self._copy_match = match.length
         self._copy_reach = np.concatenate(
             [[1.0], np.cumprod(self.copy_chances.chances(match, self.gamma_max))]
         )
@@ -477,8 +480,9 @@ class SpecKVController(Controller):
     def _observe(self, entropy: float, confidence: float, token_prob: float) -> None:
         """P(this drafted token is accepted | the ones before it are), from the token model,
         calibrated on the sequence so far."""
-        if self._copying:  # a copy's chance is its match's (`CopyChances`), set in begin_step
-            self._reached = float(self._copy_reach[min(len(self._reach), len(self._copy_reach) - 1)])
+        if self._copying:  # a copy's chance: its match's length and followers (`CopyChances`)
+            length = self._copy_match + len(self._reach) - 1
+            self._reached *= self.copy_chances.chance(length, unanimous(confidence))
             self._reach.append(self._reached)
             return
         x = self._x  # its context part was set by begin_step
@@ -540,7 +544,8 @@ class SpecKVController(Controller):
         if record.gamma and not self._branching:  # a chain: its judged tokens calibrate the model
             self._observe_record(record)
             if self._copying:
-                self.copy_chances.observe(self._copy_match, record.gamma, record.accepted)
+                verified = record.draft_confidence[: record.gamma]
+                self.copy_chances.observe(self._copy_match, list(map(unanimous, verified)), record.accepted)
             else:
                 self.acceptance.observe(self._raw[: record.gamma], record.accepted)
         if self.follow_costs:

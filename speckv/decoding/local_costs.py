@@ -5,7 +5,8 @@ the CPU (AVX2 or AVX-512, native bf16 or not), the GPU, the thread count and the
 a curve from another machine plans for a machine the controller is not on. So on first use of a
 (target, draft, level, device, threads) combination `local_costs("auto", …)` measures the curve
 (`measure_costs`: seconds on the demo pair) and caches it under the SpecKV cache folder; later
-runs reuse it. `speckv calibrate --quick` does the same by hand (and re-measures); `--costs
+runs reuse it. A drafter that only copies (n-gram candidates) has no draft model: its curve is the
+target's passes alone, its drafting free. `speckv calibrate --quick` does the same by hand (and re-measures); `--costs
 shipped` plans with the controller file's fallback curve, `--costs FILE` with a file of
 `speckv calibrate`.
 
@@ -75,7 +76,7 @@ class CostChoice:
 
 def measure_costs(
     target: LoadedModel,
-    draft: LoadedModel,
+    draft: LoadedModel | None,
     gamma_max: int = 8,
     repeats: int = 7,
     context_tokens: int = 128,
@@ -85,24 +86,27 @@ def measure_costs(
 
     t_verify(k): the verifier's pass over k tokens after a `context_tokens`-token sequence, rolled
     back each time; t_draft: the draft's time per token over chains of γ_max; prefill: the
-    verifier's and the drafter's first pass over the sequence, per token."""
+    verifier's and the drafter's first pass over the sequence, per token. `draft` None: copies
+    only, which cost no draft pass (t_draft 0)."""
     if gamma_max < 1 or repeats < 1:
         raise SpecKVError("measure costs with gamma_max ≥ 1 and repeats ≥ 1")
     ids = target.tokenizer(_PROMPT)["input_ids"]
     prompt = (ids * (context_tokens // max(len(ids), 1) + 1))[:context_tokens]
     greedy = SamplingConfig()
     verifier = TargetVerifier(target, greedy)
-    drafter = ModelDrafter(draft, target.model.config.vocab_size)
+    drafter = ModelDrafter(draft, target.model.config.vocab_size) if draft is not None else None
     verifier.begin(len(prompt))
-    drafter.begin()
     started = time.perf_counter()
     verifier.verify(prompt, [], [], [], None)
     target_prefill = (time.perf_counter() - started) / len(prompt)
     verifier.rollback(len(prompt))
-    started = time.perf_counter()
-    next(iter(drafter.draft(prompt, 1, greedy, None)))
-    draft_prefill = (time.perf_counter() - started) / len(prompt)
-    drafter.rollback(len(prompt), Verdict([], 0))
+    draft_prefill = 0.0
+    if drafter is not None:
+        drafter.begin()
+        started = time.perf_counter()
+        next(iter(drafter.draft(prompt, 1, greedy, None)))
+        draft_prefill = (time.perf_counter() - started) / len(prompt)
+        drafter.rollback(len(prompt), Verdict([], 0))
 
     context = [*prompt, prompt[-1]]  # one unseen token, as in every step after the first
     chain = prompt[: gamma_max + 1]
@@ -117,21 +121,22 @@ def measure_costs(
             verifier.rollback(len(prompt))
             if repeat:
                 verify[k].append(time.perf_counter() - started)
-        started = time.perf_counter()
-        proposals = sum(1 for _ in drafter.draft(context, gamma_max, greedy, None))
-        drafter.rollback(len(prompt), Verdict([], 0))
-        if repeat:
-            per_token.append((time.perf_counter() - started) / proposals)
+        if drafter is not None:
+            started = time.perf_counter()
+            proposals = sum(1 for _ in drafter.draft(context, gamma_max, greedy, None))
+            drafter.rollback(len(prompt), Verdict([], 0))
+            if repeat:
+                per_token.append((time.perf_counter() - started) / proposals)
         bar.update()
     bar.close()
     cost = CostModel(
         compression=target.compression,
-        t_draft_s=statistics.median(per_token),
+        t_draft_s=statistics.median(per_token) if per_token else 0.0,
         t_verify_s=[statistics.median(verify[k]) for k in range(1, gamma_max + 2)],
         target_prefill_s_per_token=target_prefill,
         draft_prefill_s_per_token=draft_prefill,
     )
-    return MeasuredCosts(cost, unsteadiness([*verify.values(), per_token]))
+    return MeasuredCosts(cost, unsteadiness([*verify.values(), *([per_token] if per_token else [])]))
 
 
 def unsteadiness(samples: list[list[float]]) -> float:
@@ -190,7 +195,7 @@ def measure_pass_costs(
     return times
 
 
-def cache_key(target: LoadedModel, draft: LoadedModel, device: str, threads: int) -> dict:
+def cache_key(target: LoadedModel, draft: LoadedModel | None, device: str, threads: int) -> dict:
     """What a cached curve holds for: the models (name and configuration), the level, the device
     (CPU model and flags, or GPU name), the thread count, and the versions of torch and
     transformers (either may change the kernels a pass runs). Not where the models were loaded
@@ -207,7 +212,7 @@ def cache_key(target: LoadedModel, draft: LoadedModel, device: str, threads: int
 
     return {
         "target": model_id(target),
-        "draft": model_id(draft),
+        "draft": model_id(draft) if draft is not None else "none (copies only)",
         "precision": target.precision,
         "device": device_description(device),
         "threads": threads,
@@ -233,7 +238,7 @@ def local_costs(
     """The cost curve for `--costs CHOICE`: auto (cached, else measured now and cached), shipped,
     or a cost file. `remeasure` measures even when a cached curve exists. Under auto, `batch_rows`
     (the server's batch sizes) adds the batch's pass over that many sequences (`t_pass_s`),
-    measured once and cached beside the curve."""
+    measured once and cached beside the curve. `draft` None: a drafter that only copies."""
     if choice == "shipped":
         return CostChoice(None, "shipped (the controller file's, measured elsewhere)")
     if choice != "auto":
@@ -241,8 +246,6 @@ def local_costs(
         if target.compression not in costs:
             raise SpecKVError(f"cost file {choice} has no {target.compression} level ({', '.join(costs)})")
         return CostChoice(costs[target.compression], f"file {choice}")
-    if draft is None:
-        raise SpecKVError("--costs auto measures the draft model's cost: this drafter has no draft model")
     device = str(target.device)
     key = cache_key(target, draft, device, torch.get_num_threads())
     path = cache_path(key)
@@ -319,14 +322,15 @@ def give_costs(
 ) -> str | None:
     """Give a SpecKV controller the curve `--costs CHOICE` names (measuring it if need be, with the
     batch passes over `batch_rows` sequences for a server); returns where the curve came from, or
-    None for a controller that plans without costs. A drafter with no draft model to time (a
-    feature head) keeps the file's fallback under `auto`."""
+    None for a controller that plans without costs. A drafter that drafts without a draft model
+    to time (a feature head) keeps the file's fallback under `auto`; one that only copies (n-gram
+    candidates) drafts for free and takes the target's measured curve."""
     from speckv.controllers.speckv import SpecKVController
 
     if not isinstance(controller, SpecKVController):
         return None
     draft = getattr(drafter, "loaded", None)
-    if choice == "auto" and draft is None:
+    if choice == "auto" and draft is None and not getattr(drafter, "copies_only", False):
         controller.cost_source = "shipped (the drafter has no draft model to time)"
         return controller.cost_source
     widths = max(controller.models.gamma_max, controller.models.costs[target.compression].gamma_max)

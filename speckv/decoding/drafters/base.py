@@ -26,6 +26,7 @@ import torch
 from speckv.decoding.models import LoadedModel
 from speckv.decoding.verify import SamplingConfig
 from speckv.errors import SpecKVError
+from speckv.records import CopyMatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,11 +104,12 @@ class Drafter(ABC):
     def rollback(self, kept: int, verdict: Verdict) -> None:
         """After verification: keep the first `kept` positions of the sequence."""
 
-    def copy_match(self, context: list[int]) -> int:
+    def copy_match(self, context: list[int]) -> CopyMatch:
         """How many of the last tokens of `context` occurred earlier, whose continuation the
-        proposals after it could copy (free: no draft pass runs for them); 0: nothing to copy. A
-        controller may want to know before it sets the budget."""
-        return 0
+        proposals after it could copy (free: no draft pass runs for them; length 0: nothing to
+        copy), and whether one token followed them every time. A controller may want to know
+        before it sets the budget."""
+        return CopyMatch()
 
     def use_copies(self, copy: bool | None) -> None:
         """For the next `draft` only: draft the copies (True) or the draft model's tokens (False),

@@ -23,6 +23,7 @@ from speckv.decoding.drafters.model import ModelDrafter
 from speckv.decoding.drafters.ngram import NGramDrafter
 from speckv.decoding.drafters.tree import ModelTreeDrafter
 from speckv.decoding.verify import SamplingConfig
+from speckv.records import CopyMatch
 
 
 class HybridTreeDrafter(Drafter):
@@ -106,7 +107,7 @@ class SwitchingChainDrafter(Drafter):
         self.loaded = model.loaded
         self.name = f"{model.name}|{ngram.name}"
         self._chosen: bool | None = None  # the controller's choice for the next step
-        self._told = (-1, 0)  # (context length, match) last looked up: a step asks twice
+        self._told = (-1, CopyMatch())  # (context length, match) last looked up: a step asks twice
 
     def fresh(self) -> SwitchingChainDrafter:
         return SwitchingChainDrafter(self.model.fresh(), self.ngram.fresh(), self.min_match)
@@ -114,7 +115,7 @@ class SwitchingChainDrafter(Drafter):
     def begin(self) -> None:
         self.model.begin()
         self.ngram.begin()
-        self._told = (-1, 0)
+        self._told = (-1, CopyMatch())
 
     def end(self, sequence: list[int]) -> None:
         self.model.end(sequence)
@@ -131,7 +132,7 @@ class SwitchingChainDrafter(Drafter):
         self._chosen = None  # chosen for one step
         yield from source.draft(context, budget, sampling, generator)
 
-    def copy_match(self, context: list[int]) -> int:
+    def copy_match(self, context: list[int]) -> CopyMatch:
         # A sequence's contexts only grow between steps: its length names this step's lookup.
         if self._told[0] != len(context):
             self._told = (len(context), self.ngram.copy_match(context))
@@ -143,8 +144,8 @@ class SwitchingChainDrafter(Drafter):
     def _copies(self, context: list[int]) -> bool:
         """Whether the step after `context` copies: as chosen, else by the match's length."""
         if self._chosen is not None:
-            return self._chosen and self.copy_match(context) > 0
-        return self.copy_match(context) >= self.min_match
+            return self._chosen and self.copy_match(context).length > 0
+        return self.copy_match(context).length >= self.min_match
 
     def chain_drafter(self, context: list[int] | None = None) -> ModelDrafter | None:
         return None if context is not None and self._copies(context) else self.model

@@ -22,6 +22,7 @@ import torch
 from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
 from speckv.decoding.verify import SamplingConfig
 from speckv.errors import SpecKVError
+from speckv.records import CopyMatch
 
 
 def ngrams(
@@ -129,6 +130,13 @@ def proposal(
     return Proposal(token, entropy, max(shares), counts[token] / total, probs, free=True)
 
 
+def copy_match(match: Match | None, shorter_by: int = 0) -> CopyMatch:
+    """What copies from `match` would continue, counted `shorter_by` tokens shorter than it is."""
+    if match is None or match.length <= shorter_by:
+        return CopyMatch()
+    return CopyMatch(match.length - shorter_by, len(match.counts) == 1)
+
+
 class NGramDrafter(Drafter):
     """Proposes what followed the longest earlier match of the sequence's suffix."""
 
@@ -149,11 +157,11 @@ class NGramDrafter(Drafter):
         """What followed the longest earlier match of `suffix` (the sequence's own text so far)."""
         return self.index.lookup(suffix)
 
-    def copy_match(self, context: list[int]) -> int:
-        """How many of the sequence's last tokens occurred before (0: nothing to copy)."""
+    def copy_match(self, context: list[int]) -> CopyMatch:
+        """How many of the sequence's last tokens occurred before (0: nothing to copy), and
+        whether one token followed them every time."""
         self.index.extend(context[len(self.index.tokens) :])
-        found = self.lookup(context[-self.index.max_match :])
-        return found.length if found is not None else 0
+        return copy_match(self.lookup(context[-self.index.max_match :]))
 
     def draft(
         self,

@@ -22,8 +22,9 @@ from __future__ import annotations
 import threading
 from collections import deque
 
-from speckv.decoding.drafters.ngram import Match, NGramDrafter, NGramTable
+from speckv.decoding.drafters.ngram import Match, NGramDrafter, NGramTable, copy_match
 from speckv.errors import SpecKVError
+from speckv.records import CopyMatch
 
 DEFAULT_CAPACITY = 200_000  # tokens of earlier sequences kept
 
@@ -96,15 +97,15 @@ class SuffixDrafter(NGramDrafter):
             return own
         return earlier
 
-    def copy_match(self, context: list[int]) -> int:
+    def copy_match(self, context: list[int]) -> CopyMatch:
         """The case for copying instead of running a draft model (`SwitchingChainDrafter`): the
         match in the sequence's own text, or one in an earlier sequence counted a token shorter.
         Another request's phrase is weaker evidence than the request repeating itself: at equal
         length its copies are accepted less than half as often (docs/drafters.md)."""
         self.index.extend(context[len(self.index.tokens) :])
         suffix = context[-self.index.max_match :]
-        own, earlier = self.index.lookup(suffix), self.earlier.lookup(suffix)
-        return max(own.length if own is not None else 0, earlier.length - 1 if earlier is not None else 0)
+        own, earlier = copy_match(self.index.lookup(suffix)), copy_match(self.earlier.lookup(suffix), 1)
+        return own if own.length >= earlier.length else earlier
 
     def end(self, sequence: list[int]) -> None:
         self.earlier.add(sequence)
