@@ -5,10 +5,10 @@ the CPU (AVX2 or AVX-512, native bf16 or not), the GPU, the thread count and the
 a curve from another machine plans for a machine the controller is not on. So on first use of a
 (target, draft, level, device, threads) combination `local_costs("auto", …)` measures the curve
 (`measure_costs`: seconds on the demo pair) and caches it under the SpecKV cache folder; later
-runs reuse it. A drafter that only copies (n-gram candidates) has no draft model: its curve is the
-target's passes alone, its drafting free. `speckv calibrate --quick` does the same by hand (and re-measures); `--costs
+runs reuse it. `speckv calibrate --quick` does the same by hand (and re-measures); `--costs
 shipped` plans with the controller file's fallback curve, `--costs FILE` with a file of
-`speckv calibrate`.
+`speckv calibrate`. A drafter that only copies (n-gram candidates) has no draft model: its curve
+is the target's passes alone, its drafting free.
 
 `measure_costs` times the engine's own parts, not a model call beside them: the target verifier's
 pass over k tokens with its verification and cache rollback, and the draft model's drafter, at
@@ -136,7 +136,8 @@ def measure_costs(
         target_prefill_s_per_token=target_prefill,
         draft_prefill_s_per_token=draft_prefill,
     )
-    return MeasuredCosts(cost, unsteadiness([*verify.values(), *([per_token] if per_token else [])]))
+    timed = [*verify.values(), per_token] if per_token else [*verify.values()]
+    return MeasuredCosts(cost, unsteadiness(timed))
 
 
 def unsteadiness(samples: list[list[float]]) -> float:
