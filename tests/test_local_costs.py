@@ -189,6 +189,20 @@ def test_calibrate_quick_measures_again_and_caches(capsys, tiny_model_dirs):
         line = capsys.readouterr().out
         assert line.startswith("fp32, 1 thread(s): t_draft") and "t_verify(1..4)" in line
         assert "measured now" in line
+    copying = [
+        "calibrate",
+        "--quick",
+        *pair[:2],
+        "--draft",
+        "ngram",
+        "--compression",
+        "fp32",
+        "--threads",
+        "1",
+    ]
+    assert main(copying) == 0  # n-gram candidates: the target's passes alone, their drafting free
+    line = capsys.readouterr().out
+    assert line.startswith("fp32, 1 thread(s): t_draft 0.00 ms") and "measured now" in line
     assert main([*argv, "--batch-rows", "2,3"]) == 0  # and a server's batch passes, if asked
     out = capsys.readouterr().out
     assert "batch of 2: t_pass(1..4)" in out and "batch of 3: t_pass(1..4)" in out

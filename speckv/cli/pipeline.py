@@ -67,7 +67,9 @@ def _add_calibrate(sub) -> None:
     )
     parser.add_argument("--target", help="with --quick: the target (directory, .gguf or cached HF id)")
     parser.add_argument(
-        "--draft", help="with --quick: the draft model (default with --demo: the shipped one)"
+        "--draft",
+        help="with --quick: the draft model (default with --demo: the shipped one); ngram or suffix "
+        "times the target's passes alone (copies cost no draft pass)",
     )
     parser.add_argument(
         "--compression", help="comma-separated levels (default: the profile's; auto with --quick)"
@@ -301,8 +303,9 @@ def run_calibrate(args) -> int:
 
 def _quick_calibrate(args) -> int:
     """`calibrate --quick`: this machine's curve for a pair, measured now and cached for --costs auto."""
+    from speckv.decoding.drafters import COPYING
     from speckv.decoding.local_costs import local_costs
-    from speckv.decoding.models import LoadedModel, resolve_compression, resolve_device
+    from speckv.decoding.models import LoadedModel, load_model, resolve_compression, resolve_device
     from speckv.pipeline.profiling import read_settings
     from speckv.util.threads import configure_threads
 
@@ -323,11 +326,16 @@ def _quick_calibrate(args) -> int:
     rows = tuple(_int_list(args.batch_rows, "--batch-rows"))
     if any(r < 2 for r in rows):
         raise SpecKVError("--batch-rows are numbers of sequences, each at least 2")
-    load = _pair_loader(target_source, draft_source, str(device))
+    copies_only = draft_source.partition(":")[0] in COPYING  # no draft model: the target alone
+    load = None if copies_only else _pair_loader(target_source, draft_source, str(device))
     for level in levels:
-        target, draft = load(resolve_compression(level, device))
-        if not isinstance(draft, LoadedModel):
-            raise SpecKVError(f"{draft_source} is a feature head: --quick times a draft model")
+        compression = resolve_compression(level, device)
+        if load is None:
+            target, draft = load_model(target_source, compression, str(device)), None
+        else:
+            target, draft = load(compression)
+            if not isinstance(draft, LoadedModel):
+                raise SpecKVError(f"{draft_source} is a feature head: --quick times a draft model")
         # γ_max 8 covers the shipped controller; a controller planning wider steps asks --gamma-max.
         chosen = local_costs("auto", target, draft, args.gamma_max or 8, remeasure=True, batch_rows=rows)
         cost = chosen.cost
