@@ -1,6 +1,7 @@
 """Copies (n-gram candidates) under SpecKV: their chance by the length of the match they continue
-and whether its followers agree, the per-step choice between copies and the draft model, probing copies passed over, and the step
-protocol that carries the match to the controller and its choice to the drafter. Numbers by hand."""
+and whether its followers agree, the per-step choice between copies and the draft model, probing
+copies passed over, and the step protocol that carries the match to the controller and its
+choice to the drafter. Numbers by hand."""
 
 from __future__ import annotations
 
