@@ -248,7 +248,6 @@ class SpecKVController(Controller):
         self._probing = False  # this step is a probe: its token is verified whatever it looks like
         self._match = CopyMatch()  # the earlier match the drafter's copies would continue
         self._copy_match = 1  # the length of the match this step's copies continue
-        self._copy_reach = np.ones(1)  # P(the first i copies are all accepted), i = 0..γ_max
         self._model_drafts = True  # the drafter has a draft model (not copies only)
         self.rate = RateTracker()
         self.spread = SignalSpread()  # how far a first drafted token's signals move its acceptance
@@ -368,9 +367,9 @@ class SpecKVController(Controller):
         values = self._gains - self._charges
         best = int(np.argmax(values))
         if match.length and self.per_token and not self._branching:
-            self._expect_copies(match)
+            self._copy_match = match.length
             model_drafts = self._model_drafts and best > 0
-            copies = self._copy_budget(values[best] if model_drafts else values[0], model_drafts)
+            copies = self._copy_budget(match, values[best] if model_drafts else values[0], model_drafts)
             if copies:
                 return copies
         if not self._model_drafts:
@@ -409,9 +408,7 @@ class SpecKVController(Controller):
             return True
         i = signals.position
         if i == 1 and signals.free != self._copying:  # a drafter that picked its source itself
-            self._copying = signals.free
-            if self._copying:
-                self._expect_copies(CopyMatch(1, unanimous(signals.confidence)))
+            self._copying, self._copy_match = signals.free, 1  # a match not told: the shortest
         self._observe(signals.entropy, signals.confidence, signals.token_prob)
         if self._probing or self._copying:  # the length was chosen in begin_step
             return True
@@ -439,25 +436,18 @@ class SpecKVController(Controller):
         expected = np.cumsum(self._reach)  # E[tokens] when verifying j = 0, 1, …: 1 + Σ_{i≤j} reach_i
         return int(np.argmax(expected - self._verify_charges[: len(self._reach)]))
 
-    def _expect_copies(self, match: CopyMatch) -> None:
-        """This step's copies continue `match`: P(the first i are all accepted), as far as is
-        known before they are drafted."""
-        self._copy_match = match.length
-        self._copy_reach = np.concatenate(
-            [[1.0], np.cumprod(self.copy_chances.chances(match, self.gamma_max))]
-        )
-
-    def _copy_budget(self, alternative: float, model_drafts: bool) -> int:
-        """How many copies this step takes (0: none). Copies cost no draft pass, so the step
-        copies when the best prefix to verify, at the copies' chances (`_copy_reach`), is worth
-        more than `alternative` (the model's best step where `model_drafts`, else the plain
-        step's), and takes that prefix. Copies passed over for a plain step are never judged, and
+    def _copy_budget(self, match: CopyMatch, alternative: float, model_drafts: bool) -> int:
+        """How many copies of `match` this step takes (0: none). Copies cost no draft pass, so the
+        step copies when the best prefix to verify, at the copies' chances as known before they
+        are drafted (`CopyChances.chances`), is worth more than `alternative` (the model's best
+        step where `model_drafts`, else the plain step's), and takes that prefix. Copies passed over for a plain step are never judged, and
         nothing else is, so their chances could not recover from a bad stretch: after `_copy_gap`
         such steps in a row, one takes them anyway, as many as lose least; the wait doubles with
         each such probe and halves when a copy is accepted, as the model's probing does. (Copies
         passed over for the model's tokens need no probe: on the dev split, probing them there
         cost 3 % on code at fp32 for 1 token accepted in 33 verified.)"""
-        gains = np.cumsum(self._copy_reach) - 1.0  # expected copies accepted when verifying j = 0..γ_max
+        reach = np.cumprod(self.copy_chances.chances(match, self.gamma_max))  # P(first i accepted)
+        gains = np.concatenate([[0.0], np.cumsum(reach)])  # expected copies accepted, verifying j = 0..γ_max
         values = gains - self._verify_charges[: self.gamma_max + 1] - self._step_charge
         best = int(np.argmax(values))
         if best and values[best] >= alternative:
