@@ -9,8 +9,8 @@ activations one demo-sized linear (576 → 1536, one token) took 37 µs against 
 ~900 µs through torchao's path; on fp32 activations it is slower than fp32 itself (512 µs), so
 `load_model` packs only targets whose body runs in bf16 (where the CPU has native bf16).
 
-The kernel needs the input width to be a multiple of 16 (other widths read past the weights: wrong
-numbers or a crash on torch 2.13); other linears keep torchao's path.
+The kernel needs the input width to be a multiple of 16 (on torch 2.13 other widths give wrong
+numbers or crash the process: widths 8–1536 tried); other linears keep torchao's path.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ class PackedInt8Linear(torch.nn.Module):
 
 
 def packable(weight: torch.Tensor) -> bool:
-    """A torchao INT8 weight-only tensor the kernel computes exactly: per-row scales, no zero
-    point, an input width the kernel supports."""
+    """A torchao INT8 weight-only tensor the kernel can compute: per-row scales, no zero point,
+    no activation quantization, an input width the kernel supports."""
     from torchao.quantization import Int8Tensor
 
     return (
