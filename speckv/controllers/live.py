@@ -171,7 +171,7 @@ class CopyChances:
     def reset(self) -> None:
         self.judged = np.zeros((2, len(self.UNANIMOUS_SHARE)))
         self.accepted = np.zeros_like(self.judged)
-        self._chances = np.asarray(self.PRIOR, float)
+        self._update()  # nothing judged: the priors
 
     def new_sequence(self) -> None:
         self.judged *= 0.5
@@ -188,10 +188,8 @@ class CopyChances:
     def chances(self, match: CopyMatch, count: int) -> np.ndarray:
         """The chance of each of `count` copies continuing `match`, the ones before it accepted:
         the first's followers are known, the later ones' not yet."""
-        share = np.asarray(self.UNANIMOUS_SHARE)
-        mixed = share * self._chances[1] + (1.0 - share) * self._chances[0]
-        bins = [self._bin(match.length + i) for i in range(count)]
-        out = mixed[bins]
+        lengths = np.arange(match.length, match.length + count)
+        out = self._mixed[np.clip(lengths, 1, len(self.UNANIMOUS_SHARE)) - 1]
         if count:
             out[0] = self.chance(match.length, match.unanimous)
         return out
@@ -210,6 +208,9 @@ class CopyChances:
         m, prior = self.strength, np.asarray(self.PRIOR)
         overall = (self.accepted.sum() + m) / ((self.judged * prior).sum() + m)
         self._chances = np.minimum((self.accepted + m * overall * prior) / (self.judged + m), 0.999)
+        # A copy whose followers are not known yet: its length's mix of split and unanimous.
+        share = np.asarray(self.UNANIMOUS_SHARE)
+        self._mixed = share * self._chances[1] + (1.0 - share) * self._chances[0]
 
 
 class RateTracker:

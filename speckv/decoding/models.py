@@ -217,7 +217,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     except (OSError, ValueError) as error:
         raise SpecKVError(f"could not load model '{source}': {first_line(error)}") from error
-    if compression == "int8" and torch_device.type == "cpu" and kwargs["dtype"] == torch.bfloat16:
+    if compression == "int8" and kwargs["dtype"] == torch.bfloat16:  # CPU with native bf16
         from speckv.decoding.int8_cpu import pack_int8_linears
 
         pack_int8_linears(model)
