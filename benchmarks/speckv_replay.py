@@ -7,12 +7,15 @@
 Live runs on a shared 2-core VM vary by ±20 % from one pass to the next, more than the gap between
 two good schedules. Replay removes that noise: greedy output is the same under every policy, so
 one recorded trace per prompt (the target's continuation, the draft's tokens and signals at every
-position) scores each policy exactly through the engine's own step, charging each step the cost
-curve measured on this machine (`--costs auto`, cached). Per level and task, on test-split prompts
-neither the draft nor the controller was fitted on: the target alone, fixed γ, SpecKV (planning
-on that curve, as live), SpecKV planning on the curve shipped in its file (measured elsewhere)
-but charged this machine's, and the oracle (the best γ per step in hindsight). Modelled tokens/s, as
-speed-ups over the target alone; the draft's prefill is charged to every speculative row.
+position, the prompt for n-gram copies) scores each policy exactly through the engine's own
+step, charging each step the cost curve measured on this machine (`--costs auto`, cached; a copy
+costs no draft pass). Per level and task, on test-split prompts neither the draft nor the
+controller was fitted on, with each drafter SpecKV runs: the draft model's chains, per step the
+model's chain or the n-gram continuation (`demo+ngram`, the shipped default) and the copies
+alone; for each, fixed γ, SpecKV (planning on that curve, as live) and the oracle (the best step
+in hindsight among those the drafter offers); for the model's chains also SpecKV planning on the
+curve shipped in its file (measured elsewhere) but charged this machine's. Modelled tokens/s, as
+speed-ups over the target alone; the draft's prefill is charged to every row that runs the model.
 
 With several `--threads`, each level's traces are recorded once and replayed on the curve measured
 at each thread count: what changes is the machine's costs alone, so the tokens SpecKV verified
@@ -46,8 +49,8 @@ SHIPPED = "SpecKV, shipped curve"
 
 
 def level_section(level: str, args, thread_counts: list[int]) -> str:
-    """Per thread count: the curve, speed-ups over the target alone per task (rows) and policy
-    (columns), the verdicts, and SpecKV's verified widths per task. Traces are recorded with the
+    """Per thread count: the curve, speed-ups over the target alone per drafter and policy (rows)
+    and task (columns), the verdicts, and the default SpecKV's verified widths per task. Traces are recorded with the
     most threads (greedy output does not depend on the count)."""
     torch.set_num_threads(max(thread_counts))
     target = load_model("demo", level, "cpu")
@@ -65,58 +68,76 @@ def level_section(level: str, args, thread_counts: list[int]) -> str:
         torch.set_num_threads(threads)
         choice = local_costs("auto", target, draft)
         table, widths = replay_table(traces, choice, level, args)
+        tasks = list(traces)
         curve = ", ".join(f"{1e3 * t:.1f}" for t in choice.cost.t_verify_s)
         parts.append(
             f"#### {level}, {threads} thread(s)\n\nCost curve {choice.source}: t_verify(1..{len(choice.cost.t_verify_s)}) "
             f"[{curve}] ms, t_draft {1e3 * choice.cost.t_draft_s:.1f} ms.\n\n"
-            f"{markdown_table(table, digits=2)}\n\n{verdicts(table)}\n"
-            + f"\nSpecKV's tokens verified per step (0: a plain target step):\n{widths}\n"
+            f"{markdown_table(table, digits=2)}\n\n{verdicts(table, tasks)}\n"
+            + f"\nSpecKV's ({DEFAULT}) tokens verified per step (0: a plain target step; c: copies):\n{widths}\n"
         )
     return "\n".join(parts)
 
 
+# Each drafter a replay runs, as the live drafter spec names it.
+DRAFTERS = {"model": "demo", "model+ngram": "demo+ngram", "ngram": "ngram"}
+DEFAULT = "demo+ngram"
+
+
 def replay_table(traces: dict, choice, level: str, args) -> tuple[pd.DataFrame, str]:
-    """Each policy replayed on every task's traces at `choice`'s curve: the speed-up table and
-    SpecKV's verified widths per task."""
+    """Each policy with each drafter replayed on every task's traces at `choice`'s curve: speed-ups
+    (rows: drafter and policy; columns: tasks), and the default's verified widths per task."""
     cost = choice.cost
     gammas = [int(g) for g in args.gammas.split(",")]
-    rows, widths = [], []
+    rows, widths = {}, []
     for task, recorded in traces.items():
         alone = sum(target_only(trace, cost).time_s for trace in recorded)
-        row = {"task": task, "prompts": len(recorded), "target only": 1.0}
-        policies = {**{f"fixed γ={g}": f"fixed:{g}" for g in gammas}, SPECKV: "speckv", SHIPPED: "speckv"}
-        for name, spec in policies.items():
-            controller = make_controller(spec, 20, level)
-            if name == SPECKV:
-                controller.use_costs(cost, choice.source)
-            if name in (SPECKV, SHIPPED):
-                # The modelled times are this machine's curve itself: nothing to follow. The shipped
-                # row plans on the controller file's curve, measured elsewhere, and pays this one's.
-                controller.follow_costs = False
-            runs = [replay(trace, controller, cost) for trace in recorded]
-            row[name] = alone / sum(run.time_s for run in runs)
-            if name == SPECKV:
-                widths.append(f"- {task}: {width_shares([g for run in runs for g in run.gammas])}")
-        row["oracle"] = alone / sum(cost_oracle(trace, cost).time_s for trace in recorded)
-        rows.append(row)
-    return pd.DataFrame(rows), "\n".join(widths)
+        rows.setdefault(("–", "target only"), {})[task] = 1.0
+        for source, name in DRAFTERS.items():
+            policies = {**{f"fixed γ={g}": f"fixed:{g}" for g in gammas}, SPECKV: "speckv"}
+            if source == "model":
+                policies[SHIPPED] = "speckv"
+            for policy, spec in policies.items():
+                controller = make_controller(spec, 20, level)
+                if policy == SPECKV:
+                    controller.use_costs(cost, choice.source)
+                if policy in (SPECKV, SHIPPED):
+                    # The modelled times are this machine's curve itself: nothing to follow. The
+                    # shipped row plans on the controller file's curve, measured elsewhere, and
+                    # pays this one's.
+                    controller.follow_costs = False
+                runs = [
+                    replay(trace, controller, cost, keep_records=True, drafter=source) for trace in recorded
+                ]
+                rows.setdefault((name, policy), {})[task] = alone / sum(run.time_s for run in runs)
+                if policy == SPECKV and name == DEFAULT:
+                    widths.append(f"- {task}: {width_shares([r for run in runs for r in run.records])}")
+            oracle_s = sum(cost_oracle(trace, cost, source).time_s for trace in recorded)
+            rows.setdefault((name, "oracle"), {})[task] = alone / oracle_s
+    table = pd.DataFrame([{"drafter": d, "policy": p, **speedups} for (d, p), speedups in rows.items()])
+    return table, "\n".join(widths)
 
 
-def width_shares(gammas: list[int]) -> str:
-    """Shares of the steps by tokens verified: "0: 40%  3: 60%"."""
-    counts = Counter(gammas)
-    return "  ".join(f"{k}: {counts[k] / len(gammas):.0%}" for k in sorted(counts))
+def width_shares(records) -> str:
+    """Shares of the steps by tokens verified, copies marked: "0: 40%  3: 35%  3c: 25%"."""
+    counts = Counter(f"{r.gamma}c" if r.copied else str(r.gamma) for r in records)
+    order = sorted(counts, key=lambda k: (int(k.rstrip("c")), k))
+    return "  ".join(f"{k}: {counts[k] / len(records):.0%}" for k in order)
 
 
-def verdicts(table: pd.DataFrame) -> str:
-    fixed = [c for c in table.columns if c.startswith("fixed")]
+def verdicts(table: pd.DataFrame, tasks: list[str]) -> str:
+    """Per task, the default SpecKV against the target alone, the fastest row that is not SpecKV's
+    (the best fixed γ of any drafter, or the target alone where no drafting pays) and its
+    drafter's oracle."""
     lines = []
-    for _, row in table.iterrows():
-        best = max(fixed, key=lambda c: row[c])
+    for task in tasks:
+        rows = {(r["drafter"], r["policy"]): r[task] for _, r in table.iterrows()}
+        ours = rows[(DEFAULT, SPECKV)]
+        other = max((k for k in rows if k[1] not in (SPECKV, SHIPPED, "oracle")), key=rows.get)
         lines.append(
-            f"- {row['task']}: SpecKV {row[SPECKV]:.2f}× the target alone, {row[SPECKV] / row[best]:.2f}× the "
-            f"best fixed γ ({best}, {row[best]:.2f}×), {row[SPECKV] / row['oracle']:.0%} of the oracle's speed"
-            + (f"; planning on the shipped curve {row[SHIPPED]:.2f}×" if SHIPPED in row else "")
+            f"- {task}: SpecKV ({DEFAULT}) {ours:.2f}× the target alone, {ours / rows[other]:.2f}× the "
+            f"fastest other row ({' '.join(other).lstrip('– ')}, {rows[other]:.2f}×), "
+            f"{ours / rows[(DEFAULT, 'oracle')]:.0%} of its oracle's speed"
         )
     return "\n".join(lines)
 

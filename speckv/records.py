@@ -56,6 +56,7 @@ class StepRecord:
     verify_time_s: float = 0.0
     controller_time_s: float = 0.0
     drafted: int = 0
+    copied: int = 0  # drafted tokens that were copies (n-gram): no draft pass ran for them
     depth: int = 0  # longest root path of the verified tree (= gamma for a chain)
     # Parent of each drafted node in proposal order (-1: the root), all drafted ones until
     # verification, then the verified ones; i - 1 for node i of a chain.

@@ -8,6 +8,7 @@ from conftest import PrefixController, loaded, perturbed_copy
 
 from speckv.controllers import make_controller
 from speckv.costs import CostModel
+from speckv.decoding.drafters import ModelDrafter, NGramDrafter, SwitchingChainDrafter
 from speckv.decoding.engine import SpeculativeDecoder
 from speckv.errors import SpecKVError
 from speckv.pipeline.profiling import (
@@ -69,6 +70,31 @@ def test_replay_equals_the_live_engine_step_by_step(tiny_target, mixed_draft, tr
         for a, b in zip(live.steps, replayed.records, strict=True):
             assert a.draft_entropy == pytest.approx(b.draft_entropy, abs=1e-4)
             assert a.draft_token_prob == pytest.approx(b.draft_token_prob, abs=1e-5)
+
+
+@pytest.mark.parametrize("source", ["model+ngram", "ngram"])
+@pytest.mark.parametrize("spec", ["fixed:3", "heuristic", "speckv"])
+def test_replay_with_copies_equals_the_live_engine(tiny_target, mixed_draft, traces, source, spec):
+    """N-gram copies are computed in replay from the trace's prompt and y: the same steps as live,
+    where the controller chooses per step between the model's chain and the copies (SpecKV) or
+    the drafter's own rule does."""
+    vocab = tiny_target.model.config.vocab_size
+    copies = NGramDrafter(vocab)
+    drafter = copies if source == "ngram" else SwitchingChainDrafter(ModelDrafter(mixed_draft, vocab), copies)
+    controllers = [make_controller(spec, gamma_max=GAMMA_MAX) for _ in range(2)]
+    for controller in controllers:
+        controller.follow_costs = False  # decide on the modelled costs, as replay does
+    decoder = SpeculativeDecoder(tiny_target, drafter, controllers[0], eos_token_ids=())
+    copied = 0
+    for prompt, trace in zip(PROMPTS, traces, strict=True):
+        live = decoder.generate(prompt, NEW_TOKENS)
+        replayed = replay(trace, controllers[1], keep_records=True, drafter=source)
+        steps = [(s.gamma_budget, s.gamma, s.accepted, s.tokens_produced, s.copied) for s in live.steps]
+        assert steps == [
+            (s.gamma_budget, s.gamma, s.accepted, s.tokens_produced, s.copied) for s in replayed.records
+        ]
+        copied += sum(s.copied for s in live.steps)
+    assert copied > 0  # the copies were tried
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.7])

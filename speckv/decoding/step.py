@@ -173,6 +173,7 @@ def drafting(
             record.draft_confidence.append(proposal.confidence)
             record.draft_token_prob.append(proposal.token_prob)
             drafted.append(proposal.token)
+            record.copied += proposal.free
             parent = position - 2 if proposal.parent is None else proposal.parent
             parents.append(parent)
             if proposal.probs is not None:
@@ -239,7 +240,7 @@ def settle_step(
     record.gamma, record.accepted, record.tokens_produced = len(drafted), verdict.accepted, len(new_tokens)
     record.depth = max(depths(parents), default=-1) + 1
     if cost is not None:
-        record.draft_time_s = record.drafted * cost.t_draft_s
+        record.draft_time_s = (record.drafted - record.copied) * cost.t_draft_s
         record.verify_time_s = cost.t_verify_s[record.gamma]
     if controller is not None:
         ended = clock()

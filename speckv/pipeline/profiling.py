@@ -359,6 +359,7 @@ def record_trace(
         draft_tokens=draft_tokens,
         signals=signals,
         free=free,
+        prompt=list(prompt_ids),
     )
 
 
@@ -382,6 +383,7 @@ def _feature_trace(target, drafter, prompt_ids, tokens, max_new_tokens, gamma_ma
         draft_tokens=[chain[0].token if chain else -1 for chain in chains],
         signals=[(c[0].entropy, c[0].confidence, c[0].token_prob) if c else nan for c in chains],
         chains=[[(x.token, (x.entropy, x.confidence, x.token_prob)) for x in chain] for chain in chains],
+        prompt=list(prompt_ids),
     )
 
 

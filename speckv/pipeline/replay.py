@@ -9,8 +9,15 @@ the signals of drafted tokens 1..L(t)+1 are the teacher-forced ones, later ones 
 ones. That holds for a draft model, whose chain from t is its teacher-forced predictions while
 they match. A feature head's chain depends on where the step starts (it feeds its own states
 after the target's last verified position), so its trace stores the whole chain a step starting
-at each t drafts (`chains`), and L(t) is that chain's match with y. `replay` drives a real `Controller` through exactly the calls the engine makes, so adaptive
-and stopping policies replay exactly too, and charges each step the calibrated cost model.
+at each t drafts (`chains`), and L(t) is that chain's match with y. `replay` drives a real
+`Controller` through exactly the calls the engine makes, so adaptive and stopping policies replay
+exactly too, and charges each step the calibrated cost model.
+
+N-gram copies need no recording: they are a function of the text, the prompt (which a trace
+keeps, `prompt`) and y so far, so replay computes them as live. With `drafter="model+ngram"` it
+runs the shipped default, the model's chain or the n-gram continuation per step
+(`SwitchingChainDrafter`), and with `"ngram"` the copies alone; a copy costs no draft pass. Any
+chain is accepted as far as it matches y.
 
 `oracle` is the best γ per step in hindsight: every prompt yields the same tokens under every
 policy, so the highest tokens/s is the lowest total time, a shortest path over positions.
@@ -27,11 +34,13 @@ import pandas as pd
 from speckv.controllers import Controller, Drafts
 from speckv.costs import CostModel
 from speckv.decoding.drafters.base import Drafter, Proposal, Verdict
+from speckv.decoding.drafters.hybrid import SwitchingChainDrafter
+from speckv.decoding.drafters.ngram import NGramDrafter
 from speckv.decoding.step import run_step
 from speckv.decoding.tree import is_chain
 from speckv.decoding.verify import SamplingConfig
 from speckv.errors import SpecKVError
-from speckv.records import StepRecord
+from speckv.records import CopyMatch, StepRecord
 
 Signals = tuple[float, float, float]  # entropy (bits), confidence, token probability
 
@@ -58,6 +67,8 @@ class Trace:
     signals: list[Signals]
     free: dict[int, list[tuple[int, Signals]]] = field(default_factory=dict)
     pair: str = ""
+    # The prompt's token ids, which n-gram copies match against (None: recorded without them).
+    prompt: list[int] | None = None
     # Per position t, the chain (token, signals) a step starting at t drafts, up to gamma_max
     # tokens, cut after an end-of-sequence token (empty where the drafter drafts nothing); None
     # for drafters whose chain is their teacher-forced predictions (`free` then completes it).
@@ -67,22 +78,28 @@ class Trace:
         n = len(self.tokens)
         if len(self.draft_tokens) != n or len(self.signals) != n:
             raise SpecKVError(f"trace {self.prompt_id}: tokens, draft tokens and signals differ in length")
+        if self.prompt is not None and len(self.prompt) != self.prompt_len:
+            raise SpecKVError(
+                f"trace {self.prompt_id}: {len(self.prompt)} prompt tokens, prompt_len {self.prompt_len}"
+            )
         if self.chains is None:
             self.run_length = run_lengths(np.asarray(self.tokens) == np.asarray(self.draft_tokens))
             return
         if len(self.chains) != n:
             raise SpecKVError(f"trace {self.prompt_id}: {len(self.chains)} chains for {n} positions")
-        self.run_length = np.array([_matched(chain, self.tokens[t:]) for t, chain in enumerate(self.chains)])
+        self.run_length = np.array(
+            [_matched([token for token, _ in chain], self.tokens[t:]) for t, chain in enumerate(self.chains)]
+        )
 
     @property
     def n_tokens(self) -> int:
         return len(self.tokens)
 
 
-def _matched(chain: list[tuple[int, Signals]], following: list[int]) -> int:
+def _matched(chain: list[int], following: list[int]) -> int:
     """How many leading tokens of `chain` equal `following`."""
     count = 0
-    for (token, _), expected in zip(chain, following, strict=False):
+    for token, expected in zip(chain, following, strict=False):
         if token != expected:
             break
         count += 1
@@ -135,8 +152,47 @@ class TraceDrafter(Drafter):
             yield Proposal(token, *signals)
 
 
+class TraceCopies(Drafter):
+    """N-gram copies in replay, where the context is the generated part alone: the n-gram drafter
+    sees the prompt before it, as it does live."""
+
+    copies_only = True
+
+    def __init__(self, ngram: NGramDrafter, prompt: list[int]):
+        self.ngram, self.prompt = ngram, list(prompt)
+        self.name = ngram.name
+
+    def draft(self, context, budget, sampling, generator) -> Iterator[Proposal]:
+        yield from self.ngram.draft(self.prompt + context, budget, sampling, generator)
+
+    def copy_match(self, context: list[int]) -> CopyMatch:
+        return self.ngram.copy_match(self.prompt + context)
+
+
+REPLAY_DRAFTERS = ("model", "model+ngram", "ngram")
+
+
+def trace_drafter(trace: Trace, source: str = "model") -> Drafter:
+    """The drafter a replay of `trace` runs: `model`, the recorded draft; `model+ngram`, per step
+    its chain or the n-gram continuation (the shipped default, `SwitchingChainDrafter`); `ngram`,
+    the copies alone (both with the default n-gram lengths, as `make_drafter` builds them)."""
+    if source not in REPLAY_DRAFTERS:
+        raise SpecKVError(f"replay drafter '{source}': choose one of {', '.join(REPLAY_DRAFTERS)}")
+    model = TraceDrafter(trace)
+    if source == "model":
+        return model
+    if trace.prompt is None:
+        raise SpecKVError(f"trace {trace.prompt_id} was recorded without its prompt: n-gram copies need it")
+    if source == "model+ngram" and trace.chains is not None:
+        raise SpecKVError("n-gram copies switch with a draft model's chain, not a feature head's (as live)")
+    # Replay is greedy: the vocabulary size serves only sampled copies.
+    copies = TraceCopies(NGramDrafter(vocab_size=0), trace.prompt)
+    return copies if source == "ngram" else SwitchingChainDrafter(model, copies)
+
+
 class TraceVerifier:
-    """The target as recorded: a step from t accepts min(L(t), verified) tokens, then the target's own."""
+    """The target as recorded: a step from t accepts the drafted tokens as far as they match y
+    (min(L(t), verified) for the recorded draft), then the target's own."""
 
     def __init__(self, trace: Trace):
         self.trace = trace
@@ -145,8 +201,8 @@ class TraceVerifier:
         if not is_chain(parents):
             raise SpecKVError("replay scores chains: a trace records one draft continuation per position")
         t = len(context)
-        accepted = min(int(self.trace.run_length[t]), len(drafted))
         tokens = self.trace.tokens
+        accepted = _matched(drafted, tokens[t:])
         # Past the end the sequence stopped (EOS or length): any token will be cut.
         following = tokens[t + accepted] if t + accepted < len(tokens) else -1
         return Verdict(drafted[:accepted], following, path=list(range(accepted)))
@@ -156,18 +212,24 @@ class TraceVerifier:
 
 
 def replay(
-    trace: Trace, controller: Controller, cost: CostModel | None = None, keep_records: bool = False
+    trace: Trace,
+    controller: Controller,
+    cost: CostModel | None = None,
+    keep_records: bool = False,
+    drafter: str = "model",
 ) -> PolicyRun:
-    """Run `controller` on `trace` through the engine's own step (greedy); time from `cost` (NaN
-    without)."""
+    """Run `controller` on `trace` through the engine's own step (greedy) with the recorded draft,
+    or n-gram copies beside or instead of it (`drafter`, see `trace_drafter`); time from `cost`
+    (NaN without)."""
     if controller.drafts is Drafts.TREES:
         raise SpecKVError(
             f"{controller.describe()} budgets tree nodes; replay scores chains (evaluate trees live)"
         )
-    drafter, verifier = TraceDrafter(trace), TraceVerifier(trace)
+    source, verifier = trace_drafter(trace, drafter), TraceVerifier(trace)
     eos = frozenset(trace.eos_ids)
     greedy = SamplingConfig()
     n = trace.n_tokens
+    controller.bind(source)  # as the engine does: it plans for the drafter it has
     controller.reset()
     context: list[int] = []
     step = verified_total = accepted_total = 0
@@ -179,7 +241,7 @@ def replay(
             context,
             trace.max_new_tokens - len(context) - 1,
             controller,
-            drafter,
+            source,
             verifier,
             greedy,
             eos,
@@ -230,38 +292,76 @@ def target_only(trace: Trace, cost: CostModel | None = None) -> PolicyRun:
     return PolicyRun(n, n, 0, 0, seconds, [0] * n)
 
 
-def oracle(trace: Trace, step_times: Sequence[float] | np.ndarray, prefill_s: float = 0.0) -> PolicyRun:
+def oracle(
+    trace: Trace,
+    step_times: Sequence[float] | np.ndarray,
+    prefill_s: float = 0.0,
+    copies: list[list[int]] | None = None,
+    copy_times: Sequence[float] | np.ndarray | None = None,
+    model: bool = True,
+) -> PolicyRun:
     """The γ sequence minimising Σ step_times[γ] over the trace (best γ per step in hindsight).
 
     With step_times = ones this maximises tokens per step; with a cost model's step times it
     maximises tokens per second. T(t) = min over γ of step_times[γ] + T(t + produced(t, γ)), where
     produced = min(min(L(t), γ) + 1, N − t) and γ ≤ min(gamma_max, max_new_tokens − t − 1), the
     budgets the engine allows. Any policy's steps are among these choices, so none is faster.
+
+    With `copies`, the n-gram continuation at every position (`copy_chains`), a step may instead
+    verify its first γ copies, at `copy_times[γ]` (no draft pass), accepted as far as they match
+    y; `model=False` leaves out the draft model's chains (the copies alone, or a plain step).
     """
     step_times = np.asarray(step_times, dtype=float)
-    n = trace.n_tokens
-    gamma_cap = min(trace.gamma_max, len(step_times) - 1)
+    n, tokens = trace.n_tokens, trace.tokens
+    gamma_cap = min(trace.gamma_max, len(step_times) - 1) if model else 0
     best = np.zeros(n + 1)
-    choice = np.zeros(n, dtype=np.int64)
+    chosen = [(0, 0)] * n  # (γ, accepted) of the best step from t
     for t in range(n - 1, -1, -1):
-        gammas = np.arange(min(gamma_cap, trace.max_new_tokens - t - 1) + 1)
-        produced = np.minimum(np.minimum(trace.run_length[t], gammas) + 1, n - t)
-        totals = step_times[gammas] + best[t + produced]
-        choice[t] = int(np.argmin(totals))
-        best[t] = totals[choice[t]]
+        room = trace.max_new_tokens - t - 1
+        gammas = np.arange(min(gamma_cap, room) + 1)
+        accepted = np.minimum(trace.run_length[t], gammas)
+        times = step_times[gammas]
+        if copies is not None and copies[t] and room > 0:
+            chain = copies[t][: min(room, len(copy_times) - 1)]
+            copied = np.arange(1, len(chain) + 1)
+            gammas = np.concatenate([gammas, copied])
+            accepted = np.concatenate([accepted, np.minimum(_matched(chain, tokens[t:]), copied)])
+            times = np.concatenate([times, np.asarray(copy_times, dtype=float)[copied]])
+        totals = times + best[t + np.minimum(accepted + 1, n - t)]
+        i = int(np.argmin(totals))
+        chosen[t], best[t] = (int(gammas[i]), int(accepted[i])), totals[i]
     gammas, t, accepted = [], 0, 0
     while t < n:
-        gamma = int(choice[t])
+        gamma, kept = chosen[t]
         gammas.append(gamma)
-        accepted += min(int(trace.run_length[t]), gamma)
-        t += min(min(int(trace.run_length[t]), gamma) + 1, n - t)
+        accepted += kept
+        t += min(kept + 1, n - t)
     return PolicyRun(n, len(gammas), sum(gammas), accepted, float(best[0]) + prefill_s, gammas)
 
 
-def cost_oracle(trace: Trace, cost: CostModel) -> PolicyRun:
-    """The oracle for modelled tokens/s, prefill included; it may also skip the draft altogether
-    (target-only decoding does not pay the draft's prefill)."""
-    best = oracle(trace, cost.step_times(), cost.prefill_time(trace.prompt_len, speculative=True))
+def copy_chains(trace: Trace, cap: int) -> list[list[int]]:
+    """At every position, the n-gram continuation a step starting there copies (at most `cap`
+    tokens): what the replay drafter `ngram` proposes."""
+    copies, greedy = trace_drafter(trace, "ngram"), SamplingConfig()
+    return [
+        [p.token for p in copies.draft(trace.tokens[:t], cap, greedy, None)] for t in range(trace.n_tokens)
+    ]
+
+
+def cost_oracle(trace: Trace, cost: CostModel, drafter: str = "model") -> PolicyRun:
+    """The oracle for modelled tokens/s, prefill included, with the steps `drafter` offers (see
+    `trace_drafter`); it may also skip the draft altogether (target-only decoding does not pay
+    the draft's prefill)."""
+    if drafter not in REPLAY_DRAFTERS:
+        raise SpecKVError(f"replay drafter '{drafter}': choose one of {', '.join(REPLAY_DRAFTERS)}")
+    model = drafter != "ngram"
+    prefill = cost.prefill_time(trace.prompt_len, speculative=model)
+    if drafter == "model":
+        best = oracle(trace, cost.step_times(), prefill)
+    else:
+        copy_times = np.asarray(cost.t_verify_s) + cost.t_step_s
+        copies = copy_chains(trace, len(copy_times) - 1)
+        best = oracle(trace, cost.step_times(), prefill, copies, copy_times, model)
     alone = target_only(trace, cost)
     return alone if alone.time_s < best.time_s else best
 
@@ -289,6 +389,8 @@ TRACE_COLUMNS = (
     "free_confidence",
     "free_token_prob",
 )
+# Stored only for traces that keep their prompt (on every row, as the other per-trace values are).
+PROMPT_COLUMN = "prompt_tokens"
 # Stored only for traces with per-start chains (feature heads).
 CHAIN_COLUMNS = ("chain_tokens", "chain_entropy", "chain_confidence", "chain_token_prob")
 
@@ -322,6 +424,8 @@ def trace_to_frame(trace: Trace) -> pd.DataFrame:
         },
         columns=list(TRACE_COLUMNS),
     )
+    if trace.prompt is not None:
+        frame[PROMPT_COLUMN] = [list(trace.prompt)] * n
     if trace.chains is not None:
         for index, column in enumerate(CHAIN_COLUMNS):
             frame[column] = [
@@ -368,16 +472,17 @@ def traces_from_frame(frame: pd.DataFrame) -> list[Trace]:
                 signals=[(float(e), float(c), float(p)) for e, c, p in signals],
                 free=free,
                 pair=str(first["pair"]),
-                chains=_chains(rows) if _has_chains(rows) else None,
+                prompt=[int(x) for x in first[PROMPT_COLUMN]] if _has_lists(rows, PROMPT_COLUMN) else None,
+                chains=_chains(rows) if _has_lists(rows, CHAIN_COLUMNS[0]) else None,
             )
         )
     return traces
 
 
-def _has_chains(rows: pd.DataFrame) -> bool:
-    """Chain columns with a list in every row (a frame that also holds other traces has NaN)."""
-    return "chain_tokens" in rows.columns and bool(
-        rows["chain_tokens"].map(lambda value: isinstance(value, list | np.ndarray)).all()
+def _has_lists(rows: pd.DataFrame, column: str) -> bool:
+    """An optional column with a list in every row (a frame that also holds traces without it has NaN)."""
+    return column in rows.columns and bool(
+        rows[column].map(lambda value: isinstance(value, list | np.ndarray)).all()
     )
 
 
