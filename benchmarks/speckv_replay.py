@@ -165,7 +165,7 @@ def main() -> None:
     threads = "-".join(f"{n}t" for n in thread_counts)
     body = (
         f"### SpecKV's decisions replayed on this machine's cost curves, {' and '.join(map(str, thread_counts))} threads\n\n"
-        f"test-split prompts, {args.max_new_tokens} new tokens, greedy; modelled tokens/s as speed-ups over "
+        f"{args.per_task} test-split prompts per task, {args.max_new_tokens} new tokens, greedy; modelled tokens/s as speed-ups over "
         f"the target alone (same curve, same traces). Run took {time.time() - started:.0f} s.\n\n"
         + "\n".join(sections)
     )

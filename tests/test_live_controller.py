@@ -55,6 +55,18 @@ def test_live_costs_follow_measured_steps_and_shrug_off_a_stall():
     assert untouched.t_verify() == pytest.approx(FLAT)
 
 
+def test_the_draft_time_per_token_counts_the_model_tokens_alone():
+    costs = LiveCosts(CostModel("fp32", 1.0, FLAT))
+    copies = step(3, 1, 10.0, draft_s=0.001)
+    copies.copied = 3  # n-gram candidates: no draft pass to learn from
+    costs.observe(copies)
+    assert costs.t_draft_s == 1.0
+    mixed = step(4, 1, 10.0, draft_s=2.0)
+    mixed.copied = 3  # one model token took 2 s: the estimate moves as for a 2× slower draft
+    costs.observe(mixed)
+    assert costs.t_draft_s == pytest.approx(2.0**0.2)
+
+
 def test_live_acceptance_by_hand():
     calibration = LiveAcceptance(strength=6.0)
     assert calibration.correct(0.5) == 0.5  # nothing observed: the model as it is

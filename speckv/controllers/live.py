@@ -81,10 +81,10 @@ class LiveCosts:
             error = min(max(error, -_CLIP), _CLIP)
             self.machine += self.machine_weight * error
             self.width[k] += self.width_weight * (1.0 - self.machine_weight) * error
-        per_token = record.draft_time_s / record.drafted if record.drafted else 0.0
-        # A step drafting at a quarter of the estimate or less ran no model (n-gram candidates):
-        # it says nothing about what the draft model costs.
-        if per_token > 0.25 * self.t_draft_s:
+        # Copied tokens (n-gram candidates) ran no draft pass: the time is the model's tokens'.
+        modelled = record.drafted - record.copied
+        if modelled > 0 and record.draft_time_s > 0:
+            per_token = record.draft_time_s / modelled
             ratio = min(max(per_token / max(self.t_draft_s, 1e-9), 0.5), 2.0)
             self.t_draft_s *= ratio**self.width_weight
 
