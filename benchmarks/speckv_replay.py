@@ -50,8 +50,8 @@ SHIPPED = "SpecKV, shipped curve"
 
 def level_section(level: str, args, thread_counts: list[int]) -> str:
     """Per thread count: the curve, speed-ups over the target alone per drafter and policy (rows)
-    and task (columns), the verdicts, and the default SpecKV's verified widths per task. Traces are recorded with the
-    most threads (greedy output does not depend on the count)."""
+    and task (columns), the verdicts, and the default SpecKV's verified widths per task. Traces
+    are recorded with the most threads (greedy output does not depend on the count)."""
     torch.set_num_threads(max(thread_counts))
     target = load_model("demo", level, "cpu")
     draft = load_draft("demo", target)

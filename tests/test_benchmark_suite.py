@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from speckv.records import StepRecord
 from speckv.util.benchmark_header import (
     CPU_FLAGS,
     HAND_WRITTEN,
@@ -474,16 +475,25 @@ def test_live_verdict_names_the_best_fixed_and_the_fastest_other_row():
     )
 
 
-def test_replay_verdicts_name_the_best_fixed_schedule():
-    table = pd.DataFrame(
-        [{"task": "code", "fixed γ=1": 1.2, "fixed γ=4": 1.5, "SpecKV": 1.65, "oracle": 2.2}]
-    )
+def test_replay_verdicts_name_the_fastest_other_row():
     replay = load_script("speckv_replay")
-    assert replay.width_shares([0, 0, 3, 0, 1]) == "0: 60%  1: 20%  3: 20%"
-    line = replay.verdicts(table)
-    assert (
-        line
-        == "- code: SpecKV 1.65× the target alone, 1.10× the best fixed γ (fixed γ=4, 1.50×), 75% of the oracle's speed"
-    )
-    table[replay.SHIPPED] = 1.4
-    assert replay.verdicts(table) == f"{line}; planning on the shipped curve 1.40×"
+    steps = [
+        StepRecord(i, g, g, 0, 1, copied=c)
+        for i, (g, c) in enumerate([(0, 0), (0, 0), (3, 0), (3, 3), (1, 0)])
+    ]
+    assert replay.width_shares(steps) == "0: 40%  1: 20%  3: 20%  3c: 20%"
+    rows = [
+        ("–", "target only", 1.0, 1.0),
+        ("demo", "fixed γ=4", 1.5, 0.9),
+        ("demo", replay.SHIPPED, 1.7, 0.8),  # SpecKV's own rows are not the others it is held against
+        ("demo+ngram", "fixed γ=1", 1.2, 0.95),
+        ("demo+ngram", replay.SPECKV, 1.65, 1.02),
+        ("demo+ngram", "oracle", 2.2, 1.2),
+    ]
+    table = pd.DataFrame([{"drafter": d, "policy": p, "code": a, "chat": b} for d, p, a, b in rows])
+    assert replay.verdicts(table, ["code", "chat"]).splitlines() == [
+        "- code: SpecKV (demo+ngram) 1.65× the target alone, 1.10× the fastest other row (demo fixed γ=4, "
+        "1.50×), 75% of its oracle's speed",
+        "- chat: SpecKV (demo+ngram) 1.02× the target alone, 1.02× the fastest other row (target only, "
+        "1.00×), 85% of its oracle's speed",
+    ]
