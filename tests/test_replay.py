@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -134,6 +135,17 @@ def test_model_or_copies_by_hand():
     )
     assert [(r.gamma, r.accepted, r.copied) for r in run.records] == [(3, 2, 0), (2, 1, 2), (0, 0, 0)]
     assert run.time_s == pytest.approx(16 + 12 + 10)
+
+
+def test_the_draft_prefill_is_paid_only_where_the_model_drafts():
+    # Prefill per prompt token: target 0.5, draft 1 (4 prompt tokens). Steps as in the two tests above.
+    cost = replace(COST, target_prefill_s_per_token=0.5, draft_prefill_s_per_token=1.0)
+    trace = hand_trace(prompt=[10, 11, 12, 13])
+    assert replay(trace, FixedController(3), cost, drafter="ngram").time_s == pytest.approx(33 + 2)
+    assert replay(trace, FixedController(3), cost, drafter="model+ngram").time_s == pytest.approx(38 + 6)
+    assert replay(trace, Scripted([0] * 6), cost, drafter="model+ngram").time_s == pytest.approx(60 + 2)
+    # The oracle with either source may copy alone and skip the draft's prefill: 33 + 2 < 28 + 6.
+    assert cost_oracle(trace, replace(cost, t_draft_s=5.0), "model+ngram").time_s == pytest.approx(35)
 
 
 def test_copies_need_the_prompt_and_a_known_drafter():

@@ -235,6 +235,7 @@ def replay(
     step = verified_total = accepted_total = 0
     seconds = 0.0
     gammas, records = [], []
+    drafted_by_model = False  # the draft model reads the prompt at its first pass (it is lazy)
     while len(context) < n:
         record, new_tokens = run_step(
             step,
@@ -251,6 +252,7 @@ def replay(
         if cost is not None:
             seconds += record.draft_time_s + record.verify_time_s + cost.t_step_s
         context.extend(new_tokens[: n - len(context)])
+        drafted_by_model |= record.drafted > record.copied
         gammas.append(record.gamma)
         verified_total += record.gamma
         accepted_total += record.accepted
@@ -260,7 +262,7 @@ def replay(
     if cost is None:
         seconds = float("nan")
     else:
-        seconds += cost.prefill_time(trace.prompt_len, speculative=True)
+        seconds += cost.prefill_time(trace.prompt_len, speculative=drafted_by_model)
     return PolicyRun(n, step, verified_total, accepted_total, seconds, gammas, records)
 
 
@@ -350,20 +352,23 @@ def copy_chains(trace: Trace, cap: int) -> list[list[int]]:
 
 def cost_oracle(trace: Trace, cost: CostModel, drafter: str = "model") -> PolicyRun:
     """The oracle for modelled tokens/s, prefill included, with the steps `drafter` offers (see
-    `trace_drafter`); it may also skip the draft altogether (target-only decoding does not pay
-    the draft's prefill)."""
+    `trace_drafter`); it may also leave the draft model out altogether (the target alone, or
+    copies alone, do not pay the draft's prefill)."""
     if drafter not in REPLAY_DRAFTERS:
         raise SpecKVError(f"replay drafter '{drafter}': choose one of {', '.join(REPLAY_DRAFTERS)}")
     model = drafter != "ngram"
     prefill = cost.prefill_time(trace.prompt_len, speculative=model)
+    candidates = [target_only(trace, cost)]
     if drafter == "model":
-        best = oracle(trace, cost.step_times(), prefill)
+        candidates.append(oracle(trace, cost.step_times(), prefill))
     else:
         copy_times = np.asarray(cost.t_verify_s) + cost.t_step_s
         copies = copy_chains(trace, len(copy_times) - 1)
-        best = oracle(trace, cost.step_times(), prefill, copies, copy_times, model)
-    alone = target_only(trace, cost)
-    return alone if alone.time_s < best.time_s else best
+        candidates.append(oracle(trace, cost.step_times(), prefill, copies, copy_times, model))
+        if model:  # copies alone never run the draft model, nor pay its prefill
+            copied = cost.prefill_time(trace.prompt_len, speculative=False)
+            candidates.append(oracle(trace, cost.step_times(), copied, copies, copy_times, model=False))
+    return min(candidates, key=lambda run: run.time_s)
 
 
 # --- storage: one row per generated position --------------------------------------------------
