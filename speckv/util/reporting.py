@@ -88,7 +88,8 @@ def _zoom_to_data(ax, frame: pd.DataFrame, value: str, low: str | None) -> None:
     """Start the y axis near the smallest bar so that small differences stay visible."""
     bottom = frame[low if low else value].min()
     top = ax.get_ylim()[1]
-    ax.set_ylim(max(0.0, bottom - 0.15 * (top - bottom)), top)
+    if top > bottom:  # bars all at the top (all zero, say): the autoscaled axis shows them
+        ax.set_ylim(max(0.0, bottom - 0.15 * (top - bottom)), top)
 
 
 def scatter_predicted_actual(
