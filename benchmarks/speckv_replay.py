@@ -106,11 +106,12 @@ def replay_table(traces: dict, choice, level: str, args) -> tuple[pd.DataFrame, 
                     # shipped row plans on the controller file's curve, measured elsewhere, and
                     # pays this one's.
                     controller.follow_costs = False
+                shown = policy == SPECKV and name == DEFAULT  # its widths are reported
                 runs = [
-                    replay(trace, controller, cost, keep_records=True, drafter=source) for trace in recorded
+                    replay(trace, controller, cost, keep_records=shown, drafter=source) for trace in recorded
                 ]
                 rows.setdefault((name, policy), {})[task] = alone / sum(run.time_s for run in runs)
-                if policy == SPECKV and name == DEFAULT:
+                if shown:
                     widths.append(f"- {task}: {width_shares([r for run in runs for r in run.records])}")
             oracle_s = sum(cost_oracle(trace, cost, source).time_s for trace in recorded)
             rows.setdefault((name, "oracle"), {})[task] = alone / oracle_s
@@ -130,8 +131,9 @@ def verdicts(table: pd.DataFrame, tasks: list[str]) -> str:
     (the best fixed γ of any drafter, or the target alone where no drafting pays) and its
     drafter's oracle."""
     lines = []
+    cells = table.set_index(["drafter", "policy"])
     for task in tasks:
-        rows = {(r["drafter"], r["policy"]): r[task] for _, r in table.iterrows()}
+        rows = cells[task].to_dict()
         ours = rows[(DEFAULT, SPECKV)]
         other = max((k for k in rows if k[1] not in (SPECKV, SHIPPED, "oracle")), key=rows.get)
         lines.append(

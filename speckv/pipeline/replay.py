@@ -88,7 +88,10 @@ class Trace:
         if len(self.chains) != n:
             raise SpecKVError(f"trace {self.prompt_id}: {len(self.chains)} chains for {n} positions")
         self.run_length = np.array(
-            [_matched([token for token, _ in chain], self.tokens[t:]) for t, chain in enumerate(self.chains)]
+            [
+                _matched([token for token, _ in chain], self.tokens[t : t + len(chain)])
+                for t, chain in enumerate(self.chains)
+            ]
         )
 
     @property
@@ -202,7 +205,7 @@ class TraceVerifier:
             raise SpecKVError("replay scores chains: a trace records one draft continuation per position")
         t = len(context)
         tokens = self.trace.tokens
-        accepted = _matched(drafted, tokens[t:])
+        accepted = _matched(drafted, tokens[t : t + len(drafted)])
         # Past the end the sequence stopped (EOS or length): any token will be cut.
         following = tokens[t + accepted] if t + accepted < len(tokens) else -1
         return Verdict(drafted[:accepted], following, path=list(range(accepted)))
@@ -314,6 +317,8 @@ def oracle(
     y; `model=False` leaves out the draft model's chains (the copies alone, or a plain step).
     """
     step_times = np.asarray(step_times, dtype=float)
+    if copy_times is not None:
+        copy_times = np.asarray(copy_times, dtype=float)
     n, tokens = trace.n_tokens, trace.tokens
     gamma_cap = min(trace.gamma_max, len(step_times) - 1) if model else 0
     best = np.zeros(n + 1)
@@ -327,8 +332,10 @@ def oracle(
             chain = copies[t][: min(room, len(copy_times) - 1)]
             copied = np.arange(1, len(chain) + 1)
             gammas = np.concatenate([gammas, copied])
-            accepted = np.concatenate([accepted, np.minimum(_matched(chain, tokens[t:]), copied)])
-            times = np.concatenate([times, np.asarray(copy_times, dtype=float)[copied]])
+            accepted = np.concatenate(
+                [accepted, np.minimum(_matched(chain, tokens[t : t + len(chain)]), copied)]
+            )
+            times = np.concatenate([times, copy_times[copied]])
         totals = times + best[t + np.minimum(accepted + 1, n - t)]
         i = int(np.argmin(totals))
         chosen[t], best[t] = (int(gammas[i]), int(accepted[i])), totals[i]
