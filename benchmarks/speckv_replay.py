@@ -15,7 +15,8 @@ model's chain or the n-gram continuation (`demo+ngram`, the shipped default) and
 alone; for each, fixed γ, SpecKV (planning on that curve, as live) and the oracle (the best step
 in hindsight among those the drafter offers); for the model's chains also SpecKV planning on the
 curve shipped in its file (measured elsewhere) but charged this machine's. Modelled tokens/s, as
-speed-ups over the target alone; the draft's prefill is charged to every row that runs the model.
+speed-ups over the target alone; a row that runs the draft model pays its reading of the prompt
+(at its first pass) and of the tokens it sat out since its last (`StepRecord.draft_read`).
 
 With several `--threads`, each level's traces are recorded once and replayed on the curve measured
 at each thread count: what changes is the machine's costs alone, so the tokens SpecKV verified

@@ -57,6 +57,12 @@ class CostModel:
         gammas = np.arange(self.gamma_max + 1)
         return gammas * self.t_draft_s + np.asarray(self.t_verify_s) + self.t_step_s
 
+    def read_time(self, tokens: int) -> float:
+        """What the draft model's first pass of a step costs beyond `t_draft_s` when it reads
+        `tokens` tokens (t_draft_s is a pass after one): the prompt at its first pass, the tokens
+        of steps it sat out after them."""
+        return max(tokens - 1, 0) * self.draft_prefill_s_per_token
+
     def prefill_time(self, prompt_len: int, speculative: bool) -> float:
         """The one-off cost of reading the prompt (the draft reads it too when it drafts)."""
         per_token = self.target_prefill_s_per_token + (self.draft_prefill_s_per_token if speculative else 0.0)

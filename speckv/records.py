@@ -57,6 +57,9 @@ class StepRecord:
     controller_time_s: float = 0.0
     drafted: int = 0
     copied: int = 0  # drafted tokens that were copies (n-gram): no draft pass ran for them
+    # Tokens the draft model read before its first drafted token (0: it did not run): 1 or 2 after
+    # its own step, the prompt at its first pass, more after steps it sat out (`Drafter.unread`).
+    draft_read: int = 0
     depth: int = 0  # longest root path of the verified tree (= gamma for a chain)
     # Parent of each drafted node in proposal order (-1: the root), all drafted ones until
     # verification, then the verified ones; i - 1 for node i of a chain.

@@ -67,6 +67,19 @@ def test_the_draft_time_per_token_counts_the_model_tokens_alone():
     assert costs.t_draft_s == pytest.approx(2.0**0.2)
 
 
+def test_the_draft_time_per_token_leaves_out_reading_what_the_model_sat_out():
+    # Reading costs 0.5 per token beyond one. A pass that first read 5 tokens (2 of its 4 s) and
+    # drafted 2 tokens: 1 s per token, the estimate stays; without the reading it would double.
+    costs = LiveCosts(CostModel("fp32", 1.0, FLAT, draft_prefill_s_per_token=0.5))
+    caught_up = step(2, 1, 10.0, draft_s=4.0)
+    caught_up.draft_read = 5
+    costs.observe(caught_up)
+    assert costs.t_draft_s == pytest.approx(1.0)
+    caught_up.draft_read = 1
+    costs.observe(caught_up)
+    assert costs.t_draft_s == pytest.approx(2.0**0.2)
+
+
 def test_live_acceptance_by_hand():
     calibration = LiveAcceptance(strength=6.0)
     assert calibration.correct(0.5) == 0.5  # nothing observed: the model as it is

@@ -64,8 +64,11 @@ def test_replay_equals_the_live_engine_step_by_step(tiny_target, mixed_draft, tr
     for prompt, trace in zip(PROMPTS, traces, strict=True):  # adaptive state carries across prompts
         live = decoder.generate(prompt, NEW_TOKENS)
         replayed = replay(trace, replay_controller, keep_records=True)
-        assert [(s.gamma_budget, s.gamma, s.accepted, s.tokens_produced) for s in live.steps] == [
-            (s.gamma_budget, s.gamma, s.accepted, s.tokens_produced) for s in replayed.records
+        # draft_read: the replayed draft model reads what the live one did (the prompt, then 1 or 2)
+        assert [
+            (s.gamma_budget, s.gamma, s.accepted, s.tokens_produced, s.draft_read) for s in live.steps
+        ] == [
+            (s.gamma_budget, s.gamma, s.accepted, s.tokens_produced, s.draft_read) for s in replayed.records
         ]
         for a, b in zip(live.steps, replayed.records, strict=True):
             assert a.draft_entropy == pytest.approx(b.draft_entropy, abs=1e-4)
@@ -85,16 +88,24 @@ def test_replay_with_copies_equals_the_live_engine(tiny_target, mixed_draft, tra
     for controller in controllers:
         controller.follow_costs = False  # decide on the modelled costs, as replay does
     decoder = SpeculativeDecoder(tiny_target, drafter, controllers[0], eos_token_ids=())
-    copied = 0
+    copied = caught_up = 0
     for prompt, trace in zip(PROMPTS, traces, strict=True):
         live = decoder.generate(prompt, NEW_TOKENS)
         replayed = replay(trace, controllers[1], keep_records=True, drafter=source)
-        steps = [(s.gamma_budget, s.gamma, s.accepted, s.tokens_produced, s.copied) for s in live.steps]
+        # draft_read: the model catches up on what it sat out, in replay as live
+        steps = [
+            (s.gamma_budget, s.gamma, s.accepted, s.tokens_produced, s.copied, s.draft_read)
+            for s in live.steps
+        ]
         assert steps == [
-            (s.gamma_budget, s.gamma, s.accepted, s.tokens_produced, s.copied) for s in replayed.records
+            (s.gamma_budget, s.gamma, s.accepted, s.tokens_produced, s.copied, s.draft_read)
+            for s in replayed.records
         ]
         copied += sum(s.copied for s in live.steps)
+        caught_up += sum(s.draft_read > 2 for s in live.steps[1:])
     assert copied > 0  # the copies were tried
+    if source == "model+ngram" and spec == "fixed:3":
+        assert caught_up > 0  # the model read tokens it sat out
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.7])

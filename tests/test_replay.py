@@ -138,14 +138,31 @@ def test_model_or_copies_by_hand():
 
 
 def test_the_draft_prefill_is_paid_only_where_the_model_drafts():
-    # Prefill per prompt token: target 0.5, draft 1 (4 prompt tokens). Steps as in the two tests above.
+    # Prefill per prompt token: target 0.5, draft 1 (4 prompt tokens). Steps as in the two tests
+    # above. The draft model reads the prompt at its first pass, step 0: 3 beyond t_draft's one.
     cost = replace(COST, target_prefill_s_per_token=0.5, draft_prefill_s_per_token=1.0)
     trace = hand_trace(prompt=[10, 11, 12, 13])
     assert replay(trace, FixedController(3), cost, drafter="ngram").time_s == pytest.approx(33 + 2)
-    assert replay(trace, FixedController(3), cost, drafter="model+ngram").time_s == pytest.approx(38 + 6)
+    assert replay(trace, FixedController(3), cost, drafter="model+ngram").time_s == pytest.approx(38 + 2 + 3)
     assert replay(trace, Scripted([0] * 6), cost, drafter="model+ngram").time_s == pytest.approx(60 + 2)
     # The oracle with either source may copy alone and skip the draft's prefill: 33 + 2 < 28 + 6.
     assert cost_oracle(trace, replace(cost, t_draft_s=5.0), "model+ngram").time_s == pytest.approx(35)
+
+
+def test_the_draft_model_pays_for_reading_what_it_has_not_seen():
+    # As `test_signals_past_a_mismatch_are_the_free_running_ones`, with a draft's read costing 1 per
+    # token beyond the one t_draft includes. t=0: it reads the 4 prompt tokens (3 extra), drafts 10
+    # (15 = 1 + 3 + 11). t=2: it reads 10, which it drafted but was not asked past, and the target's
+    # 11 (1 extra): 17 = 3 + 1 + 13. t=3: after rolling back to t=2 it reads 12 alone: 14 = 2 + 12.
+    cost = replace(COST, draft_prefill_s_per_token=1.0)
+    run = replay(hand_trace(), Scripted([1, 3, 3]), cost, keep_records=True)
+    assert [r.draft_read for r in run.records] == [4, 2, 1]
+    assert run.time_s == pytest.approx(15 + 17 + 14)
+    # Plain steps read nothing; the model's first pass, at t=2, reads the prompt and the 2 tokens
+    # they emitted (5 extra); it drafts 99 20, none accepted, then 13 14 from t=3 after reading 12.
+    run = replay(hand_trace(), Scripted([0, 0, 2, 3]), cost, keep_records=True)
+    assert [r.draft_read for r in run.records] == [0, 0, 6, 1]
+    assert run.time_s == pytest.approx(10 + 10 + (2 + 5 + 12) + (2 + 12))
 
 
 def test_copies_need_the_prompt_and_a_known_drafter():
@@ -268,6 +285,14 @@ def test_oracle_with_copies_matches_every_path_and_beats_every_policy(seed):
             controller = make_controller(spec, gamma_max=3)
             controller.follow_costs = False
             assert replay(trace, controller, cost, drafter=drafter).time_s >= best.time_s - 1e-9
+    # With the draft's reading priced (the prompt, catch-ups after copies), the oracle charges the
+    # least of it any policy pays and stays a bound.
+    reading = replace(cost, draft_prefill_s_per_token=0.5)
+    bound = cost_oracle(trace, reading, "model+ngram").time_s
+    for spec in ["fixed:1", "fixed:3", "heuristic:1", "speckv"]:
+        controller = make_controller(spec, gamma_max=3)
+        controller.follow_costs = False
+        assert replay(trace, controller, reading, drafter="model+ngram").time_s >= bound - 1e-9
 
 
 @pytest.mark.parametrize("prompt", [None, [10, 11, 12, 13]])

@@ -72,7 +72,9 @@ class LiveCosts:
 
     def observe(self, record, verify: bool = True) -> None:
         """Fold in a step's measured times (`verify` False: its drafting only). The first step of a
-        sequence reads the prompt and is skipped; so are widths beyond the curve."""
+        sequence reads the prompt and is skipped; so are widths beyond the curve. A later step whose
+        draft model first read the tokens it sat out (`StepRecord.draft_read`) counts its drafting
+        without that reading."""
         if record.step == 0 or record.gamma > self.gamma_max or record.verify_time_s <= 0:
             return
         if verify:
@@ -81,10 +83,12 @@ class LiveCosts:
             error = min(max(error, -_CLIP), _CLIP)
             self.machine += self.machine_weight * error
             self.width[k] += self.width_weight * (1.0 - self.machine_weight) * error
-        # Copied tokens (n-gram candidates) ran no draft pass: the time is the model's tokens'.
+        # Copied tokens (n-gram candidates) ran no draft pass: the time is the model's tokens',
+        # less its first pass's reading of what it sat out (the prompt, tokens copied since).
         modelled = record.drafted - record.copied
-        if modelled > 0 and record.draft_time_s > 0:
-            per_token = record.draft_time_s / modelled
+        drafting = record.draft_time_s - self.prior.read_time(record.draft_read)
+        if modelled > 0 and drafting > 0:
+            per_token = drafting / modelled
             ratio = min(max(per_token / max(self.t_draft_s, 1e-9), 0.5), 2.0)
             self.t_draft_s *= ratio**self.width_weight
 

@@ -146,6 +146,7 @@ def drafting(
     this step's drafting."""
     started = clock()
     budget = 0
+    unread = drafter.unread(context) if drafter is not None else 0
     if controller is not None and drafter is not None:
         if controller.reads_copies:
             controller.copies_ahead(drafter.copy_match(context))
@@ -196,6 +197,7 @@ def drafting(
                 break
         record.controller_time_s += asking
         record.draft_time_s = clock() - draft_start - asking - paused
+        record.draft_read = unread if len(drafted) > record.copied else 0
     record.drafted = len(drafted)
     record.parents = parents
     if draft_probs and len(draft_probs) != len(drafted):
@@ -240,7 +242,9 @@ def settle_step(
     record.gamma, record.accepted, record.tokens_produced = len(drafted), verdict.accepted, len(new_tokens)
     record.depth = max(depths(parents), default=-1) + 1
     if cost is not None:
-        record.draft_time_s = (record.drafted - record.copied) * cost.t_draft_s
+        record.draft_time_s = (record.drafted - record.copied) * cost.t_draft_s + cost.read_time(
+            record.draft_read
+        )
         record.verify_time_s = cost.t_verify_s[record.gamma]
     if controller is not None:
         ended = clock()

@@ -137,8 +137,22 @@ class TraceDrafter(Drafter):
     def __init__(self, trace: Trace):
         self.trace = trace
         self.name = f"trace:{trace.prompt_id}"
+        # What the draft model's cache would hold, as live (`ModelDrafter`): the prompt unread at
+        # first, then the context it drafted after and every drafted token it was asked past.
+        self._read = -trace.prompt_len
+
+    def unread(self, context: list[int]) -> int:
+        return len(context) - self._read
+
+    def rollback(self, kept: int, verdict: Verdict) -> None:
+        self._read = min(self._read, kept)
 
     def draft(self, context, budget, sampling, generator) -> Iterator[Proposal]:
+        for position, proposal in enumerate(self._proposals(context, budget)):
+            self._read = len(context) + position  # it reads a token to draft past it
+            yield proposal
+
+    def _proposals(self, context, budget) -> Iterator[Proposal]:
         trace, t = self.trace, len(context)
         if budget > trace.gamma_max:
             raise SpecKVError(
@@ -238,7 +252,6 @@ def replay(
     step = verified_total = accepted_total = 0
     seconds = 0.0
     gammas, records = [], []
-    drafted_by_model = False  # the draft model reads the prompt at its first pass (it is lazy)
     while len(context) < n:
         record, new_tokens = run_step(
             step,
@@ -255,7 +268,6 @@ def replay(
         if cost is not None:
             seconds += record.draft_time_s + record.verify_time_s + cost.t_step_s
         context.extend(new_tokens[: n - len(context)])
-        drafted_by_model |= record.drafted > record.copied
         gammas.append(record.gamma)
         verified_total += record.gamma
         accepted_total += record.accepted
@@ -265,7 +277,8 @@ def replay(
     if cost is None:
         seconds = float("nan")
     else:
-        seconds += cost.prefill_time(trace.prompt_len, speculative=drafted_by_model)
+        # The draft model reads the prompt at its first pass (`StepRecord.draft_read`), if any.
+        seconds += cost.prefill_time(trace.prompt_len, speculative=False)
     return PolicyRun(n, step, verified_total, accepted_total, seconds, gammas, records)
 
 
@@ -360,11 +373,15 @@ def copy_chains(trace: Trace, cap: int) -> list[list[int]]:
 def cost_oracle(trace: Trace, cost: CostModel, drafter: str = "model") -> PolicyRun:
     """The oracle for modelled tokens/s, prefill included, with the steps `drafter` offers (see
     `trace_drafter`); it may also leave the draft model out altogether (the target alone, or
-    copies alone, do not pay the draft's prefill)."""
+    copies alone, do not pay the draft's prefill). Where the model drafts, its reading is charged
+    as the least any policy pays: the prompt alone, at step 0, and never a catch-up on tokens it
+    sat out (`StepRecord.draft_read`), so no policy is faster."""
     if drafter not in REPLAY_DRAFTERS:
         raise SpecKVError(f"replay drafter '{drafter}': choose one of {', '.join(REPLAY_DRAFTERS)}")
     model = drafter != "ngram"
-    prefill = cost.prefill_time(trace.prompt_len, speculative=model)
+    prefill = cost.prefill_time(trace.prompt_len, speculative=False)
+    if model:
+        prefill += cost.read_time(trace.prompt_len)
     candidates = [target_only(trace, cost)]
     if drafter == "model":
         candidates.append(oracle(trace, cost.step_times(), prefill))

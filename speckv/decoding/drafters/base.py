@@ -111,6 +111,14 @@ class Drafter(ABC):
         before it sets the budget."""
         return CopyMatch()
 
+    def unread(self, context: list[int]) -> int:
+        """How many tokens of `context` the draft model would read before drafting after it: 1 or
+        2 after its own step (the target's token, and its last drafted one when all were
+        accepted), the whole prompt at a sequence's first pass, more after steps it sat out
+        (copies, plain steps). 0 where no draft model runs (n-grams); trees and feature heads do
+        not tell."""
+        return 0
+
     def use_copies(self, copy: bool | None) -> None:
         """For the next `draft` only: draft the copies (True) or the draft model's tokens (False),
         as the controller chose; None: the drafter's own rule. Only a drafter with both sources

@@ -138,6 +138,9 @@ class SwitchingChainDrafter(Drafter):
             self._told = (len(context), self.ngram.copy_match(context))
         return self._told[1]
 
+    def unread(self, context: list[int]) -> int:
+        return self.model.unread(context)
+
     def use_copies(self, copy: bool | None) -> None:
         self._chosen = copy
 

@@ -55,5 +55,8 @@ class ModelDrafter(Drafter):
             yield Proposal(token, entropy, confidence, token_prob, probs)
             feed = [token]  # fed only if the loop asks for another token
 
+    def unread(self, context: list[int]) -> int:
+        return len(context) - self.model.length
+
     def rollback(self, kept: int, verdict: Verdict) -> None:
         self.model.crop(kept)
