@@ -146,7 +146,6 @@ def drafting(
     this step's drafting."""
     started = clock()
     budget = 0
-    unread = drafter.unread(context) if drafter is not None else 0
     if controller is not None and drafter is not None:
         if controller.reads_copies:
             controller.copies_ahead(drafter.copy_match(context))
@@ -160,6 +159,7 @@ def drafting(
     parents: list[int] = []
     draft_probs: list[torch.Tensor] = []
     if budget > 0:
+        unread = drafter.unread(context)  # before drafting reads it
         draft_start = clock()
         asking = paused = 0.0
         proposals = drafter.draft(context, budget, sampling, generator)

@@ -379,9 +379,8 @@ def cost_oracle(trace: Trace, cost: CostModel, drafter: str = "model") -> Policy
     if drafter not in REPLAY_DRAFTERS:
         raise SpecKVError(f"replay drafter '{drafter}': choose one of {', '.join(REPLAY_DRAFTERS)}")
     model = drafter != "ngram"
-    prefill = cost.prefill_time(trace.prompt_len, speculative=False)
-    if model:
-        prefill += cost.read_time(trace.prompt_len)
+    target_prefill = cost.prefill_time(trace.prompt_len, speculative=False)
+    prefill = target_prefill + (cost.read_time(trace.prompt_len) if model else 0.0)
     candidates = [target_only(trace, cost)]
     if drafter == "model":
         candidates.append(oracle(trace, cost.step_times(), prefill))
@@ -390,8 +389,9 @@ def cost_oracle(trace: Trace, cost: CostModel, drafter: str = "model") -> Policy
         copies = copy_chains(trace, len(copy_times) - 1)
         candidates.append(oracle(trace, cost.step_times(), prefill, copies, copy_times, model))
         if model:  # copies alone never run the draft model, nor pay its prefill
-            copied = cost.prefill_time(trace.prompt_len, speculative=False)
-            candidates.append(oracle(trace, cost.step_times(), copied, copies, copy_times, model=False))
+            candidates.append(
+                oracle(trace, cost.step_times(), target_prefill, copies, copy_times, model=False)
+            )
     return min(candidates, key=lambda run: run.time_s)
 
 
