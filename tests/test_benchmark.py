@@ -8,7 +8,16 @@ from conftest import loaded, perturbed_copy
 
 from speckv.controllers.base import Controller
 from speckv.decoding.draft_files import _restrict_head
-from speckv.pipeline.compare import Method, compare, hf_assisted_methods, speedup_table, write_results_section
+from speckv.errors import SpecKVError
+from speckv.pipeline.compare import (
+    Method,
+    MethodResult,
+    compare,
+    hf_assisted_methods,
+    paired_speedup,
+    speedup_table,
+    write_results_section,
+)
 
 
 def test_compare_runs_every_method_losslessly(tiny_target, tiny_drafts):
@@ -94,6 +103,54 @@ def test_hf_rows_draft_what_they_name(tiny_target, tiny_drafts, method, gamma):
     assert max(widths) == len(prompt) + gamma and gamma + 1 in widths  # the first pass reads the prompt
     if method.hf_controller:
         assert result.steps and result.drafted == result.accepted  # the identical draft: all accepted
+
+
+def _timed(name: str, *repeats) -> MethodResult:
+    return MethodResult(Method(name), timings=[list(run) for run in repeats])
+
+
+def test_paired_speedup_pools_prompts_and_pairs_repeats():
+    # Repeat 0 ran on a machine twice as slow as repeat 1; each row ran beside the other in both,
+    # so every round, whatever repeat it draws, sees ours at twice the other's rate.
+    ours = _timed("ours", [(10, 2.0), (30, 6.0)], [(10, 1.0), (30, 3.0)])
+    other = _timed("other", [(10, 4.0), (30, 12.0)], [(10, 2.0), (30, 6.0)])
+    speedup = paired_speedup(ours, [other])
+    assert (speedup.ratio, speedup.low, speedup.high) == (2.0, 2.0, 2.0)
+    assert str(speedup) == "2.00× (90% CI 2.00–2.00)"
+
+
+def test_paired_speedup_chooses_the_fastest_other_row_again_in_every_round():
+    # a is fast on prompt 0, b on prompt 1: pooled, both make 20 tokens in 5 s and ours 20 in 4 s
+    # (1.25×). A round drawing one prompt twice meets the row that is fast on it: 5 / 10 = 0.5×;
+    # a round drawing both prompts: 1.25×. Half the rounds are each, so the 90% interval spans both.
+    ours = _timed("ours", [(10, 2.0), (10, 2.0)])
+    a = _timed("a", [(10, 1.0), (10, 4.0)])
+    b = _timed("b", [(10, 4.0), (10, 1.0)])
+    speedup = paired_speedup(ours, [a, b])
+    assert speedup.ratio == pytest.approx(1.25)
+    assert (speedup.low, speedup.high) == pytest.approx((0.5, 1.25))
+    assert paired_speedup(ours, [a]).ratio == pytest.approx(1.25)  # 20 / 4 over 20 / 5
+
+
+def test_paired_speedup_needs_rows_timed_alike():
+    with pytest.raises(SpecKVError, match="same prompts and repeats"):
+        paired_speedup(_timed("ours", [(10, 1.0)]), [_timed("other", [(10, 1.0), (10, 1.0)])])
+    with pytest.raises(SpecKVError, match="same prompts and repeats"):
+        paired_speedup(_timed("ours", [(10, 1.0)]), [])
+
+
+def test_compare_keeps_every_repeats_timings(tiny_target, tiny_drafts):
+    (result,) = compare(
+        tiny_target,
+        tiny_drafts["close"],
+        [[3, 4, 5], [7, 8]],
+        [Method("fixed", "fixed:2")],
+        6,
+        2,
+        progress=False,
+    )
+    assert [[n for n, _ in run] for run in result.timings] == [[6, 6], [6, 6]]
+    assert result.pooled_tokens_per_s == pytest.approx(24 / sum(s for run in result.timings for _, s in run))
 
 
 def test_write_results_section_replaces_in_place(tmp_path):

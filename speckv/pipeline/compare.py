@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from speckv.decoding.builder import DecoderSpec
@@ -56,10 +57,17 @@ class MethodResult:
     outputs: list[list[int]] = field(default_factory=list)  # first repeat, per prompt
     verified: list[int] = field(default_factory=list)  # first repeat: nodes verified per drafting step
     cost_source: str | None = None  # where a SpecKV row's cost curve came from
+    # Every repeat's (tokens, seconds) per prompt: what `paired_speedup` resamples.
+    timings: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def median_tokens_per_s(self) -> float:
         return statistics.median(self.tokens_per_s)
+
+    @property
+    def pooled_tokens_per_s(self) -> float:
+        """Every repeat's tokens over every repeat's seconds."""
+        return sum(n for run in self.timings for n, _ in run) / sum(s for run in self.timings for _, s in run)
 
     @property
     def mean_accepted(self) -> float:
@@ -70,6 +78,49 @@ class MethodResult:
         counts = Counter(self.verified)
         total = sum(counts.values())
         return "  ".join(f"{n}: {counts[n] / total:.0%}" for n in sorted(counts)) or "none"
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """A row's throughput over another's (or the fastest of several), with a bootstrap interval."""
+
+    ratio: float
+    low: float
+    high: float
+    confidence: float
+
+    def __str__(self) -> str:
+        return f"{self.ratio:.2f}× ({self.confidence:.0%} CI {self.low:.2f}–{self.high:.2f})"
+
+
+def paired_speedup(
+    ours: MethodResult,
+    others: list[MethodResult],
+    confidence: float = 0.9,
+    rounds: int = 2000,
+    seed: int = 0,
+) -> Speedup:
+    """`ours`' tokens/s over the fastest of `others`, all prompts and repeats pooled (Σ tokens /
+    Σ seconds), with a paired bootstrap interval: each round draws the prompts with replacement,
+    and for each drawn prompt one repeat, the same for every row (they ran it side by side, so
+    the machine's drift cancels). The fastest of `others` is chosen again in every round: a row
+    picked as the best in hindsight is favoured by its own noise, and the interval counts that."""
+    rows = [ours, *others]
+    shapes = {tuple(len(run) for run in r.timings) for r in rows}
+    if len(shapes) != 1 or not others or 0 in (len(ours.timings), *next(iter(shapes))):
+        raise SpecKVError("a paired speed-up needs rows timed on the same prompts and repeats")
+    tokens = np.array([[[n for n, _ in run] for run in r.timings] for r in rows], float)
+    seconds = np.array([[[s for _, s in run] for run in r.timings] for r in rows], float)
+    pooled = tokens.sum(axis=(1, 2)) / seconds.sum(axis=(1, 2))
+    repeats, prompts = tokens.shape[1:]
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(prompts, size=(rounds, prompts))
+    repeat = rng.integers(repeats, size=(rounds, prompts))
+    rates = tokens[:, repeat, prompt].sum(axis=2) / seconds[:, repeat, prompt].sum(axis=2)
+    ratios = rates[0] / rates[1:].max(axis=0)
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    return Speedup(float(pooled[0] / pooled[1:].max()), float(low), float(high), confidence)
 
 
 def hf_assisted_methods(gammas: tuple[int, ...]) -> list[Method]:
@@ -129,6 +180,8 @@ def compare(
     for repeat in range(repeats):
         runners = {name: fresh() for name, fresh in fresh_runners.items()}
         totals = {name: [0, 0.0] for name in runners}
+        for result in results.values():
+            result.timings.append([])
         for prompt in prompts:
             for name, runner in runners.items():
                 started = time.perf_counter()
@@ -137,6 +190,7 @@ def compare(
                 totals[name][0] += len(tokens)
                 totals[name][1] += elapsed
                 result = results[name]
+                result.timings[-1].append((len(tokens), elapsed))
                 if repeat == 0:
                     result.outputs.append(tokens)
                     result.new_tokens += len(tokens)
