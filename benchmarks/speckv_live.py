@@ -14,7 +14,10 @@ fixed tree with the n-gram branch. (Fixed γ on the model's chains alone is in t
 `benchmarks/speckv_replay.py`, which scores every drafter without timing noise.) Then, per task,
 each SpecKV row against the target alone, the best fixed γ in hindsight and the fastest row that
 is not SpecKV, and how many tokens it verified per step. About 20 minutes at bf16 on 2 cores.
-Writes `speckv_live-<precision>-<threads>t` into benchmarks/RESULTS.md.
+Each SpecKV row's verdict is a pooled ratio with a 90 % paired bootstrap interval over prompts
+and repeats (`speckv.pipeline.compare.paired_speedup`). `--core` keeps only the rows the verdict
+of the default needs, for more prompts in the same time. Writes `speckv_live-<precision>-<threads>t`
+(`speckv_live-core-…` with `--core`) into benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -123,8 +126,9 @@ def main() -> None:
         + "\n".join(sections)
     )
     if not args.no_write:
+        core = "core-" if args.core else ""
         write_section(
-            f"speckv_live-{target.precision}-{torch.get_num_threads()}t", body, level=target.precision
+            f"speckv_live-{core}{target.precision}-{torch.get_num_threads()}t", body, level=target.precision
         )
 
 

@@ -79,6 +79,36 @@ def test_paired_ratio_difference_uses_the_same_draws_for_both_sides():
     assert p_value == 0.0
 
 
+def test_rate_over_best_chooses_the_fastest_other_row_again_in_every_resample():
+    # rows × repeats × prompts. Row a is fast on prompt 0, b on prompt 1: pooled, each makes 20
+    # tokens in 5 s and row 0 makes 20 in 4 s (1.25×). A resample drawing one prompt twice meets
+    # the row that is fast on it (5 / 10 = 0.5×); one drawing both prompts gives 1.25×. Each is
+    # half the resamples, so the 90 % interval spans both.
+    tokens = np.full((3, 1, 2), 10.0)
+    seconds = np.array([[[2.0, 2.0]], [[1.0, 4.0]], [[4.0, 1.0]]])
+    interval = stats.rate_over_best(tokens, seconds)
+    assert interval.estimate == pytest.approx(1.25)
+    assert (interval.low, interval.high) == pytest.approx((0.5, 1.25))
+    assert stats.rate_over_best(tokens[:2], seconds[:2]).estimate == pytest.approx(1.25)  # 20/4 over 20/5
+
+
+def test_rate_over_best_draws_one_repeat_per_prompt_for_every_row():
+    # Row 0 runs each prompt in 2 s in repeat 0 and 1 s in repeat 1, row 1 in 3 s and 1 s: every
+    # resample of one prompt sees 1.5× (repeat 0) or 1× (repeat 1), never a mix of the two repeats.
+    tokens = np.full((2, 2, 1), 10.0)
+    seconds = np.array([[[2.0], [1.0]], [[3.0], [1.0]]])
+    interval = stats.rate_over_best(tokens, seconds, n_resamples=400)
+    assert interval.estimate == pytest.approx(20 / 3 / (20 / 4))
+    assert (interval.low, interval.high) == pytest.approx((1.0, 1.5))
+
+
+def test_rate_over_best_needs_two_rows_timed_alike():
+    with pytest.raises(ValueError, match="rows"):
+        stats.rate_over_best(np.ones((1, 2, 2)), np.ones((1, 2, 2)))
+    with pytest.raises(ValueError, match="rows"):
+        stats.rate_over_best(np.ones((2, 2, 2)), np.ones((2, 2, 3)))
+
+
 def test_expected_tokens_from_position_probabilities():
     # [0.5, 0.5]: 1 + 0.5 + 0.5 * 0.5 = 1.75.
     assert stats.expected_tokens([0.5, 0.5]) == pytest.approx(1.75)

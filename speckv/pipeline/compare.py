@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from speckv.decoding.builder import DecoderSpec
@@ -27,6 +26,7 @@ from speckv.errors import SpecKVError
 from speckv.integrations.hf import SpecKVAssisted, hf_assistant
 from speckv.records import StepRecord
 from speckv.util.progress import progress_bar
+from speckv.util.stats import rate_over_best
 
 
 @dataclass(frozen=True)
@@ -80,47 +80,22 @@ class MethodResult:
         return "  ".join(f"{n}: {counts[n] / total:.0%}" for n in sorted(counts)) or "none"
 
 
-@dataclass(frozen=True)
-class Speedup:
-    """A row's throughput over another's (or the fastest of several), with a bootstrap interval."""
-
-    ratio: float
-    low: float
-    high: float
-    confidence: float
-
-    def __str__(self) -> str:
-        return f"{self.ratio:.2f}× ({self.confidence:.0%} CI {self.low:.2f}–{self.high:.2f})"
-
-
-def paired_speedup(
-    ours: MethodResult,
-    others: list[MethodResult],
-    confidence: float = 0.9,
-    rounds: int = 2000,
-    seed: int = 0,
-) -> Speedup:
-    """`ours`' tokens/s over the fastest of `others`, all prompts and repeats pooled (Σ tokens /
-    Σ seconds), with a paired bootstrap interval: each round draws the prompts with replacement,
-    and for each drawn prompt one repeat, the same for every row (they ran it side by side, so
-    the machine's drift cancels). The fastest of `others` is chosen again in every round: a row
-    picked as the best in hindsight is favoured by its own noise, and the interval counts that."""
+def paired_speedup(ours: MethodResult, others: list[MethodResult], confidence: float = 0.9) -> str:
+    """`ours`' tokens/s over the fastest of `others`, every prompt and repeat pooled, as
+    "1.23× (90% CI 1.10–1.31)": a paired bootstrap over prompts and repeats that chooses the
+    fastest of `others` again in each resample (`speckv.util.stats.rate_over_best`)."""
     rows = [ours, *others]
-    shapes = {tuple(len(run) for run in r.timings) for r in rows}
-    if len(shapes) != 1 or not others or 0 in (len(ours.timings), *next(iter(shapes))):
+    if not others or len({tuple(len(run) for run in r.timings) for r in rows}) != 1:
         raise SpecKVError("a paired speed-up needs rows timed on the same prompts and repeats")
-    tokens = np.array([[[n for n, _ in run] for run in r.timings] for r in rows], float)
-    seconds = np.array([[[s for _, s in run] for run in r.timings] for r in rows], float)
-    pooled = tokens.sum(axis=(1, 2)) / seconds.sum(axis=(1, 2))
-    repeats, prompts = tokens.shape[1:]
-    rng = np.random.default_rng(seed)
-    prompt = rng.integers(prompts, size=(rounds, prompts))
-    repeat = rng.integers(repeats, size=(rounds, prompts))
-    rates = tokens[:, repeat, prompt].sum(axis=2) / seconds[:, repeat, prompt].sum(axis=2)
-    ratios = rates[0] / rates[1:].max(axis=0)
-    tail = (1.0 - confidence) / 2
-    low, high = np.quantile(ratios, [tail, 1.0 - tail])
-    return Speedup(float(pooled[0] / pooled[1:].max()), float(low), float(high), confidence)
+    tokens = [[[n for n, _ in run] for run in r.timings] for r in rows]
+    seconds = [[[s for _, s in run] for run in r.timings] for r in rows]
+    try:
+        speedup = rate_over_best(tokens, seconds, confidence=confidence)
+    except ValueError as error:
+        raise SpecKVError(
+            f"a paired speed-up needs rows timed on the same prompts and repeats: {error}"
+        ) from None
+    return f"{speedup.estimate:.2f}× ({confidence:.0%} CI {speedup.low:.2f}–{speedup.high:.2f})"
 
 
 def hf_assisted_methods(gammas: tuple[int, ...]) -> list[Method]:
