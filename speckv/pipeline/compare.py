@@ -50,7 +50,6 @@ class Method:
 @dataclass
 class MethodResult:
     method: Method
-    tokens_per_s: list[float] = field(default_factory=list)  # one per repeat
     new_tokens: int = 0
     steps: int = 0
     accepted: int = 0
@@ -60,6 +59,11 @@ class MethodResult:
     cost_source: str | None = None  # where a SpecKV row's cost curve came from
     # Every repeat's (tokens, seconds) per prompt: what `paired_speedup` resamples.
     timings: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> list[float]:
+        """One per repeat: its tokens over its seconds."""
+        return [sum(n for n, _ in run) / sum(s for _, s in run) for run in self.timings]
 
     @property
     def median_tokens_per_s(self) -> float:
@@ -184,9 +188,6 @@ def compare(
                     result.drafted += stats.get("drafted", 0)
                     result.verified += stats.get("verified", [])
                 bar.update()
-        for result in results.values():  # this repeat's tokens over its seconds
-            run = result.timings[-1]
-            result.tokens_per_s.append(sum(n for n, _ in run) / sum(s for _, s in run))
     bar.close()
     return list(results.values())
 
